@@ -1,0 +1,30 @@
+"""Exception hierarchy of fxfuse.
+
+Every error fxfuse raises on purpose is an :class:`FxFuseError` (or a plain
+``ValueError``/``TypeError`` for bad arguments). Messages say what went wrong,
+where (node, module path, level), what was received, and how to fix it.
+"""
+
+from __future__ import annotations
+
+__all__ = ["FxFuseError", "TraceError", "PartitionError", "AlignmentError", "DumpError"]
+
+
+class FxFuseError(RuntimeError):
+    """Base class of all fxfuse errors."""
+
+
+class TraceError(FxFuseError):
+    """A model could not be traced with torch.fx or run on its example inputs."""
+
+
+class PartitionError(FxFuseError):
+    """A traced graph could not be cut into levels."""
+
+
+class AlignmentError(FxFuseError):
+    """Models could not be aligned level by level (depth or width mismatch)."""
+
+
+class DumpError(FxFuseError):
+    """A level plan could not be rendered in the requested format."""

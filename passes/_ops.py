@@ -1,0 +1,65 @@
+"""Small vocabulary of op categories shared by the graph passes."""
+
+from __future__ import annotations
+
+import operator
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.fx import GraphModule, Node
+
+LINEAR_FUNCS = (F.linear,)
+CONV_FUNCS = (F.conv1d, F.conv2d, F.conv3d, torch.conv1d, torch.conv2d, torch.conv3d)
+CONV_T_FUNCS = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)
+MATMUL_FUNCS = (torch.matmul, operator.matmul, torch.mm, torch.bmm, torch.einsum, torch.addmm, torch.baddbmm)
+MATMUL_METHODS = ("matmul", "mm", "bmm", "__matmul__")
+CHANNEL_NORM_FUNCS = (F.batch_norm, F.group_norm, F.instance_norm, torch.batch_norm, torch.group_norm)
+LAST_NORM_FUNCS = (F.layer_norm, torch.layer_norm) + ((F.rms_norm,) if hasattr(F, "rms_norm") else ())
+SHAPE_ATTRS = ("shape", "dtype", "device", "ndim", "is_cuda")
+SHAPE_METHODS = ("size", "dim", "numel", "ndimension", "type_as_shape")
+
+
+def target_name(node: Node) -> str:
+    """A short readable name for a node's target (``conv2d``, ``add``, ``flatten``...)."""
+    t = node.target
+    if isinstance(t, str):
+        return t
+    return getattr(t, "__name__", str(t))
+
+
+def module_of(gm: GraphModule, node: Node) -> nn.Module | None:
+    if node.op != "call_module":
+        return None
+    return gm.get_submodule(str(node.target))
+
+
+def is_norm_module(m: nn.Module) -> bool:
+    bases = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm)
+    return isinstance(m, bases) or "norm" in type(m).__name__.lower()
+
+
+def is_foldable_norm_module(m: nn.Module) -> bool:
+    """An eval-mode BatchNorm with running statistics and no activation fused in."""
+    if not isinstance(m, nn.modules.batchnorm._BatchNorm):
+        return False
+    if not m.track_running_stats or m.running_mean is None:
+        return False
+    for attr in ("act", "drop", "aa"):
+        sub = getattr(m, attr, None)
+        if isinstance(sub, nn.Module) and not isinstance(sub, nn.Identity):
+            return False
+    return True
+
+
+def call_arg(node: Node, index: int, name: str, default: Any = None) -> Any:
+    if len(node.args) > index:
+        return node.args[index]
+    return node.kwargs.get(name, default)
+
+
+def tensor_shape(node: Any) -> tuple[int, ...] | None:
+    if not isinstance(node, Node):
+        return None
+    return node.meta.get("fxfuse", {}).get("shape")
