@@ -1,0 +1,296 @@
+"""Renderings of a LevelPlan: text table, Graphviz DOT, SVG and a self-contained HTML page."""
+
+from __future__ import annotations
+
+import html
+import os
+import shutil
+import subprocess
+from typing import TYPE_CHECKING
+
+from torch.fx import Node
+
+from fxfuse._errors import DumpError
+
+from ._ops import module_of, tensor_shape
+
+if TYPE_CHECKING:
+    from ._partition import LevelPlan
+
+__all__ = ["dump_text", "to_dot", "to_html", "save", "FORMATS"]
+
+FORMATS = (".txt", ".dot", ".svg", ".html")
+_KIND_COLORS = {"affine": ("#dbe9fb", "#c4daf7"), "residual": ("#fde6cf", "#fbd6b0"), "general": ("#dcf2dc", "#c6e8c6")}
+_HEADERS = ("index", "name", "kind", "width", "output shape", "params", "nodes")
+
+
+def _rows(plan: LevelPlan) -> list[tuple[str, ...]]:
+    return [
+        (
+            str(lv.index),
+            lv.name,
+            lv.kind,
+            str(lv.width),
+            str(lv.output_shape),
+            str(plan.param_count(lv)),
+            str(len(lv.nodes)),
+        )
+        for lv in plan
+    ]
+
+
+def dump_text(plan: LevelPlan) -> str:
+    rows = [_HEADERS, *_rows(plan)]
+    widths = [max(len(r[c]) for r in rows) for c in range(len(_HEADERS))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows]
+    return "\n".join(lines)
+
+
+def _op_label(plan: LevelPlan, n: Node) -> str:
+    if n.op == "call_module":
+        return type(module_of(plan.gm, n)).__name__
+    if n.op == "placeholder":
+        return "input"
+    if n.op == "get_attr":
+        return "param"
+    t = n.target
+    return t if isinstance(t, str) else getattr(t, "__name__", str(t))
+
+
+def _shape_label(n: Node) -> str:
+    s = tensor_shape(n)
+    return "×".join(str(d) for d in s) if s is not None else ""
+
+
+def _level_of(n: Node) -> int | None:
+    return n.meta.get("fxfuse", {}).get("level")
+
+
+def _dot_escape(s: str) -> str:
+    return s.replace("\\", "\\\\").replace('"', '\\"')
+
+
+def to_dot(plan: LevelPlan) -> str:
+    graph_nodes = list(plan.gm.graph.nodes)
+    by_level: dict[int, list[Node]] = {}
+    outside: list[Node] = []
+    for n in graph_nodes:
+        lv = _level_of(n)
+        if lv is None:
+            if n.op in ("placeholder", "output"):
+                outside.append(n)
+            continue
+        by_level.setdefault(lv, []).append(n)
+
+    def node_line(n: Node, indent: str) -> str:
+        label = f"{n.name}\\n{_dot_escape(_op_label(plan, n))}"
+        shape = _shape_label(n)
+        if shape:
+            label += f"\\n{shape}"
+        style = ', shape=ellipse' if n.op in ("placeholder", "output") else ""
+        style += ', style="filled,dashed", fillcolor="#f4f4f4"' if n.op == "get_attr" else ""
+        return f'{indent}"{n.name}" [label="{label}"{style}];'
+
+    lines = [
+        f'digraph "{_dot_escape(type(plan.gm).__name__)}" {{',
+        '  rankdir=TB; compound=true; newrank=true;',
+        '  node [shape=box, style=filled, fillcolor=white, fontname="Helvetica", fontsize=10];',
+        '  edge [color="#555555", arrowsize=0.6];',
+    ]
+    lines += [node_line(n, "  ") for n in outside]
+    for lv in plan:
+        fill = _KIND_COLORS[lv.kind][lv.index % 2]
+        title = f"L{lv.index}  {lv.name}  ({lv.kind}, width {lv.width})"
+        lines.append(f"  subgraph cluster_L{lv.index} {{")
+        lines.append(f'    label="{_dot_escape(title)}"; labeljust=l; style="filled,rounded"; fillcolor="{fill}";')
+        lines += [node_line(n, "    ") for n in by_level.get(lv.index, [])]
+        lines.append("  }")
+    shown = {n for n in outside} | {n for ns in by_level.values() for n in ns}
+    for n in graph_nodes:
+        if n not in shown:
+            continue
+        for a in n.all_input_nodes:
+            if a in shown:
+                lines.append(f'  "{a.name}" -> "{n.name}";')
+    lines.append("}")
+    return "\n".join(lines) + "\n"
+
+
+# --- HTML ------------------------------------------------------------------------------------
+
+_BOX_W, _BOX_H, _GAP_X, _ROW_H, _BAND_PAD, _LEFT = 168, 30, 16, 44, 8, 230
+
+
+def _html_layout(plan: LevelPlan) -> tuple[dict[Node, tuple[float, float]], list[Node], int, int]:
+    """Layered layout: row = longest path from the input over the shown nodes."""
+    shown = [
+        n
+        for n in plan.gm.graph.nodes
+        if n.op in ("placeholder", "output")
+        or (_level_of(n) is not None and n.meta["fxfuse"].get("input_dependent") and tensor_shape(n) is not None)
+    ]
+    shown_set = set(shown)
+    depth: dict[Node, int] = {}
+    for n in shown:
+        ins = [depth[a] for a in n.all_input_nodes if a in depth]
+        if n.op == "output":
+            ins = [depth[a] for a in _flat_inputs(n) if a in depth]
+        depth[n] = 1 + max(ins) if ins else 0
+    rows: dict[int, list[Node]] = {}
+    for n in shown:
+        rows.setdefault(depth[n], []).append(n)
+    max_cols = max(len(r) for r in rows.values())
+    width = _LEFT + max_cols * (_BOX_W + _GAP_X) + 40
+    pos: dict[Node, tuple[float, float]] = {}
+    for d, row in rows.items():
+        row_w = len(row) * (_BOX_W + _GAP_X) - _GAP_X
+        x0 = _LEFT + (max_cols * (_BOX_W + _GAP_X) - _GAP_X - row_w) / 2
+        for i, n in enumerate(row):
+            pos[n] = (x0 + i * (_BOX_W + _GAP_X), 20 + d * _ROW_H)
+    height = 20 + (max(rows) + 1) * _ROW_H + 20
+    return pos, [n for n in shown if n in shown_set], width, height
+
+
+def _flat_inputs(n: Node) -> list[Node]:
+    return list(n.all_input_nodes)
+
+
+def _svg(plan: LevelPlan) -> str:
+    pos, shown, width, height = _html_layout(plan)
+    e = html.escape
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+        f'viewBox="0 0 {width} {height}" font-family="Helvetica, Arial, sans-serif" font-size="11">'
+    ]
+    # level bands
+    for lv in plan:
+        ys = [pos[n][1] for n in shown if _level_of(n) == lv.index]
+        if not ys:
+            continue
+        y0, y1 = min(ys) - _BAND_PAD, max(ys) + _BOX_H + _BAND_PAD
+        fill = _KIND_COLORS[lv.kind][lv.index % 2]
+        parts.append(
+            f'<g id="L{lv.index}" class="band"><rect x="4" y="{y0}" width="{width - 8}" height="{y1 - y0}" rx="6" '
+            f'fill="{fill}" stroke="#9aa" stroke-width="0.6"/>'
+            f'<text x="12" y="{y0 + 16}" font-weight="bold">L{lv.index} {e(lv.name)}</text>'
+            f'<text x="12" y="{y0 + 30}" fill="#444">{lv.kind} · width {lv.width}</text></g>'
+        )
+    # edges
+    shown_set = set(shown)
+    for n in shown:
+        for a in n.all_input_nodes:
+            if a not in shown_set:
+                continue
+            x1, y1 = pos[a][0] + _BOX_W / 2, pos[a][1] + _BOX_H
+            x2, y2 = pos[n][0] + _BOX_W / 2, pos[n][1]
+            if y2 - y1 > _ROW_H:  # skip connection: bow it out to the side
+                bend = 0.35 * (y2 - y1) ** 0.8 + 30
+                cx = min(x1, x2) - bend if x1 <= _LEFT + width / 3 else max(x1, x2) + bend
+                cx = max(_LEFT - 40, cx)
+                d = f"M{x1},{y1} C{cx},{y1 + 20} {cx},{y2 - 20} {x2},{y2}"
+            else:
+                d = f"M{x1},{y1} L{x2},{y2}"
+            parts.append(f'<path d="{d}" fill="none" stroke="#667" stroke-width="1" marker-end="url(#arrow)"/>')
+    parts.insert(
+        1,
+        '<defs><marker id="arrow" viewBox="0 0 10 10" refX="9" refY="5" markerWidth="6" markerHeight="6" '
+        'orient="auto-start-reverse"><path d="M0,0 L10,5 L0,10 z" fill="#667"/></marker></defs>',
+    )
+    # nodes
+    for n in shown:
+        x, y = pos[n]
+        op = _op_label(plan, n)
+        shape = _shape_label(n)
+        meta = n.meta.get("fxfuse", {})
+        tip = f"{n.name}\nop: {n.op}\ntarget: {n.target}\nshape: {shape}\nneuron axis: {meta.get('neuron_axis')}"
+        rx = 14 if n.op in ("placeholder", "output") else 3
+        parts.append(
+            f'<g class="node"><title>{e(tip)}</title>'
+            f'<rect x="{x}" y="{y}" width="{_BOX_W}" height="{_BOX_H}" rx="{rx}" fill="white" stroke="#456"/>'
+            f'<text x="{x + 6}" y="{y + 12}">{e(_clip(op, 26))}</text>'
+            f'<text x="{x + 6}" y="{y + 25}" fill="#666">{e(_clip(shape, 28))}</text></g>'
+        )
+    parts.append("</svg>")
+    return "\n".join(parts)
+
+
+def _clip(s: str, n: int) -> str:
+    return s if len(s) <= n else s[: n - 1] + "…"
+
+
+def to_html(plan: LevelPlan) -> str:
+    e = html.escape
+    name = type(plan.gm).__name__
+    total = sum(p.numel() for p in plan.gm.parameters())
+    kinds = {k: sum(1 for lv in plan if lv.kind == k) for k in _KIND_COLORS}
+    rows = []
+    for lv, r in zip(plan, _rows(plan)):
+        cells = [f"<td>{e(c)}</td>" for c in r]
+        cells[1] = f'<td><a href="#L{lv.index}">{e(lv.name)}</a></td>'
+        rows.append(
+            f'<tr style="background:{_KIND_COLORS[lv.kind][0]}" title="output node: {e(lv.output)}">'
+            f'{"".join(cells)}</tr>'
+        )
+    legend = " ".join(
+        f'<span class="chip" style="background:{c[0]}">{k}: {kinds[k]}</span>' for k, c in _KIND_COLORS.items()
+    )
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8">
+<title>fxfuse levels: {e(name)}</title>
+<style>
+body {{ font-family: Helvetica, Arial, sans-serif; margin: 24px; color: #222; }}
+table {{ border-collapse: collapse; font-size: 13px; margin-bottom: 24px; }}
+th, td {{ border: 1px solid #bbb; padding: 3px 8px; text-align: left; }}
+th {{ background: #eee; }}
+.chip {{ display: inline-block; padding: 2px 8px; border-radius: 8px; margin-right: 6px; font-size: 13px; }}
+.graph {{ overflow: auto; border: 1px solid #ccc; }}
+.node:hover rect {{ stroke: #c00; stroke-width: 2; }}
+</style></head>
+<body>
+<h1>fxfuse level plan: {e(name)}</h1>
+<p>{len(plan)} levels · {sum(len(lv.nodes) for lv in plan)} nodes · {total:,} parameters · {legend}</p>
+<table>
+<thead><tr>{"".join(f"<th>{h}</th>" for h in _HEADERS)}</tr></thead>
+<tbody>
+{chr(10).join(rows)}
+</tbody></table>
+<h2>Partitioned graph</h2>
+<p>Each band is one level; hover a node for its name, target, shape and neuron axis.
+Parameters, constants and shape queries are omitted from the drawing.</p>
+<div class="graph">
+{_svg(plan)}
+</div>
+</body></html>
+"""
+
+
+def save(plan: LevelPlan, path: str | os.PathLike) -> str:
+    path = os.fspath(path)
+    ext = os.path.splitext(path)[1].lower()
+    if ext not in FORMATS:
+        raise ValueError(f"cannot save a level plan as {ext or 'a file without suffix'!r} ({path}); use one of {', '.join(FORMATS)}")
+    if ext == ".txt":
+        text = plan.dump() + "\n"
+    elif ext == ".dot":
+        text = plan.to_dot()
+    elif ext == ".html":
+        text = plan.to_html()
+    else:
+        text = _render_svg(plan.to_dot(), path)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+    return path
+
+
+def _render_svg(dot_source: str, path: str) -> str:
+    exe = shutil.which("dot")
+    if exe is None:
+        raise DumpError(
+            f"cannot write {path}: SVG output needs Graphviz's `dot` program, which is not installed. "
+            "Install it (Debian/Ubuntu: `apt-get install graphviz`; macOS: `brew install graphviz`; "
+            "conda: `conda install graphviz`), or save as .html (no Graphviz needed) or .dot."
+        )
+    proc = subprocess.run([exe, "-Tsvg"], input=dot_source, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise DumpError(f"Graphviz `dot` failed writing {path} (exit {proc.returncode}): {proc.stderr.strip()}")
+    return proc.stdout
