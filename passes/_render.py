@@ -183,11 +183,11 @@ def _svg(plan: LevelPlan) -> str:
                 continue
             x1, y1 = pos[a][0] + _BOX_W / 2, pos[a][1] + _BOX_H
             x2, y2 = pos[n][0] + _BOX_W / 2, pos[n][1]
-            if y2 - y1 > _ROW_H:  # skip connection: bow it out to the side
-                bend = 0.35 * (y2 - y1) ** 0.8 + 30
-                cx = min(x1, x2) - bend if x1 <= _LEFT + width / 3 else max(x1, x2) + bend
-                cx = max(_LEFT - 40, cx)
-                d = f"M{x1},{y1} C{cx},{y1 + 20} {cx},{y2 - 20} {x2},{y2}"
+            if y2 - y1 > _ROW_H:  # skip connection: leave and enter on the left, bowed around the boxes
+                xa, ya = pos[a][0], pos[a][1] + _BOX_H / 2
+                xb, yb = pos[n][0], pos[n][1] + _BOX_H / 2
+                cx = min(xa, xb) - 28 - min(60.0, 0.04 * (yb - ya))
+                d = f"M{xa},{ya} C{cx},{ya} {cx},{yb} {xb},{yb}"
             else:
                 d = f"M{x1},{y1} L{x2},{y2}"
             parts.append(f'<path d="{d}" fill="none" stroke="#667" stroke-width="1" marker-end="url(#arrow)"/>')
