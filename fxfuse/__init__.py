@@ -11,6 +11,7 @@ Example:
     2
 """
 
+from ._fuse import fuse
 from ._errors import AlignmentError, DumpError, FxFuseError, PartitionError, TraceError
 from ._models import build_model, load_checkpoint, save_checkpoint
 from ._trace import trace
@@ -25,6 +26,7 @@ __all__ = [
     "TraceError",
     "__version__",
     "build_model",
+    "fuse",
     "load_checkpoint",
     "save_checkpoint",
     "trace",

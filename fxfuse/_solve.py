@@ -1,0 +1,266 @@
+"""Fitting a fused level to its targets: closed form for affine levels, Adam otherwise.
+
+Reference: "Model Fusion via Neuron Interpolation", section 4.3.2 and appendix B.2;
+the numerics follow DESIGN.md ("Numerics that make it fast").
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.fx import GraphModule, Interpreter, Node
+
+__all__ = ["AffineSpec", "affine_spec", "GramStats", "EIG_RTOL", "fit_gradient", "to_rows", "from_rows"]
+
+# Eigenvalues of XᵀX below EIG_RTOL · λ_max are treated as zero: the pseudo-inverse
+# and the projector onto span(X) use only the eigenvectors above the cut-off. In
+# float64 this drops directions whose singular values are < 1e-6 · σ_max.
+EIG_RTOL = 1e-12
+
+
+def to_rows(z: Tensor, axis: int) -> Tensor:
+    """Move the neuron axis last and flatten the rest into rows: (n_rows, width)."""
+    return z.movedim(axis, -1).reshape(-1, z.shape[axis])
+
+
+def from_rows(rows: Tensor, like_shape: tuple[int, ...], axis: int) -> Tensor:
+    """Inverse of :func:`to_rows` for a tensor of shape ``like_shape`` (batch may differ)."""
+    moved = list(like_shape)
+    width = moved.pop(axis)
+    return rows.reshape(-1, *moved[1:], width).movedim(-1, axis)
+
+
+@dataclass(frozen=True)
+class AffineSpec:
+    """The single Linear/Conv2d of an affine level, and the BatchNorm folded after it."""
+
+    op: str  # qualname of the Linear or Conv2d module in the level GraphModule
+    op_node: str
+    norm: str | None  # qualname of the foldable BatchNorm, if any
+    is_conv: bool
+    has_bias_column: bool
+
+
+def affine_spec(level: GraphModule) -> AffineSpec | None:
+    """Describe a level GraphModule's affine op, or None if it cannot be solved in closed form.
+
+    Closed form needs a ``call_module`` Linear or Conv2d (groups=1, zero padding)
+    whose output is the level output, optionally through one eval-mode BatchNorm.
+    """
+    nodes = list(level.graph.nodes)
+    out = next(n for n in nodes if n.op == "output").args[0]
+    norm = None
+    node = out
+    while node.op == "call_module" and isinstance(level.get_submodule(node.target), (nn.Identity, nn.Dropout)):
+        node = node.args[0]
+    if node.op == "call_module":
+        m = level.get_submodule(node.target)
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            from fxfuse.passes._ops import is_foldable_norm_module
+
+            if not is_foldable_norm_module(m):
+                return None
+            norm = str(node.target)
+            node = node.args[0]
+    if not isinstance(node, Node) or node.op != "call_module" or len(node.users) != 1:
+        return None
+    m = level.get_submodule(node.target)
+    weighted = [n for n in nodes if n.op == "call_module" and any(True for _ in level.get_submodule(n.target).parameters())]
+    if [n.target for n in weighted if n.target != norm] != [node.target]:
+        return None
+    if any(n.op == "get_attr" for n in nodes):
+        return None
+    if type(m) is nn.Linear or (isinstance(m, nn.Linear) and type(m).forward is nn.Linear.forward):
+        is_conv = False
+    elif isinstance(m, nn.Conv2d) and type(m).forward is nn.Conv2d.forward:
+        if m.groups != 1 or m.padding_mode != "zeros" or isinstance(m.padding, str):
+            return None
+        is_conv = True
+    else:
+        return None
+    return AffineSpec(str(node.target), node.name, norm, is_conv, m.bias is not None or norm is not None)
+
+
+def op_input(level: GraphModule, spec: AffineSpec, x: Tensor) -> Tensor:
+    """The tensor the level's affine op receives when the level gets ``x``."""
+    interp = Interpreter(level, garbage_collect_values=False)
+    interp.run(x)
+    node = next(n for n in level.graph.nodes if n.name == spec.op_node)
+    return interp.env[node.args[0]]
+
+
+def design_rows(level: GraphModule, spec: AffineSpec, op_in: Tensor) -> Tensor:
+    """Rows of the design matrix X: (n_rows, fan_in [+ 1 bias column]), matching :func:`to_rows`."""
+    m = level.get_submodule(spec.op)
+    if spec.is_conv:
+        cols = F.unfold(op_in, m.kernel_size, dilation=m.dilation, padding=m.padding, stride=m.stride)
+        rows = cols.transpose(1, 2).reshape(-1, cols.shape[1])
+    else:
+        rows = op_in.reshape(-1, op_in.shape[-1])
+    if spec.has_bias_column:
+        rows = torch.cat([rows, torch.ones_like(rows[:, :1])], 1)
+    return rows
+
+
+class GramStats:
+    """Batch-by-batch float64 accumulation of G = XᵀX, C = XᵀZ and K = ZᵀZ.
+
+    Everything HF and KF need for a closed-form level follows from these three,
+    so the unfolded conv input is never held whole (DESIGN.md, "Numerics").
+    """
+
+    def __init__(self) -> None:
+        self.G: Tensor | None = None
+        self.C: Tensor | None = None
+        self.K: Tensor | None = None
+        self.rows = 0
+
+    def add(self, X: Tensor, Z: Tensor) -> None:
+        X = X.to(torch.float64)
+        Z = Z.to(torch.float64)
+        g, c, k = X.T @ X, X.T @ Z, Z.T @ Z
+        if self.G is None:
+            self.G, self.C, self.K = g, c, k
+        else:
+            self.G += g
+            self.C += c
+            self.K += k
+        self.rows += X.shape[0]
+
+    def eig(self) -> tuple[Tensor, Tensor]:
+        """Eigenpairs of G above the cut-off: (λ of shape (r,), V of shape (d, r))."""
+        lam, V = torch.linalg.eigh(self.G)
+        keep = lam > EIG_RTOL * lam.max().clamp_min(1e-300)
+        return lam[keep], V[:, keep]
+
+    def projected(self, lam: Tensor, V: Tensor) -> Tensor:
+        """Neuron coordinates in an orthonormal basis Q of span(X): QᵀZ, Tensor of shape (r, n_neurons).
+
+        With G = VΛVᵀ, Q = XVΛ^{-1/2}, so QᵀZ = Λ^{-1/2}VᵀXᵀZ and distances between
+        columns equal the distances between the projected neuron outputs P z_j.
+        """
+        return (V.T @ self.C) / lam.sqrt()[:, None]
+
+    def solve(self, lam: Tensor, V: Tensor, A: Tensor) -> Tensor:
+        """Least squares W = G⁺XᵀT for targets T = Z A: Tensor of shape (d, n_fused)."""
+        return V @ ((V.T @ (self.C @ A)) / lam[:, None])
+
+    def residual(self, lam: Tensor, V: Tensor, A: Tensor) -> float:
+        """‖XW − T‖² = ‖T‖² − ‖QᵀT‖² for the solution of :meth:`solve`."""
+        t2 = float(torch.einsum("ij,ik,kj->", A, self.K, A))
+        qt = self.projected(lam, V) @ A
+        return max(t2 - float((qt * qt).sum()), 0.0)
+
+
+def write_affine(level: GraphModule, spec: AffineSpec, W: Tensor) -> None:
+    """Write a solved map into the level so that it computes exactly X W.
+
+    A folded BatchNorm becomes the identity (weight 1, bias 0, mean 0, var 1 − eps);
+    the bias goes to the op, or to the norm when the op has none.
+    """
+    m = level.get_submodule(spec.op)
+    n_out = W.shape[1]
+    fan = W.shape[0] - (1 if spec.has_bias_column else 0)
+    weight = W[:fan].T.contiguous()
+    bias = W[fan] if spec.has_bias_column else None
+    with torch.no_grad():
+        m.weight.copy_(weight.reshape(m.weight.shape).to(m.weight.dtype))
+        if spec.norm is not None:
+            bn = level.get_submodule(spec.norm)
+            bn.running_mean.zero_()
+            bn.running_var.fill_(1.0 - bn.eps)
+            if bn.weight is not None:
+                bn.weight.fill_(1.0)
+            if bn.bias is not None:
+                bn.bias.zero_()
+            if m.bias is not None:
+                m.bias.copy_(bias.to(m.bias.dtype))
+            elif bn.bias is not None:
+                bn.bias.copy_(bias.to(bn.bias.dtype))
+            else:
+                bn.running_mean.copy_(-bias.to(bn.running_mean.dtype))
+        elif m.bias is not None:
+            m.bias.copy_(bias.to(m.bias.dtype))
+    assert n_out == weight.shape[0]
+
+
+def fit_gradient(
+    level: nn.Module,
+    inputs: Tensor,
+    targets: Tensor,
+    *,
+    epochs: int = 100,
+    lr: float = 1e-3,
+    weight_decay: float = 1e-4,
+    batch_size: int = 32,
+    val_split: float = 0.1,
+    patience: int = 10,
+    noise: float = 0.0,
+    seed: int = 0,
+    progress=None,
+) -> dict[str, float]:
+    """Fit a level's parameters to targets with Adam on the MSE (Eq. 5, plain MSE as in B.2).
+
+    Defaults follow Table 5, Setting 1 (Adam, lr 1e-3, weight decay 1e-4, batch 32,
+    validation split 0.1). Early stopping keeps the parameters with the best
+    validation loss. ``noise`` perturbs the initial parameters by ``noise`` times
+    each tensor's standard deviation.
+
+    Returns:
+        ``{"epochs": ..., "val_mse": ..., "init_val_mse": ...}``.
+    """
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    n = inputs.shape[0]
+    perm = torch.randperm(n, generator=gen).to(inputs.device)
+    n_val = max(1, int(round(n * val_split))) if n >= 10 else 0
+    val_idx, tr_idx = perm[:n_val], perm[n_val:]
+    if n_val == 0:
+        val_idx = tr_idx
+    params = [p for p in level.parameters() if p.requires_grad]
+    if noise > 0:
+        with torch.no_grad():
+            for p in params:
+                if p.numel() > 1:
+                    p.add_(torch.randn(p.shape, generator=gen).to(p) * noise * p.std())
+    opt = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+
+    def val_loss() -> float:
+        with torch.no_grad():
+            tot = 0.0
+            for s in range(0, len(val_idx), 256):
+                b = val_idx[s : s + 256]
+                tot += float(F.mse_loss(level(inputs[b]), targets[b], reduction="sum"))
+            return tot / (len(val_idx) * targets[0].numel())
+
+    best = val_loss()
+    init = best
+    best_state = copy.deepcopy(level.state_dict())
+    bad = 0
+    done = 0
+    for epoch in range(epochs):
+        order = tr_idx[torch.randperm(len(tr_idx), generator=gen).to(tr_idx.device)]
+        for s in range(0, len(order), batch_size):
+            b = order[s : s + batch_size]
+            opt.zero_grad(set_to_none=True)
+            loss = F.mse_loss(level(inputs[b]), targets[b])
+            loss.backward()
+            opt.step()
+        done = epoch + 1
+        v = val_loss()
+        if progress is not None:
+            progress.set_postfix(val_mse=f"{v:.3g}")
+            progress.update(1)
+        if v < best - 1e-12 * max(1.0, abs(best)):
+            best, bad = v, 0
+            best_state = copy.deepcopy(level.state_dict())
+        else:
+            bad += 1
+            if bad >= patience:
+                break
+    level.load_state_dict(best_state)
+    return {"epochs": done, "val_mse": best, "init_val_mse": init if math.isfinite(init) else float("nan")}
