@@ -8,6 +8,7 @@ section 4.3.1 and appendix B.1.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -37,8 +38,13 @@ def _sq_dists(points: Tensor, centers: Tensor) -> Tensor:
 
 
 def _kmeans_pp(points: Tensor, weights: Tensor, k: int, gen: torch.Generator) -> Tensor:
-    """Importance-weighted k-means++ seeding: sample ∝ s_j · D(z_j)²."""
+    """Importance-weighted greedy k-means++ seeding.
+
+    Each step samples 2 + ⌊ln k⌋ candidates ∝ s_j · D(z_j)² and keeps the one that
+    lowers the weighted potential most (the greedy variant scikit-learn uses).
+    """
     n = points.shape[0]
+    trials = 2 + int(math.log(k))
     first = torch.multinomial(weights / weights.sum(), 1, generator=gen)
     idx = [int(first)]
     closest = _sq_dists(points, points[idx]).squeeze(1)
@@ -48,9 +54,11 @@ def _kmeans_pp(points: Tensor, weights: Tensor, k: int, gen: torch.Generator) ->
             remaining = torch.ones(n, dtype=torch.bool, device=points.device)
             remaining[idx] = False
             p = remaining.to(points.dtype)
-        nxt = int(torch.multinomial(p / p.sum(), 1, generator=gen))
-        idx.append(nxt)
-        closest = torch.minimum(closest, _sq_dists(points, points[nxt : nxt + 1]).squeeze(1))
+        cand = torch.multinomial(p / p.sum(), min(trials, int((p > 0).sum())), generator=gen)
+        new_closest = torch.minimum(closest[None, :], _sq_dists(points[cand], points))
+        best = int((new_closest * weights[None, :]).sum(1).argmin())
+        idx.append(int(cand[best]))
+        closest = new_closest[best]
     return points[idx].clone()
 
 

@@ -1,0 +1,211 @@
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import fxfuse
+from fxfuse._importance import level_scores
+from fxfuse.passes import partition_levels
+from zoo import ConvBN, mlp, seeded
+
+
+def permuted_mlp(model: nn.Sequential, seed: int = 1) -> nn.Sequential:
+    """A functionally identical copy with every hidden layer's neurons permuted."""
+    g = torch.Generator().manual_seed(seed)
+    out = copy.deepcopy(model)
+    linears = [m for m in out if isinstance(m, nn.Linear)]
+    with torch.no_grad():
+        for a, b in zip(linears[:-1], linears[1:]):
+            p = torch.randperm(a.out_features, generator=g)
+            a.weight.copy_(a.weight[p])
+            a.bias.copy_(a.bias[p])
+            b.weight.copy_(b.weight[:, p])
+    return out
+
+
+def permuted_convbn(model: ConvBN, seed: int = 1) -> ConvBN:
+    g = torch.Generator().manual_seed(seed)
+    out = copy.deepcopy(model)
+    with torch.no_grad():
+        p = torch.randperm(out.conv1.out_channels, generator=g)
+        for t in (out.conv1.weight, out.conv1.bias, out.bn1.weight, out.bn1.bias, out.bn1.running_mean, out.bn1.running_var):
+            t.copy_(t[p])
+        out.conv2.weight.copy_(out.conv2.weight[:, p])
+        q = torch.randperm(out.conv2.out_channels, generator=g)
+        for t in (out.conv2.weight, out.bn2.weight, out.bn2.bias, out.bn2.running_mean, out.bn2.running_var):
+            t.copy_(t[q])
+        out.fc.weight.copy_(out.fc.weight[:, q])
+    return out
+
+
+def _data(shape, n=256, seed=0):
+    return torch.randn(n, *shape, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("method", ["hf-linear", "kf-linear"])
+@pytest.mark.parametrize("kind", ["mlp", "convbn"])
+def test_fusing_a_model_with_itself_or_a_permuted_copy_reproduces_it(method, kind):
+    if kind == "mlp":
+        a = mlp(hidden=(12, 10))
+        b = permuted_mlp(a)
+        x, test = _data((16,)), _data((16,), 64, seed=9)
+    else:
+        a = seeded(ConvBN)
+        b = permuted_convbn(a)
+        # enough samples that every ReLU pattern of the test inputs lies in the fitted span
+        x, test = _data((3, 8, 8), 512), _data((3, 8, 8), 32, seed=9)
+    torch.testing.assert_close(b(test), a(test), rtol=1e-4, atol=1e-5)  # the copy is the same function
+    assert not torch.allclose(b[1].weight if kind == "mlp" else b.conv1.weight, a[1].weight if kind == "mlp" else a.conv1.weight)
+    for other in (a, b):
+        fused = fxfuse.fuse([a, other], x, method=method, progress=False)
+        torch.testing.assert_close(fused(x), a(x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(fused(test), a(test), rtol=1e-4, atol=1e-4)
+        assert all(r["approx_error"] < 1e-10 for r in fused.meta["fxfuse"]["levels"])
+
+
+def test_kf_gradient_of_a_model_with_itself_stays_close():
+    a = mlp(hidden=(12, 10))
+    x, test = _data((16,), 512), _data((16,), 64, seed=9)
+    fused = fxfuse.fuse([a, permuted_mlp(a)], x, method="kf-gradient", epochs=20, progress=False)
+    err = (fused(test) - a(test)).abs().max() / a(test).abs().max()
+    assert err < 0.05
+
+
+def test_three_models_and_unequal_widths_with_kmeans():
+    models = [mlp(seed=0, hidden=(12, 10)), mlp(seed=1, hidden=(16, 8)), mlp(seed=2, hidden=(9, 10))]
+    fused = fxfuse.fuse(models, _data((16,)), method="kf-linear", progress=False)
+    widths = [lv.width for lv in partition_levels(fxfuse.trace(fused, _data((16,), 2)))]
+    assert widths == [12, 10, 3]  # the first model's widths
+    report = fused.meta["fxfuse"]
+    assert report["n_models"] == 3 and [r["grouping"] for r in report["levels"]] == ["k-means", "k-means", "mean of logits"]
+
+
+def test_target_architecture_sets_the_fused_widths():
+    models = [mlp(seed=0, hidden=(12, 10)), mlp(seed=1, hidden=(12, 10))]
+    wide = mlp(seed=5, hidden=(20, 10))
+    fused = fxfuse.fuse(models, _data((16,)), method="kf-linear", target=wide, progress=False)
+    assert fused.get_submodule("1").out_features == 20
+    assert wide[1].weight.shape == (20, 16)  # the target itself is not modified
+
+
+def test_result_is_a_plain_graphmodule_with_a_report(capsys):
+    a, b = mlp(seed=0), mlp(seed=1)
+    fused = fxfuse.fuse([a, b], _data((16,)), method="kf-linear", progress=True)
+    assert isinstance(fused, torch.fx.GraphModule) and not fused.training
+    levels = fused.meta["fxfuse"]["levels"]
+    assert [r["approximation"] for r in levels] == ["closed form"] * 3
+    assert set(levels[0]) == {"level", "name", "kind", "grouping", "approximation", "grouping_cost", "approx_error", "seconds"}
+    assert "kf-linear with uniform importance" in capsys.readouterr().out
+
+
+def test_linear_methods_fall_back_to_gradient_on_non_affine_levels():
+    from zoo import ResNetTiny
+
+    a, b = seeded(ResNetTiny, 0), seeded(ResNetTiny, 1)
+    fused = fxfuse.fuse([a, b], _data((3, 8, 8), 64), method="kf-linear", epochs=2, progress=False)
+    approx = [r["approximation"] for r in fused.meta["fxfuse"]["levels"]]
+    assert approx == ["closed form", "gradient (fallback: not affine)", "gradient (fallback: not affine)", "closed form"]
+
+
+def test_input_models_are_not_modified():
+    a, b = seeded(ConvBN, 0).train(), seeded(ConvBN, 1)
+    before = [copy.deepcopy(m.state_dict()) for m in (a, b)]
+    fxfuse.fuse([a, b], _data((3, 8, 8), 64), method="kf-gradient", epochs=2, progress=False)
+    assert a.training and not b.training
+    for m, sd in zip((a, b), before):
+        for k, v in m.state_dict().items():
+            assert torch.equal(v, sd[k]), k
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda x, y: x,
+        lambda x, y: (x, y),
+        lambda x, y: [x[:30], x[30:]],
+        lambda x, y: [(x[:30], y[:30]), (x[30:], y[30:])],
+        lambda x, y: DataLoader(TensorDataset(x, y), batch_size=16),
+    ],
+    ids=["tensor", "tuple", "tensors", "pairs", "dataloader"],
+)
+def test_data_forms(make):
+    a, b = mlp(seed=0), mlp(seed=1)
+    x, y = _data((16,), 64), torch.randint(0, 3, (64,))
+    ref = fxfuse.fuse([a, b], x, method="kf-linear", progress=False)
+    fused = fxfuse.fuse([a, b], make(x, y), method="kf-linear", progress=False)
+    torch.testing.assert_close(fused(x), ref(x))
+
+
+@pytest.mark.parametrize("importance", ["conductance", "deeplift"])
+def test_importance_scores_run_end_to_end(importance):
+    a, b = seeded(ConvBN, 0), seeded(ConvBN, 1)
+    x, y = _data((3, 8, 8), 48), torch.randint(0, 4, (48,))
+    plan = partition_levels(fxfuse.trace(a, x[:2]))
+    scores = level_scores(plan.split(), [lv.neuron_axis for lv in plan], x, y, importance)
+    assert [s.shape[0] for s in scores] == [lv.width for lv in plan]
+    assert all(bool((s > 0).all()) for s in scores)
+    assert not torch.allclose(scores[0], scores[0].mean().expand_as(scores[0]))  # not uniform
+    fused = fxfuse.fuse([a, b], (x, y), method="kf-linear", importance=importance, progress=False)
+    uniform = fxfuse.fuse([a, b], (x, y), method="kf-linear", progress=False)
+    assert not torch.allclose(fused(x), uniform(x))  # the scores change the result
+    # without labels the ensemble's argmax is the attribution target
+    fxfuse.fuse([a, b], x, method="kf-linear", importance=importance, progress=False)
+
+
+# --- bad input -------------------------------------------------------------------------------
+
+
+def test_unknown_method_and_importance_list_valid_names():
+    a, b = mlp(seed=0), mlp(seed=1)
+    with pytest.raises(ValueError, match="valid methods: hf-linear, kf-linear, kf-gradient"):
+        fxfuse.fuse([a, b], _data((16,)), method="kmeans")
+    with pytest.raises(ValueError, match="valid importance scores: uniform, conductance, deeplift"):
+        fxfuse.fuse([a, b], _data((16,)), importance="saliency")
+    with pytest.raises(TypeError, match="unknown option.*epoch.*valid options"):
+        fxfuse.fuse([a, b], _data((16,)), epoch=3)
+
+
+def test_single_model_is_refused():
+    with pytest.raises(ValueError, match="at least two models, got 1"):
+        fxfuse.fuse([mlp()], _data((16,)))
+    with pytest.raises(TypeError, match=r"models\[1\] is a str"):
+        fxfuse.fuse([mlp(), "mlp"], _data((16,)))
+
+
+def test_different_level_counts_point_to_depth_alignment():
+    with pytest.raises(fxfuse.AlignmentError, match=r"different numbers of levels \(3, 2\).*[Dd]epth alignment"):
+        fxfuse.fuse([mlp(hidden=(12, 10)), mlp(hidden=(12,))], _data((16,)))
+
+
+def test_hf_with_unequal_widths_suggests_kf():
+    with pytest.raises(ValueError, match=r"level 0 \(`1`\): models have widths 12 and 9.*method='kf-linear'"):
+        fxfuse.fuse([mlp(hidden=(12, 10)), mlp(hidden=(9, 10))], _data((16,)), method="hf-linear")
+    with pytest.raises(ValueError, match="exactly 2 models"):
+        fxfuse.fuse([mlp(), mlp(), mlp()], _data((16,)), method="hf-linear")
+
+
+def test_empty_and_non_finite_data():
+    a, b = mlp(seed=0), mlp(seed=1)
+    with pytest.raises(ValueError, match="empty"):
+        fxfuse.fuse([a, b], [])
+    with pytest.raises(ValueError, match="empty"):
+        fxfuse.fuse([a, b], torch.zeros(0, 16))
+    bad = _data((16,))
+    bad[3, 2] = float("nan")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        fxfuse.fuse([a, b], bad)
+
+
+def test_non_finite_activations_name_the_level():
+    a, b = mlp(seed=0), mlp(seed=1)
+    with torch.no_grad():
+        b[3].weight[0, 0] = float("inf")
+    with pytest.raises(fxfuse.FxFuseError, match=r"level 1 \(`3`\) of models\[1\]: .*non-finite"):
+        fxfuse.fuse([a, b], _data((16,)), method="kf-linear", progress=False)
+
+
+def test_input_shape_the_models_do_not_accept():
+    with pytest.raises(fxfuse.TraceError, match="example_inputs have the shape"):
+        fxfuse.fuse([mlp(), mlp(seed=1)], _data((7,)))
