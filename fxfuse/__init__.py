@@ -11,6 +11,7 @@ Example:
     2
 """
 
+from ._export import export
 from ._fuse import fuse
 from ._errors import AlignmentError, DumpError, FxFuseError, PartitionError, TraceError
 from ._models import build_model, load_checkpoint, save_checkpoint
@@ -26,6 +27,7 @@ __all__ = [
     "TraceError",
     "__version__",
     "build_model",
+    "export",
     "fuse",
     "load_checkpoint",
     "save_checkpoint",

@@ -1,6 +1,9 @@
 """The ``fxfuse`` command line.
 
 Subcommands:
+    demo           Train, fuse and compare models on the embedded digits.
+    fuse MODEL...  Fuse checkpoints into one model.
+    export MODEL   Save a model as TorchScript or a torch.export program.
     levels MODEL   Trace a timm model (or an fxfuse checkpoint), print its level table
                    and write a dump (.html, .txt, .dot or .svg).
 """
@@ -63,6 +66,9 @@ def _parser() -> argparse.ArgumentParser:
     lv.add_argument("--out", default=None, metavar="FILE",
                     help="dump to write: .html (default MODEL.levels.html), .txt, .dot or .svg (needs Graphviz)")
     lv.set_defaults(func=_cmd_levels)
+    from ._cli_fusion import add_parsers
+
+    add_parsers(sub)
     return p
 
 

@@ -67,3 +67,52 @@ def test_console_script_and_package_layout(tmp_path):
     exe = os.path.join(os.path.dirname(sys.executable), "fxfuse")
     res = subprocess.run([exe, "--version"], capture_output=True, text=True)
     assert res.returncode == 0 and res.stdout.strip() == f"fxfuse {fxfuse.__version__}"
+
+
+def _digits_checkpoints(tmp_path, n=2):
+    paths = []
+    for k in range(n):
+        torch.manual_seed(k)
+        m = timm.create_model("test_resnet", pretrained=False, num_classes=10, in_chans=1)
+        p = tmp_path / f"m{k}.pt"
+        fxfuse.save_checkpoint(m, p, "test_resnet", num_classes=10, in_chans=1, input_size=(1, 16, 16))
+        paths.append(str(p))
+    return paths
+
+
+def test_fuse_command_writes_checkpoint_torchscript_and_export(tmp_path, capsys):
+    paths = _digits_checkpoints(tmp_path)
+    out, ts, ep = tmp_path / "fused.pt", tmp_path / "fused.ts", tmp_path / "fused.pt2"
+    rc = main(["fuse", *paths, "--data", "digits", "--samples", "64", "--method", "kf-linear", "--quiet",
+               "--out", str(out), "--torchscript", str(ts), "--export", str(ep)])
+    assert rc == 0
+    fused, size = fxfuse.load_checkpoint(out)
+    assert size == (1, 16, 16)
+    x = torch.randn(3, 1, 16, 16)
+    torch.testing.assert_close(torch.jit.load(str(ts))(x), fused(x), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(torch.export.load(str(ep)).module()(x), fused(x), rtol=1e-4, atol=1e-4)
+
+
+def test_fuse_command_with_arch_and_weights_and_tensor_data(tmp_path):
+    specs = []
+    for k in range(2):
+        torch.manual_seed(k)
+        net = timm.create_model("test_resnet", pretrained=False, num_classes=4, in_chans=3)
+        torch.save(net.state_dict(), tmp_path / f"w{k}.pth")
+        specs.append(f"test_resnet={tmp_path / f'w{k}.pth'}")
+    torch.save(torch.randn(40, 3, 32, 32), tmp_path / "x.pt")
+    rc = main(["fuse", *specs, "--num-classes", "4", "--data", str(tmp_path / "x.pt"), "--quiet",
+               "--method", "hf-linear", "--out", str(tmp_path / "f.pt")])
+    assert rc == 0 and (tmp_path / "f.pt").exists()
+
+
+def test_fuse_command_bad_model_spec(tmp_path, capsys):
+    assert main(["fuse", "nothing-here", "also-nothing", "--out", str(tmp_path / "f.pt")]) == 2
+    assert "neither a checkpoint path nor ARCH=WEIGHTS" in capsys.readouterr().err
+
+
+def test_export_command(tmp_path, capsys):
+    out = tmp_path / "r.pt2"
+    assert main(["export", "resnet10t", "--input-size", "3", "32", "32", "--format", "export", "--out", str(out)]) == 0
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.export.load(str(out)).module()(x).shape == (2, 1000)

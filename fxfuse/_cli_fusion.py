@@ -1,0 +1,201 @@
+"""The ``demo``, ``fuse`` and ``export`` subcommands."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import torch
+from torch import nn
+
+from ._errors import FxFuseError
+
+FUSION_METHODS = ("hf-linear", "kf-linear", "kf-gradient")
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from fxfuse import export, fuse
+    from fxfuse._experiments import make_setting
+    from fxfuse._train import accuracy, average_weights, ensemble_accuracy
+
+    torch.manual_seed(args.seed)
+    t_all = time.perf_counter()
+    print("fxfuse demo: 2 MLPs and 2 timm CNNs (test_resnet) trained on a non-IID Dirichlet 2-way split "
+          "of scikit-learn's digits (paper appendix D.1), fused zero-shot with 400 samples of the first split.")
+    rows: dict[str, dict[str, tuple[float, float]]] = {}
+    fused_cnn = None
+    for arch in ("mlp", "cnn"):
+        t0 = time.perf_counter()
+        s = make_setting(arch, split="dirichlet", n_models=2, seed=args.seed)
+        xt, yt = s.test
+        train_s = time.perf_counter() - t0
+        print(f"  trained 2 {arch.upper()}s on splits of {s.split_sizes[0]} and {s.split_sizes[1]} digits in {train_s:.1f} s")
+        for k, m in enumerate(s.models):
+            rows.setdefault(f"base model {k + 1}", {})[arch] = (accuracy(m, xt, yt), float("nan"))
+        t0 = time.perf_counter()
+        van = average_weights(s.models)
+        rows.setdefault("vanilla averaging", {})[arch] = (accuracy(van, xt, yt), time.perf_counter() - t0)
+        rows.setdefault("ensemble (2x cost)", {})[arch] = (ensemble_accuracy(s.models, xt, yt), float("nan"))
+        for method in FUSION_METHODS:
+            t0 = time.perf_counter()
+            fused = fuse(s.models, s.fusion, method=method, progress=False, seed=args.seed)
+            rows.setdefault(method, {})[arch] = (accuracy(fused, xt, yt), time.perf_counter() - t0)
+            if arch == "cnn" and method == "kf-linear":
+                fused_cnn = (fused, xt[:4])
+    print()
+    print(f"{'method':20s} {'MLP acc %':>10s} {'s':>6s} {'CNN acc %':>10s} {'s':>6s}")
+    for name, r in rows.items():
+        cells = []
+        for arch in ("mlp", "cnn"):
+            acc, secs = r[arch]
+            cells.append(f"{acc:10.1f} {'' if secs != secs else f'{secs:.1f}':>6s}")
+        print(f"{name:20s} " + " ".join(cells))
+    fused, example = fused_cnn
+    path = export(fused, args.out, example, format="torchscript")
+    print(f"\nwrote the kf-linear fused CNN as TorchScript to {path} (load it with torch.jit.load)")
+    print(f"total {time.perf_counter() - t_all:.0f} s")
+    return 0
+
+
+def _load_model(spec: str, num_classes: int | None) -> tuple[nn.Module, tuple[int, int, int], str, dict]:
+    """A checkpoint path, or ARCH=STATE_DICT_PATH for a timm architecture with raw weights."""
+    from fxfuse._models import _create_timm, default_input_size, load_checkpoint
+
+    if os.path.exists(spec):
+        payload = torch.load(spec, map_location="cpu", weights_only=True)
+        model, size = load_checkpoint(spec)
+        kwargs = dict(payload.get("model_kwargs") or {})
+        if payload.get("num_classes") is not None:
+            kwargs.setdefault("num_classes", int(payload["num_classes"]))
+        return model, size, str(payload["arch"]), kwargs
+    if "=" in spec:
+        arch, path = spec.split("=", 1)
+        if not os.path.exists(path):
+            raise ValueError(f"{spec!r}: weights file {path!r} does not exist")
+        kwargs = {"num_classes": num_classes} if num_classes is not None else {}
+        model = _create_timm(arch, None, kwargs)
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            model.load_state_dict(state.get("state_dict", state) if isinstance(state, dict) else state)
+        except RuntimeError as e:
+            raise ValueError(f"{spec!r}: the weights do not fit timm's {arch!r} ({e}); pass --num-classes") from e
+        return model.eval(), default_input_size(model), arch, kwargs
+    raise ValueError(
+        f"{spec!r} is neither a checkpoint path nor ARCH=WEIGHTS (e.g. resnet18=weights.pth); "
+        "write checkpoints with fxfuse.save_checkpoint"
+    )
+
+
+def _load_data(spec: str, size: tuple[int, int, int], n: int, seed: int):
+    from fxfuse.data import load_digits
+
+    c, h, w = size
+    if spec == "digits":
+        if h != w:
+            raise ValueError(f"--data digits needs a square input size, the models take {size}")
+        x, y = load_digits(size=h, channels=c)
+    elif os.path.isdir(spec):
+        from torchvision import datasets, transforms
+
+        tf = transforms.Compose([
+            transforms.Grayscale(c) if c == 1 else transforms.Lambda(lambda im: im.convert("RGB")),
+            transforms.Resize((h, w)),
+            transforms.ToTensor(),
+        ])
+        ds = datasets.ImageFolder(spec, transform=tf)
+        if len(ds) == 0:
+            raise ValueError(f"image folder {spec!r} holds no images")
+        x = torch.stack([ds[i][0] for i in range(len(ds))])
+        y = torch.tensor(ds.targets)
+    elif os.path.exists(spec):
+        obj = torch.load(spec, map_location="cpu", weights_only=True)
+        if isinstance(obj, torch.Tensor):
+            x, y = obj, None
+        elif isinstance(obj, (tuple, list)) and len(obj) == 2:
+            x, y = obj
+        elif isinstance(obj, dict) and "inputs" in obj:
+            x, y = obj["inputs"], obj.get("labels")
+        else:
+            raise ValueError(f"{spec!r}: expected a Tensor, an (inputs, labels) pair or a dict with 'inputs'")
+    else:
+        raise ValueError(f"--data {spec!r}: not 'digits', an image folder, or a tensor file")
+    if x.shape[0] > n:
+        idx = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed))[:n]
+        x, y = x[idx], (y[idx] if y is not None else None)
+    return (x, y) if y is not None else x
+
+
+def cmd_fuse(args: argparse.Namespace) -> int:
+    from fxfuse import export, fuse, save_checkpoint
+    from fxfuse._models import _create_timm
+
+    loaded = [_load_model(spec, args.num_classes) for spec in args.models]
+    models = [m for m, *_ in loaded]
+    size = loaded[0][1]
+    data = _load_data(args.data, size, args.samples, args.seed)
+    fused = fuse(models, data, method=args.method, importance=args.importance, device=args.device,
+                 seed=args.seed, progress=not args.quiet)
+    example = (data[0] if isinstance(data, tuple) else data)[:2].to(next(fused.parameters()).device)
+    arch, kwargs = loaded[0][2], loaded[0][3]
+    rebuilt = _create_timm(arch, size, kwargs)
+    try:
+        rebuilt.load_state_dict({k: v.cpu() for k, v in fused.state_dict().items()})
+    except RuntimeError as e:
+        raise FxFuseError(
+            f"the fused model's parameters do not map back onto timm's {arch!r} ({e}); "
+            "save it with --torchscript or --export instead"
+        ) from e
+    save_checkpoint(rebuilt, args.out, arch, input_size=size, **kwargs)
+    print(f"wrote fused checkpoint {args.out} ({arch})")
+    if args.torchscript:
+        print("wrote", export(fused, args.torchscript, example, format="torchscript"))
+    if args.export:
+        print("wrote", export(fused, args.export, example, format="export"))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from fxfuse import build_model, export, trace
+
+    model, size = build_model(args.model, input_size=args.input_size, num_classes=args.num_classes)
+    x = torch.randn(2, *size)
+    path = export(trace(model, x), args.out, x, format=args.format)
+    print(f"wrote {path} ({args.format})")
+    return 0
+
+
+def add_parsers(sub) -> None:
+    d = sub.add_parser("demo", help="train, fuse and compare models on the embedded digits (about a minute on CPU)",
+                       description="Train 2 MLPs and 2 timm CNNs on a non-IID split of scikit-learn's digits, fuse "
+                       "each pair with every method and print an accuracy table.")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--out", default="fused_cnn.pt", help="TorchScript file for the fused CNN (default fused_cnn.pt)")
+    d.set_defaults(func=cmd_demo)
+
+    f = sub.add_parser("fuse", help="fuse checkpoints into one model",
+                       description="Fuse two or more models of one architecture. MODEL is an fxfuse checkpoint "
+                       "or ARCH=WEIGHTS (a timm name and a state_dict file).")
+    f.add_argument("models", nargs="+", metavar="MODEL")
+    f.add_argument("--data", default="digits", help="'digits', an image folder, or a tensor file (default digits)")
+    f.add_argument("--samples", type=int, default=400, help="fusion samples to use (default 400)")
+    f.add_argument("--method", default="kf-linear", choices=["hf-linear", "kf-linear", "kf-gradient", "hf-gradient"])
+    f.add_argument("--importance", default="uniform", choices=["uniform", "conductance", "deeplift"])
+    f.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    f.add_argument("--num-classes", type=int, default=None, help="classes of ARCH=WEIGHTS models")
+    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--out", default="fused.pt", help="fused fxfuse checkpoint (default fused.pt)")
+    f.add_argument("--torchscript", default=None, metavar="FILE", help="also save as TorchScript")
+    f.add_argument("--export", default=None, metavar="FILE", help="also save as a torch.export program")
+    f.add_argument("--quiet", action="store_true", help="no progress bars or report")
+    f.set_defaults(func=cmd_fuse)
+
+    e = sub.add_parser("export", help="save a model as TorchScript or a torch.export program",
+                       description="Trace MODEL (timm name or checkpoint) and save it; the saved model is "
+                       "reloaded and checked against the original.")
+    e.add_argument("model", metavar="MODEL")
+    e.add_argument("--format", default="torchscript", choices=["torchscript", "export"])
+    e.add_argument("--out", required=True, metavar="FILE")
+    e.add_argument("--input-size", type=int, nargs=3, metavar=("C", "H", "W"), default=None)
+    e.add_argument("--num-classes", type=int, default=None)
+    e.set_defaults(func=cmd_export)
