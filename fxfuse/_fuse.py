@@ -14,7 +14,9 @@ from torch.fx import GraphModule
 from ._errors import AlignmentError, FxFuseError
 from ._grouping import hungarian_pairs, pair_costs, weighted_kmeans
 from ._importance import IMPORTANCES, level_scores
-from ._solve import GramStats, affine_spec, design_rows, fit_gradient, from_rows, op_input, to_rows, write_affine
+from ._solve import (
+    GramStats, affine_spec, design_rows, fit_gradient, from_rows, op_input, read_affine, to_rows, write_affine,
+)
 from ._trace import trace
 from .data import as_tensors
 
@@ -140,7 +142,7 @@ def fuse(
 
     Example:
         >>> import torch, fxfuse
-        >>> torch.manual_seed(0)
+        >>> _ = torch.manual_seed(0)
         >>> a = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
         >>> fused = fxfuse.fuse([a, a], torch.randn(64, 4), method="kf-linear", progress=False)
         >>> x = torch.randn(5, 4)
@@ -276,7 +278,10 @@ def fuse(
         group_cost = float((s * ((points - centers[lab]) ** 2).sum(1)).sum())
         # d. approximate
         if spec is not None:
-            W = stats.solve(lam, V, A)
+            # start: the fused level's current weights (models[0]'s, or target's), neurons
+            # ordered like the clusters; the data fixes every direction it spans
+            W0 = read_affine(fused_levels[i], spec)
+            W = stats.solve(lam, V, A, W0=W0)
             write_affine(fused_levels[i], spec, W)
             t2 = float(torch.einsum("ij,ik,kj->", A, stats.K, A))
             err = stats.residual(lam, V, A) / max(t2, 1e-300)

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.fx import GraphModule, Interpreter, Node
 
-__all__ = ["AffineSpec", "affine_spec", "GramStats", "EIG_RTOL", "fit_gradient", "to_rows", "from_rows"]
+__all__ = ["AffineSpec", "affine_spec", "read_affine", "write_affine", "GramStats", "EIG_RTOL", "fit_gradient", "to_rows", "from_rows"]
 
 # Eigenvalues of XᵀX below EIG_RTOL · λ_max are treated as zero: the pseudo-inverse
 # and the projector onto span(X) use only the eigenvectors above the cut-off. In
@@ -146,15 +146,43 @@ class GramStats:
         """
         return (V.T @ self.C) / lam.sqrt()[:, None]
 
-    def solve(self, lam: Tensor, V: Tensor, A: Tensor) -> Tensor:
-        """Least squares W = G⁺XᵀT for targets T = Z A: Tensor of shape (d, n_fused)."""
-        return V @ ((V.T @ (self.C @ A)) / lam[:, None])
+    def solve(self, lam: Tensor, V: Tensor, A: Tensor, W0: Tensor | None = None) -> Tensor:
+        """Least squares for targets T = Z A: Tensor of shape (d, n_fused).
+
+        Without ``W0`` this is the minimum-norm solution W = G⁺XᵀT (appendix B.2).
+        With ``W0`` it is the least-squares solution closest to W0,
+        W = W0 + G⁺(XᵀT − G W0): the same fit on the data, but directions the data
+        does not determine (e.g. inputs of neurons that never fire on it) keep W0.
+        """
+        W = V @ ((V.T @ (self.C @ A)) / lam[:, None])
+        if W0 is not None:
+            W = W + W0 - V @ (V.T @ W0)
+        return W
 
     def residual(self, lam: Tensor, V: Tensor, A: Tensor) -> float:
         """‖XW − T‖² = ‖T‖² − ‖QᵀT‖² for the solution of :meth:`solve`."""
         t2 = float(torch.einsum("ij,ik,kj->", A, self.K, A))
         qt = self.projected(lam, V) @ A
         return max(t2 - float((qt * qt).sum()), 0.0)
+
+
+def read_affine(level: GraphModule, spec: AffineSpec) -> Tensor:
+    """The level's current map in design-column layout, with the BatchNorm folded in: (d, n_out), float64."""
+    m = level.get_submodule(spec.op)
+    weight = m.weight.detach().to(torch.float64).reshape(m.weight.shape[0], -1)
+    bias = m.bias.detach().to(torch.float64) if m.bias is not None else torch.zeros_like(weight[:, 0])
+    if spec.norm is not None:
+        bn = level.get_submodule(spec.norm)
+        g = 1.0 / (bn.running_var.detach().to(torch.float64) + bn.eps).sqrt()
+        if bn.weight is not None:
+            g = g * bn.weight.detach().to(torch.float64)
+        beta = bn.bias.detach().to(torch.float64) if bn.bias is not None else 0.0
+        weight = weight * g[:, None]
+        bias = (bias - bn.running_mean.detach().to(torch.float64)) * g + beta
+    cols = [weight.T]
+    if spec.has_bias_column:
+        cols.append(bias[None, :])
+    return torch.cat(cols, 0)
 
 
 def write_affine(level: GraphModule, spec: AffineSpec, W: Tensor) -> None:

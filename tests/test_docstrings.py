@@ -5,7 +5,10 @@ import importlib
 
 import pytest
 
-MODULES = ["fxfuse", "fxfuse._trace", "fxfuse._models", "fxfuse.passes._partition"]
+MODULES = [
+    "fxfuse", "fxfuse._trace", "fxfuse._models", "fxfuse.passes._partition",
+    "fxfuse._fuse", "fxfuse._export", "fxfuse.data", "fxfuse._grouping",
+]
 
 
 @pytest.mark.parametrize("name", MODULES)

@@ -105,3 +105,36 @@ def test_weighted_kmeans_bad_arguments():
         weighted_kmeans(torch.randn(3, 2), torch.ones(3), 4)
     with pytest.raises(ValueError, match="non-negative"):
         weighted_kmeans(torch.randn(3, 2), -torch.ones(3), 2)
+
+
+def test_closed_form_with_start_weights_fits_the_same_and_keeps_undetermined_directions():
+    g = _gen(7)
+    B = torch.randn(200, 5, generator=g, dtype=torch.float64)
+    X = torch.cat([B, torch.zeros(200, 2, dtype=torch.float64)], 1)  # two inputs never active
+    T = torch.randn(200, 3, generator=g, dtype=torch.float64)
+    W0 = torch.randn(7, 3, generator=g, dtype=torch.float64)
+    stats = GramStats()
+    stats.add(X, T)
+    lam, V = stats.eig()
+    eye = torch.eye(3, dtype=torch.float64)
+    W_min, W_start = stats.solve(lam, V, eye), stats.solve(lam, V, eye, W0=W0)
+    torch.testing.assert_close(X @ W_start, X @ W_min)  # the same fit on the data
+    torch.testing.assert_close(W_start[5:], W0[5:])  # unseen inputs keep the start
+    torch.testing.assert_close(W_min[5:], torch.zeros(2, 3, dtype=torch.float64))
+
+
+def test_read_affine_matches_the_level_output():
+    import fxfuse
+    from fxfuse._solve import affine_spec, design_rows, op_input, read_affine, to_rows
+    from fxfuse.passes import partition_levels
+    from zoo import ConvBN, seeded
+
+    model = seeded(ConvBN).double()
+    x = torch.randn(4, 3, 8, 8, dtype=torch.float64)
+    plan = partition_levels(fxfuse.trace(model, x))
+    for lv, level in zip(plan, plan.split()):
+        spec = affine_spec(level)
+        assert spec is not None, lv.name
+        y = to_rows(level(x), lv.neuron_axis)
+        torch.testing.assert_close(design_rows(level, spec, op_input(level, spec, x)) @ read_affine(level, spec), y)
+        x = level(x)
