@@ -158,6 +158,17 @@ def fuse(
     if unknown:
         raise TypeError(f"unknown option(s) {', '.join(unknown)}; valid options: {', '.join(_DEFAULTS)}")
     opts = {**_DEFAULTS, **options}
+    for name, lo in (("max_rows", 1), ("batch_size", 1), ("epochs", 0), ("train_batch_size", 1), ("patience", 1),
+                     ("n_init", 1), ("importance_steps", 2)):
+        if not isinstance(opts[name], int) or isinstance(opts[name], bool) or opts[name] < lo:
+            raise ValueError(f"option {name} must be an int >= {lo}, got {opts[name]!r}")
+    for name in ("lr", "weight_decay", "noise"):
+        if not isinstance(opts[name], (int, float)) or opts[name] < 0 or (name == "lr" and opts[name] == 0):
+            raise ValueError(f"option {name} must be a {'positive' if name == 'lr' else 'non-negative'} number, got {opts[name]!r}")
+    if not isinstance(opts["val_split"], (int, float)) or not 0.0 <= opts["val_split"] < 1.0:
+        raise ValueError(f"option val_split must be in [0, 1), got {opts['val_split']!r}")
+    if opts["target"] is not None and not isinstance(opts["target"], nn.Module):
+        raise TypeError(f"option target must be an nn.Module, got {type(opts['target']).__name__}")
     models = list(models) if not isinstance(models, nn.Module) else [models]
     if len(models) < 2:
         raise ValueError(f"fuse needs at least two models, got {len(models)}")

@@ -209,3 +209,28 @@ def test_non_finite_activations_name_the_level():
 def test_input_shape_the_models_do_not_accept():
     with pytest.raises(fxfuse.TraceError, match="example_inputs have the shape"):
         fxfuse.fuse([mlp(), mlp(seed=1)], _data((7,)))
+
+
+def test_hf_gradient_matches_then_fits_by_gradient():
+    a = mlp(hidden=(12, 10))
+    x, test = _data((16,), 512), _data((16,), 64, seed=9)
+    fused = fxfuse.fuse([a, permuted_mlp(a)], x, method="hf-gradient", epochs=20, progress=False)
+    levels = fused.meta["fxfuse"]["levels"]
+    assert [(r["grouping"], r["approximation"]) for r in levels] == [
+        ("hungarian", "gradient"), ("hungarian", "gradient"), ("mean of logits", "gradient")
+    ]
+    # the matching recovers the permutation, so the targets are the model's own outputs
+    assert all(r["grouping_cost"] < 1e-8 for r in levels)
+    assert float((fused(test) - a(test)).abs().max() / a(test).abs().max()) < 0.05
+
+
+@pytest.mark.parametrize("opt,val,msg", [
+    ("epochs", -1, "epochs must be an int >= 0"),
+    ("lr", 0.0, "lr must be a positive number"),
+    ("val_split", 1.0, r"val_split must be in \[0, 1\)"),
+    ("max_rows", 0, "max_rows must be an int >= 1"),
+    ("target", "wide", "target must be an nn.Module"),
+])
+def test_bad_option_values(opt, val, msg):
+    with pytest.raises((ValueError, TypeError), match=msg):
+        fxfuse.fuse([mlp(seed=0), mlp(seed=1)], _data((16,)), **{opt: val})
