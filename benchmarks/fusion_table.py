@@ -5,8 +5,9 @@
 Settings: non-IID Dirichlet splits (appendix D.1, min_max_ratio 0.2) into 2 and 4
 models, and a sharded split (D.2) into 2 models. Rows: the base models (sorted
 by accuracy per seed, then averaged, as in the paper), vanilla averaging, the
-ensemble, and hf-linear, kf-linear, kf-gradient with uniform, conductance and
-deeplift importance. Cells are test accuracy (%) mean ± std over seeds, and the
+ensemble, git-rebasin (activation matching per neuron space, then averaging),
+and hf-linear, kf-linear, kf-gradient with uniform, conductance and deeplift
+importance. Cells are test accuracy (%) mean ± std over seeds, and the
 mean seconds per fusion. Fusion uses 400 samples of the first model's split.
 """
 
@@ -65,6 +66,9 @@ def main() -> None:
                 add(f"base model {rank + 1}", setting, acc)
             add("vanilla averaging", setting, accuracy(average_weights(s.models), xt, yt))
             add("ensemble", setting, ensemble_accuracy(s.models, xt, yt))
+            t0 = time.perf_counter()
+            rebasin = fxfuse.fuse(s.models, s.fusion, method="git-rebasin", seed=seed, progress=False)
+            add("git-rebasin", setting, accuracy(rebasin, xt, yt), time.perf_counter() - t0)
             for method in METHODS:
                 if method.startswith("hf") and n_models != 2:
                     continue  # Hungarian fusion matches exactly two models

@@ -30,7 +30,12 @@ METHODS = {
     "hf-gradient": ("hf", "gradient"),
 }
 
+# baselines (see fxfuse._baselines): they return GraphModules like every other method
+BASELINES = ("vanilla", "ensemble", "git-rebasin")
+
 _DEFAULTS: dict[str, Any] = {
+    "reset_bn": False,  # vanilla / git-rebasin: recompute BatchNorm statistics on the fusion data
+    "class_weights": None,  # ensemble: per-class weights of each model, (n_models, n_classes)
     "target": None,  # nn.Module with the fused architecture; default: models[0]
     "max_rows": 50_000,  # rows (samples × positions) kept for k-means on non-closed-form levels
     "batch_size": 256,  # inference batch
@@ -120,12 +125,16 @@ def fuse(
         models: Two or more trained models with the same number of levels.
         data: Fusion data: a Tensor of inputs, an ``(inputs, labels)`` tuple, an
             iterable of Tensors or of ``(inputs, labels)`` pairs, or a DataLoader.
-        method: ``"hf-linear"``, ``"kf-linear"``, ``"kf-gradient"`` or ``"hf-gradient"``.
+        method: ``"hf-linear"``, ``"kf-linear"``, ``"kf-gradient"`` or ``"hf-gradient"``;
+            or a baseline: ``"vanilla"`` (parameter averaging), ``"ensemble"`` (a module
+            averaging the logits) or ``"git-rebasin"`` (activation matching per neuron
+            space, then averaging).
         importance: ``"uniform"``, ``"conductance"`` or ``"deeplift"``.
         device: Where to compute; defaults to CUDA when available, else CPU.
         seed: Seed of k-means, data splits and gradient fitting.
         progress: Show progress bars and print the per-level report.
-        **options: ``target`` (a model whose architecture the fused model takes,
+        **options: ``reset_bn`` (vanilla, git-rebasin: recompute BatchNorm statistics on
+            the data), ``class_weights`` (ensemble), ``target`` (a model whose architecture the fused model takes,
             e.g. a wider one; default ``models[0]``), ``max_rows``, ``batch_size``,
             ``epochs``, ``lr``, ``weight_decay``, ``train_batch_size``,
             ``val_split``, ``patience``, ``noise``, ``n_init``, ``importance_steps``.
@@ -150,8 +159,8 @@ def fuse(
         True
     """
     # 1. validate
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; valid methods: {', '.join(METHODS)}")
+    if method not in METHODS and method not in BASELINES:
+        raise ValueError(f"unknown method {method!r}; valid methods: {', '.join([*METHODS, *BASELINES])}")
     if importance not in IMPORTANCES:
         raise ValueError(f"unknown importance {importance!r}; valid importance scores: {', '.join(IMPORTANCES)}")
     unknown = sorted(set(options) - set(_DEFAULTS))
@@ -175,7 +184,7 @@ def fuse(
     for k, m in enumerate(models):
         if not isinstance(m, nn.Module):
             raise TypeError(f"models[{k}] is a {type(m).__name__}, not a torch.nn.Module")
-    grouping, approx = METHODS[method]
+    grouping, approx = METHODS.get(method, ("", ""))
     if grouping == "hf" and len(models) != 2:
         raise ValueError(f"{method} (Hungarian) fuses exactly 2 models, got {len(models)}; use method='kf-linear'")
     dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -191,6 +200,8 @@ def fuse(
     from fxfuse.passes import partition_levels
 
     example = x[: min(2, x.shape[0])]
+    if method in BASELINES:
+        return _baseline(models, x, example, method, importance, dev, seed, progress, opts, t_start)
     plans = [partition_levels(trace(m, example).to(dev)) for m in models]
     target = opts["target"] if opts["target"] is not None else models[0]
     fused_plan = partition_levels(trace(target, example).to(dev))
@@ -329,6 +340,38 @@ def fuse(
     fused.meta["fxfuse"] = {
         "method": method, "importance": importance, "n_models": len(models), "seed": seed,
         "seconds": time.perf_counter() - t_start, "levels": report,
+    }
+    if progress:
+        print(format_report(fused))
+    return fused
+
+
+def _baseline(models, x, example, method, importance, dev, seed, progress, opts, t_start) -> GraphModule:
+    from ._baselines import align, average, ensemble, reset_batchnorm
+
+    if importance != "uniform":
+        raise ValueError(f"{method} supports importance='uniform' only in this version; got {importance!r}")
+    gms = [trace(m, example).to(dev) for m in models]
+    if method != "ensemble":
+        shapes = [{k: tuple(v.shape) for k, v in g.state_dict().items()} for g in gms]
+        for k in range(1, len(gms)):
+            if shapes[k] != shapes[0]:
+                raise AlignmentError(
+                    f"{method} averages parameters, so models need identical architectures; models[{k}] differs "
+                    f"from models[0]. Use method='kf-linear' for models of different widths."
+                )
+    if method == "ensemble":
+        fused = ensemble(gms, example, opts["class_weights"])
+    elif method == "vanilla":
+        fused = average(gms)
+    else:
+        fused = average(align(gms, x, batch_size=opts["batch_size"], max_rows=opts["max_rows"], seed=seed))
+    if opts["reset_bn"] and method != "ensemble":
+        reset_batchnorm(fused, x, opts["batch_size"])
+    fused.to(dev).eval()
+    fused.meta["fxfuse"] = {
+        "method": method, "importance": importance, "n_models": len(models), "seed": seed,
+        "seconds": time.perf_counter() - t_start, "levels": [],
     }
     if progress:
         print(format_report(fused))
