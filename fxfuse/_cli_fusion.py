@@ -60,15 +60,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def _load_model(spec: str, num_classes: int | None) -> tuple[nn.Module, tuple[int, int, int], str, dict]:
     """A checkpoint path, or ARCH=STATE_DICT_PATH for a timm architecture with raw weights."""
-    from fxfuse._models import _create_timm, default_input_size, load_checkpoint
+    from fxfuse._models import _create_timm, default_input_size, read_checkpoint
 
     if os.path.exists(spec):
-        payload = torch.load(spec, map_location="cpu", weights_only=True)
-        model, size = load_checkpoint(spec)
-        kwargs = dict(payload.get("model_kwargs") or {})
-        if payload.get("num_classes") is not None:
-            kwargs.setdefault("num_classes", int(payload["num_classes"]))
-        return model, size, str(payload["arch"]), kwargs
+        return read_checkpoint(spec)
     if "=" in spec:
         arch, path = spec.split("=", 1)
         if not os.path.exists(path):

@@ -257,12 +257,11 @@ def fuse(
             _check_finite(z, f"level {i} (`{plans[k][i].name}`) of models[{k}]")
             outs.append(z)
         widths = [p[i].width for p in plans]
-        Z = torch.cat([to_rows(z, p[i].neuron_axis) for z, p in zip(outs, plans)], 1)
         s = torch.cat([sc[i] for sc in scores])
         k_out = lv_f.width
         spec = affine_spec(fused_levels[i]) if approx == "linear" else None
         # b. points for grouping: projected coordinates (closed form) or raw outputs
-        stats = None
+        stats = Z = None
         if spec is not None:
             stats = GramStats()
             for st in range(0, x.shape[0], bs):
@@ -274,6 +273,8 @@ def fuse(
             lam, V = stats.eig()
             points = stats.projected(lam, V).T
         else:
+            # rows × concatenated neurons; also the source of the gradient targets
+            Z = torch.cat([to_rows(z, p[i].neuron_axis) for z, p in zip(outs, plans)], 1)
             rows = Z
             if rows.shape[0] > opts["max_rows"]:
                 g = torch.Generator().manual_seed(seed + i)
@@ -309,7 +310,7 @@ def fuse(
             err = stats.residual(lam, V, A) / max(t2, 1e-300)
             approx_used = "closed form"
         else:
-            T = from_rows((Z.to(torch.float64) @ A).to(xf.dtype), tuple(_run(fused_levels[i], xf[:1], 1).shape), lv_f.neuron_axis)
+            T = from_rows((Z.to(torch.float64) @ A).to(xf.dtype), lv_f.output_shape, lv_f.neuron_axis)
             inner = _progress(opts["epochs"], f"level {i} {name}", progress, leave=False)
             # eval mode: norms keep their running statistics while their affine parameters train
             stats_g = fit_gradient(

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["build_model", "load_checkpoint", "save_checkpoint", "CHECKPOINT_FORMAT"]
+__all__ = ["build_model", "load_checkpoint", "read_checkpoint", "save_checkpoint", "CHECKPOINT_FORMAT"]
 
 CHECKPOINT_FORMAT = "fxfuse-checkpoint/1"
 
@@ -123,6 +123,12 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[nn.Module, tuple[int, int,
         ValueError: the file is not an fxfuse checkpoint, or its weights do not
             fit the architecture.
     """
+    model, size, _, _ = read_checkpoint(path)
+    return model, size
+
+
+def read_checkpoint(path: str | os.PathLike) -> tuple[nn.Module, tuple[int, int, int], str, dict[str, Any]]:
+    """Like :func:`load_checkpoint`, also returning the timm arch name and its model kwargs."""
     path = os.fspath(path)
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
@@ -141,16 +147,17 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[nn.Module, tuple[int, int,
     if payload.get("num_classes") is not None:
         kwargs.setdefault("num_classes", int(payload["num_classes"]))
     input_size = _check_input_size(payload.get("input_size"))
-    model = _create_timm(str(payload["arch"]), input_size, kwargs)
+    arch = str(payload["arch"])
+    model = _create_timm(arch, input_size, kwargs)
     try:
         model.load_state_dict(payload["state_dict"])
     except RuntimeError as e:
         raise ValueError(
-            f"checkpoint {path!r}: its state_dict does not fit timm's {payload['arch']!r} "
+            f"checkpoint {path!r}: its state_dict does not fit timm's {arch!r} "
             f"with {kwargs}: {e}. Store the model_kwargs the model was built with."
         ) from e
     model.eval()
-    return model, input_size or default_input_size(model)
+    return model, input_size or default_input_size(model), arch, kwargs
 
 
 def build_model(
