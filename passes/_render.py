@@ -118,27 +118,40 @@ def to_dot(plan: LevelPlan) -> str:
 
 # --- HTML ------------------------------------------------------------------------------------
 
-_BOX_W, _BOX_H, _GAP_X, _ROW_H, _BAND_PAD, _LEFT = 168, 30, 16, 44, 8, 230
+_BOX_W, _BOX_H, _GAP_X, _ROW_H, _BAND_PAD, _LEFT = 168, 30, 16, 44, 6, 230  # pads fit the row gap
 
 
 def _html_layout(plan: LevelPlan) -> tuple[dict[Node, tuple[float, float]], list[Node], int, int]:
-    """Layered layout: row = longest path from the input over the shown nodes."""
+    """Rows level by level: each level gets its own block of rows, so bands never overlap.
+
+    Within a level a node's row is its longest path from the level's first nodes,
+    counted over all the level's nodes (drawn or not), with empty rows dropped.
+    """
+    nodes = list(plan.gm.graph.nodes)
     shown = [
         n
-        for n in plan.gm.graph.nodes
+        for n in nodes
         if n.op in ("placeholder", "output")
         or (_level_of(n) is not None and n.meta["fxfuse"].get("input_dependent") and tensor_shape(n) is not None)
     ]
     shown_set = set(shown)
-    depth: dict[Node, int] = {}
-    for n in shown:
-        ins = [depth[a] for a in n.all_input_nodes if a in depth]
-        if n.op == "output":
-            ins = [depth[a] for a in _flat_inputs(n) if a in depth]
-        depth[n] = 1 + max(ins) if ins else 0
-    rows: dict[int, list[Node]] = {}
-    for n in shown:
-        rows.setdefault(depth[n], []).append(n)
+    local: dict[Node, int] = {}
+    for n in nodes:
+        lv = _level_of(n)
+        if lv is None:
+            continue
+        ins = [local[a] for a in n.all_input_nodes if a in local and _level_of(a) == lv]
+        local[n] = 1 + max(ins) if ins else 0
+    rows: dict[int, list[Node]] = {0: [n for n in shown if n.op == "placeholder"]}
+    next_row = 1
+    for lv in plan:
+        members = [n for n in shown if _level_of(n) == lv.index]
+        used = sorted({local[n] for n in members})
+        remap = {d: next_row + i for i, d in enumerate(used)}
+        for n in members:
+            rows.setdefault(remap[local[n]], []).append(n)
+        next_row += len(used)
+    rows[next_row] = [n for n in shown if n.op == "output"]
     max_cols = max(len(r) for r in rows.values())
     width = _LEFT + max_cols * (_BOX_W + _GAP_X) + 40
     pos: dict[Node, tuple[float, float]] = {}
@@ -147,12 +160,8 @@ def _html_layout(plan: LevelPlan) -> tuple[dict[Node, tuple[float, float]], list
         x0 = _LEFT + (max_cols * (_BOX_W + _GAP_X) - _GAP_X - row_w) / 2
         for i, n in enumerate(row):
             pos[n] = (x0 + i * (_BOX_W + _GAP_X), 20 + d * _ROW_H)
-    height = 20 + (max(rows) + 1) * _ROW_H + 20
-    return pos, [n for n in shown if n in shown_set], width, height
-
-
-def _flat_inputs(n: Node) -> list[Node]:
-    return list(n.all_input_nodes)
+    height = 20 + (next_row + 1) * _ROW_H + 20
+    return pos, [n for n in shown if n in pos and n in shown_set], width, height
 
 
 def _svg(plan: LevelPlan) -> str:

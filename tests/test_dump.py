@@ -73,3 +73,16 @@ def test_save_svg_without_graphviz_says_how_to_install(tmp_path, plan, monkeypat
 def test_save_unknown_format(tmp_path, plan):
     with pytest.raises(ValueError, match=r"'\.png'.*\.txt, \.dot, \.svg, \.html"):
         plan.save(tmp_path / "p.png")
+
+
+def test_html_level_bands_are_sequential_on_a_vit(tmp_path):
+    import timm
+
+    model = timm.create_model("test_vit", pretrained=False, img_size=32, num_classes=3)
+    plan = partition_levels(fxfuse.trace(model, torch.randn(1, 3, 32, 32)))
+    page = plan.to_html()
+    bands = re.findall(r'<g id="L(\d+)" class="band"><rect x="4" y="([\d.]+)" width="[\d.]+" height="([\d.]+)"', page)
+    assert [int(i) for i, _, _ in bands] == list(range(len(plan)))
+    tops = [(float(y), float(y) + float(h)) for _, y, h in bands]
+    for (_, bottom), (top, _) in zip(tops, tops[1:]):
+        assert top >= bottom - 1e-6  # no band overlaps the next
