@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -132,8 +133,6 @@ def align(
             names what fixed them).
     """
     from fxfuse.passes import neuron_spaces, permute
-
-    import warnings
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

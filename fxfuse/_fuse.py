@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -313,17 +312,18 @@ def fuse(
             T = from_rows((Z.to(torch.float64) @ A).to(xf.dtype), lv_f.output_shape, lv_f.neuron_axis)
             inner = _progress(opts["epochs"], f"level {i} {name}", progress, leave=False)
             # eval mode: norms keep their running statistics while their affine parameters train
-            stats_g = fit_gradient(
+            fit_gradient(
                 fused_levels[i], xf, T, epochs=opts["epochs"], lr=opts["lr"], weight_decay=opts["weight_decay"],
                 batch_size=opts["train_batch_size"], val_split=opts["val_split"], patience=opts["patience"],
                 noise=opts["noise"], seed=seed + i, progress=inner,
             )
             if inner is not None:
                 inner.close()
-            with torch.no_grad():
-                err = float(((fused_levels[i](xf[:bs]) - T[:bs]) ** 2).sum() / (T[:bs] ** 2).sum().clamp_min(1e-300))
             approx_used = "gradient" + (" (fallback: not affine)" if approx == "linear" else "")
-        xf = _run(fused_levels[i], xf, bs)
+        xf_in = xf
+        xf = _run(fused_levels[i], xf_in, bs)
+        if spec is None:
+            err = float(((xf - T) ** 2).sum() / (T**2).sum().clamp_min(1e-300))
         _check_finite(xf, f"level {i} (`{name}`) of the fused model")
         acts = outs
         report.append({

@@ -197,7 +197,7 @@ def _node_axis(gm: GraphModule, node: Node, axes: dict[Node, int | None]) -> int
         # ops with several tensor inputs may get the axis from a later one
         return _broadcast_axis(node, axes, out_shape)
     in_ndim = len(in_shape)
-    args = list(node.args[1:]) if node.op == "call_method" else list(node.args[1:])
+    args = list(node.args[1:])
     if name == "permute":
         dims = _dims_arg(args if args else node.kwargs.get("dims", ()))
         if dims is None:

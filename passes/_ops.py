@@ -53,6 +53,17 @@ def is_foldable_norm_module(m: nn.Module) -> bool:
     return True
 
 
+def is_transparent(gm: GraphModule, n: Node) -> bool:
+    """Ops that are the identity in eval mode on the neuron values (Identity, Dropout, contiguous)."""
+    if n.op == "call_module":
+        return isinstance(module_of(gm, n), (nn.Identity, nn.modules.dropout._DropoutNd))
+    if n.op == "call_method":
+        return n.target in ("contiguous", "clone")
+    if n.op == "call_function" and n.target is F.dropout:
+        return call_arg(n, 2, "training", True) is False
+    return False
+
+
 def call_arg(node: Node, index: int, name: str, default: Any = None) -> Any:
     if len(node.args) > index:
         return node.args[index]

@@ -32,6 +32,7 @@ from ._ops import (
     call_arg,
     is_foldable_norm_module,
     is_norm_module,
+    is_transparent,
     module_of,
     tensor_shape,
 )
@@ -515,19 +516,8 @@ def partition_levels(gm: GraphModule) -> LevelPlan:
     return LevelPlan(gm=gm, levels=tuple(levels), input=placeholder.name)
 
 
-def _is_transparent(gm: GraphModule, n: Node) -> bool:
-    """Ops that are the identity in eval mode on the neuron values (Identity, Dropout, contiguous)."""
-    if n.op == "call_module":
-        return isinstance(module_of(gm, n), (nn.Identity, nn.modules.dropout._DropoutNd))
-    if n.op == "call_method":
-        return n.target in ("contiguous", "clone")
-    if n.op == "call_function" and n.target is torch.nn.functional.dropout:
-        return call_arg(n, 2, "training", True) is False
-    return False
-
-
 def _level_kind(roles: _Roles, members: list[Node], out: Node, values: set[Node]) -> LevelKind:
-    while _is_transparent(roles.gm, out) and len(out.all_input_nodes) == 1:
+    while is_transparent(roles.gm, out) and len(out.all_input_nodes) == 1:
         out = out.all_input_nodes[0]
     weights = [n for n in members if roles.is_weight(n)]
     owners = [n for n in members if roles.params[n] or n in roles.param_derived]

@@ -134,7 +134,6 @@ def _html_layout(plan: LevelPlan) -> tuple[dict[Node, tuple[float, float]], list
         if n.op in ("placeholder", "output")
         or (_level_of(n) is not None and n.meta["fxfuse"].get("input_dependent") and tensor_shape(n) is not None)
     ]
-    shown_set = set(shown)
     local: dict[Node, int] = {}
     for n in nodes:
         lv = _level_of(n)
@@ -161,7 +160,7 @@ def _html_layout(plan: LevelPlan) -> tuple[dict[Node, tuple[float, float]], list
         for i, n in enumerate(row):
             pos[n] = (x0 + i * (_BOX_W + _GAP_X), 20 + d * _ROW_H)
     height = 20 + (next_row + 1) * _ROW_H + 20
-    return pos, [n for n in shown if n in pos and n in shown_set], width, height
+    return pos, [n for n in shown if n in pos], width, height
 
 
 def _svg(plan: LevelPlan) -> str:
