@@ -4,11 +4,14 @@
 
 Settings: non-IID Dirichlet splits (appendix D.1, min_max_ratio 0.2) into 2 and 4
 models, and a sharded split (D.2) into 2 models. Rows: the base models (sorted
-by accuracy per seed, then averaged, as in the paper), vanilla averaging, the
-ensemble, git-rebasin (activation matching per neuron space, then averaging),
-and hf-linear, kf-linear, kf-gradient with uniform, conductance and deeplift
-importance. Cells are test accuracy (%) mean ± std over seeds, and the
-mean seconds per fusion. Fusion uses 400 samples of the first model's split.
+by accuracy per seed, then averaged, as in the paper), then every method of
+``fxfuse.fuse``: the baselines (vanilla averaging, the ensemble, last-layer KD,
+git-rebasin and otfusion with uniform and conductance scores, np-merge and its
+level-wise variant) and hf-linear, kf-linear, kf-gradient with uniform,
+conductance and deeplift importance. Cells are test accuracy (%) mean ± std
+over seeds, and the mean seconds per fusion. Fusion uses 400 samples of the
+first model's split (with their labels; only np-merge and the importance
+scores use them).
 """
 
 from __future__ import annotations
@@ -21,8 +24,20 @@ import torch
 
 import fxfuse
 from fxfuse._experiments import make_setting
-from fxfuse._train import accuracy, average_weights, ensemble_accuracy
+from fxfuse._train import accuracy
 
+# (row label, method, importance) of the baselines, in table order
+BASELINES = (
+    ("vanilla averaging", "vanilla", "uniform"),
+    ("ensemble", "ensemble", "uniform"),
+    ("last-layer-kd", "last-layer-kd", "uniform"),
+    ("git-rebasin (uniform)", "git-rebasin", "uniform"),
+    ("git-rebasin (conductance)", "git-rebasin", "conductance"),
+    ("otfusion (uniform)", "otfusion", "uniform"),
+    ("otfusion (conductance)", "otfusion", "conductance"),
+    ("np-merge", "np-merge", "uniform"),
+    ("np-merge-levelwise", "np-merge-levelwise", "uniform"),
+)
 METHODS = ("hf-linear", "kf-linear", "kf-gradient")
 IMPORTANCES = ("uniform", "conductance", "deeplift")
 
@@ -44,6 +59,7 @@ def main() -> None:
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--settings", nargs="+", default=["dirichlet-2", "dirichlet-4", "shard-2"])
     p.add_argument("--importances", nargs="+", default=list(IMPORTANCES))
+    p.add_argument("--rows", nargs="+", default=None, help="only these row labels (and the base models)")
     args = p.parse_args()
 
     results: dict[str, dict[str, tuple[list[float], list[float]]]] = {}
@@ -64,18 +80,18 @@ def main() -> None:
             xt, yt = s.test
             for rank, acc in enumerate(sorted((accuracy(m, xt, yt) for m in s.models), reverse=True)):
                 add(f"base model {rank + 1}", setting, acc)
-            add("vanilla averaging", setting, accuracy(average_weights(s.models), xt, yt))
-            add("ensemble", setting, ensemble_accuracy(s.models, xt, yt))
-            t0 = time.perf_counter()
-            rebasin = fxfuse.fuse(s.models, s.fusion, method="git-rebasin", seed=seed, progress=False)
-            add("git-rebasin", setting, accuracy(rebasin, xt, yt), time.perf_counter() - t0)
-            for method in METHODS:
-                if method.startswith("hf") and n_models != 2:
-                    continue  # Hungarian fusion matches exactly two models
-                for imp in args.importances:
-                    t0 = time.perf_counter()
-                    fused = fxfuse.fuse(s.models, s.fusion, method=method, importance=imp, seed=seed, progress=False)
-                    add(f"{method} ({imp})", setting, accuracy(fused, xt, yt), time.perf_counter() - t0)
+            runs = list(BASELINES) + [
+                (f"{method} ({imp})", method, imp)
+                for method in METHODS
+                if not (method.startswith("hf") and n_models != 2)  # Hungarian fusion matches exactly two models
+                for imp in args.importances
+            ]
+            for row, method, imp in runs:
+                if args.rows is not None and row not in args.rows:
+                    continue
+                t0 = time.perf_counter()
+                fused = fxfuse.fuse(s.models, s.fusion, method=method, importance=imp, seed=seed, progress=False)
+                add(row, setting, accuracy(fused, xt, yt), time.perf_counter() - t0)
             print(f"# done {setting} seed {seed} ({time.perf_counter() - t_all:.0f} s)", flush=True)
 
     print(f"\n{args.arch.upper()} on digits, test accuracy % (mean ± std over {args.seeds} seeds; seconds per fusion)\n")

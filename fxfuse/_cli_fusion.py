@@ -11,13 +11,23 @@ from torch import nn
 
 from ._errors import FxFuseError
 
-FUSION_METHODS = ("hf-linear", "kf-linear", "kf-gradient")
+# (row label, method) of the demo table
+DEMO_METHODS = (
+    ("vanilla averaging", "vanilla"),
+    ("ensemble (2x cost)", "ensemble"),
+    ("git-rebasin", "git-rebasin"),
+    ("np-merge", "np-merge"),
+    ("hf-linear", "hf-linear"),
+    ("kf-linear", "kf-linear"),
+    ("kf-gradient", "kf-gradient"),
+)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from fxfuse import export, fuse
     from fxfuse._experiments import make_setting
-    from fxfuse._train import accuracy, average_weights, ensemble_accuracy
+    from fxfuse._fuse import BASELINES, METHODS
+    from fxfuse._train import accuracy
 
     torch.manual_seed(args.seed)
     t_all = time.perf_counter()
@@ -33,14 +43,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print(f"  trained 2 {arch.upper()}s on splits of {s.split_sizes[0]} and {s.split_sizes[1]} digits in {train_s:.1f} s")
         for k, m in enumerate(s.models):
             rows.setdefault(f"base model {k + 1}", {})[arch] = (accuracy(m, xt, yt), float("nan"))
-        t0 = time.perf_counter()
-        van = average_weights(s.models)
-        rows.setdefault("vanilla averaging", {})[arch] = (accuracy(van, xt, yt), time.perf_counter() - t0)
-        rows.setdefault("ensemble (2x cost)", {})[arch] = (ensemble_accuracy(s.models, xt, yt), float("nan"))
-        for method in FUSION_METHODS:
+        for label, method in DEMO_METHODS:
+            assert method in METHODS or method in BASELINES
             t0 = time.perf_counter()
             fused = fuse(s.models, s.fusion, method=method, progress=False, seed=args.seed)
-            rows.setdefault(method, {})[arch] = (accuracy(fused, xt, yt), time.perf_counter() - t0)
+            rows.setdefault(label, {})[arch] = (accuracy(fused, xt, yt), time.perf_counter() - t0)
             if arch == "cnn" and method == "kf-linear":
                 fused_cnn = (fused, xt[:4])
     print()
@@ -161,6 +168,10 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def add_parsers(sub) -> None:
+    from ._fuse import BASELINES, METHODS
+
+    # an ensemble keeps every model, so it is no checkpoint of one architecture
+    fuse_methods = [m for m in (*METHODS, *BASELINES) if m != "ensemble"]
     d = sub.add_parser("demo", help="train, fuse and compare models on the embedded digits (about a minute on CPU)",
                        description="Train 2 MLPs and 2 timm CNNs on a non-IID split of scikit-learn's digits, fuse "
                        "each pair with every method and print an accuracy table.")
@@ -174,7 +185,7 @@ def add_parsers(sub) -> None:
     f.add_argument("models", nargs="+", metavar="MODEL")
     f.add_argument("--data", default="digits", help="'digits', an image folder, or a tensor file (default digits)")
     f.add_argument("--samples", type=int, default=400, help="fusion samples to use (default 400)")
-    f.add_argument("--method", default="kf-linear", choices=["hf-linear", "kf-linear", "kf-gradient", "hf-gradient"])
+    f.add_argument("--method", default="kf-linear", choices=fuse_methods)
     f.add_argument("--importance", default="uniform", choices=["uniform", "conductance", "deeplift"])
     f.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     f.add_argument("--num-classes", type=int, default=None, help="classes of ARCH=WEIGHTS models")

@@ -27,13 +27,15 @@ METHODS = {
     "kf-linear": ("kf", "linear"),
     "kf-gradient": ("kf", "gradient"),
     "hf-gradient": ("hf", "gradient"),
+    # NP Merge's interpolation fitted level by level to the grouping's targets (label-free)
+    "np-merge-levelwise": ("aligned", "np"),
 }
 
-# baselines (see fxfuse._baselines): they return GraphModules like every other method
-BASELINES = ("vanilla", "ensemble", "git-rebasin")
+# baselines (see fxfuse._baselines, fxfuse._npmerge): they return GraphModules like every other method
+BASELINES = ("vanilla", "ensemble", "git-rebasin", "otfusion", "last-layer-kd", "np-merge")
 
 _DEFAULTS: dict[str, Any] = {
-    "reset_bn": False,  # vanilla / git-rebasin: recompute BatchNorm statistics on the fusion data
+    "reset_bn": False,  # vanilla / git-rebasin / otfusion: recompute BatchNorm statistics on the fusion data
     "class_weights": None,  # ensemble: per-class weights of each model, (n_models, n_classes)
     "target": None,  # nn.Module with the fused architecture; default: models[0]
     "max_rows": 50_000,  # rows (samples × positions) kept for k-means on non-closed-form levels
@@ -47,6 +49,12 @@ _DEFAULTS: dict[str, Any] = {
     "noise": 0.0,  # relative init perturbation ε (× each tensor's std)
     "n_init": 5,  # k-means restarts
     "importance_steps": 20,  # conductance integration steps
+}
+
+# where a method's own paper sets other defaults (NP Merge, section IV-A: Adam, lr 0.01, 10 epochs)
+_METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
+    "np-merge": {"lr": 1e-2, "epochs": 10, "weight_decay": 0.0, "val_split": 0.0},
+    "np-merge-levelwise": {"lr": 1e-2},
 }
 
 
@@ -112,11 +120,13 @@ def fuse(
        b. group the concatenated neurons: Hungarian matching (HF) or
           importance-weighted k-means (KF); for closed-form levels on their
           projection onto the span of the fused input (appendix B.2); the head
-          keeps class identity and averages the logits;
+          keeps class identity and averages the logits; np-merge-levelwise
+          aligns the models' neuron spaces first and groups neuron j with j;
        c. targets T: importance-weighted cluster means;
        d. approximate: closed-form least squares for affine levels under a
           ``*-linear`` method, else Adam on the MSE to T (also the fallback for
-          non-affine levels under a linear method, reported as such);
+          non-affine levels under a linear method, reported as such); under
+          np-merge-levelwise, Adam on the MSE over the level's α_pre only;
     5. emit the fused GraphModule in eval mode on ``device``, with a per-level
        report in ``fused.meta["fxfuse"]``.
 
@@ -125,27 +135,39 @@ def fuse(
         data: Fusion data: a Tensor of inputs, an ``(inputs, labels)`` tuple, an
             iterable of Tensors or of ``(inputs, labels)`` pairs, or a DataLoader.
         method: ``"hf-linear"``, ``"kf-linear"``, ``"kf-gradient"`` or ``"hf-gradient"``;
-            or a baseline: ``"vanilla"`` (parameter averaging), ``"ensemble"`` (a module
-            averaging the logits) or ``"git-rebasin"`` (activation matching per neuron
-            space, then averaging).
+            ``"np-merge-levelwise"`` (align, then fit NP Merge's per-parameter α of
+            each level to the level targets: label-free); or a baseline:
+            ``"vanilla"`` (parameter averaging), ``"ensemble"`` (a module averaging
+            the logits), ``"last-layer-kd"`` (``models[0]`` with its head retrained to
+            the mean softmax), ``"git-rebasin"`` (activation matching per neuron
+            space, then an importance-weighted average), ``"otfusion"`` (exact
+            optimal transport per neuron space with importance marginals; widths
+            may differ) or ``"np-merge"`` (align, then learn α on the task loss:
+            needs labels; more than two models merge pairwise).
         importance: ``"uniform"``, ``"conductance"`` or ``"deeplift"``.
         device: Where to compute; defaults to CUDA when available, else CPU.
         seed: Seed of k-means, data splits and gradient fitting.
         progress: Show progress bars and print the per-level report.
-        **options: ``reset_bn`` (vanilla, git-rebasin: recompute BatchNorm statistics on
-            the data), ``class_weights`` (ensemble), ``target`` (a model whose architecture the fused model takes,
-            e.g. a wider one; default ``models[0]``), ``max_rows``, ``batch_size``,
-            ``epochs``, ``lr``, ``weight_decay``, ``train_batch_size``,
-            ``val_split``, ``patience``, ``noise``, ``n_init``, ``importance_steps``.
+        **options: ``reset_bn`` (vanilla, git-rebasin, otfusion: recompute BatchNorm
+            statistics on the data), ``class_weights`` (ensemble), ``target`` (a model
+            whose architecture the fused model takes, e.g. a wider one; default
+            ``models[0]``), ``max_rows``, ``batch_size``, ``epochs``, ``lr``,
+            ``weight_decay``, ``train_batch_size``, ``val_split``, ``patience``,
+            ``noise``, ``n_init``, ``importance_steps``. Training options default to
+            Table 5, Setting 1 (lr 1e-3, 100 epochs, weight decay 1e-4, validation
+            split 0.1); np-merge defaults to its paper's lr 0.01 for 10 epochs with no
+            weight decay or validation split, np-merge-levelwise to lr 0.01.
 
     Returns:
         The fused model, a plain ``torch.fx.GraphModule``.
 
     Raises:
         ValueError: unknown method, importance or option value; fewer than two
-            models; empty data; non-finite data; hf-* with unequal widths.
+            models; empty data; non-finite data; hf-* or np-merge* with unequal
+            widths; np-merge without labels.
         TypeError: unknown option or bad data type.
-        AlignmentError: models with different level counts or head widths.
+        AlignmentError: models with different level counts or head widths; for
+            the alignment methods, models whose neuron spaces differ or are all fixed.
         FxFuseError: non-finite activations (the message names the level).
 
     Example:
@@ -165,7 +187,7 @@ def fuse(
     unknown = sorted(set(options) - set(_DEFAULTS))
     if unknown:
         raise TypeError(f"unknown option(s) {', '.join(unknown)}; valid options: {', '.join(_DEFAULTS)}")
-    opts = {**_DEFAULTS, **options}
+    opts = {**_DEFAULTS, **_METHOD_DEFAULTS.get(method, {}), **options}
     for name, lo in (("max_rows", 1), ("batch_size", 1), ("epochs", 0), ("train_batch_size", 1), ("patience", 1),
                      ("n_init", 1), ("importance_steps", 2)):
         if not isinstance(opts[name], int) or isinstance(opts[name], bool) or opts[name] < lo:
@@ -186,6 +208,8 @@ def fuse(
     grouping, approx = METHODS.get(method, ("", ""))
     if grouping == "hf" and len(models) != 2:
         raise ValueError(f"{method} (Hungarian) fuses exactly 2 models, got {len(models)}; use method='kf-linear'")
+    if grouping == "aligned" and opts["target"] is not None:
+        raise ValueError(f"{method} interpolates the models' own parameters; it takes no target= (remove it)")
     dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     x, labels = as_tensors(data)
     if x.shape[0] == 0:
@@ -200,8 +224,28 @@ def fuse(
 
     example = x[: min(2, x.shape[0])]
     if method in BASELINES:
-        return _baseline(models, x, example, method, importance, dev, seed, progress, opts, t_start)
-    plans = [partition_levels(trace(m, example).to(dev)) for m in models]
+        return _baseline(models, x, labels, example, method, importance, dev, seed, progress, opts, t_start)
+    if grouping == "aligned" and len(models) > 2:
+        # NP Merge, section III-C: successive pairwise merges
+        from ._npmerge import pairwise
+
+        def merge(a: nn.Module, b: nn.Module) -> GraphModule:
+            return fuse([a, b], (x, labels) if labels is not None else x, method=method, importance=importance,
+                        device=dev, seed=seed, progress=progress, **options)
+
+        return pairwise(models, merge)
+    gms = [trace(m, example).to(dev) for m in models]
+    bs = int(opts["batch_size"])
+    if labels is None and importance != "uniform":
+        labels = _ensemble_labels(gms, x, bs)
+    if labels is not None:
+        labels = labels.to(dev)
+    if grouping == "aligned":
+        from ._baselines import align
+
+        gms = align(gms, x, importance=importance, labels=labels, batch_size=bs, max_rows=opts["max_rows"],
+                    seed=seed, n_steps=opts["importance_steps"], method=method).models
+    plans = [partition_levels(g) for g in gms]
     target = opts["target"] if opts["target"] is not None else models[0]
     fused_plan = partition_levels(trace(target, example).to(dev))
     n_levels = [len(p) for p in plans]
@@ -216,7 +260,7 @@ def fuse(
     heads = [p[-1].width for p in plans] + [fused_plan[-1].width]
     if len(set(heads)) != 1:
         raise AlignmentError(f"head levels have different widths (classes) {heads}; fused models must share classes")
-    if grouping == "hf":
+    if grouping in ("hf", "aligned"):
         for i in range(L - 1):
             ws = [plans[0][i].width, plans[1][i].width, fused_plan[i].width]
             if len(set(ws)) != 1:
@@ -226,15 +270,8 @@ def fuse(
                 )
     base_levels = [p.split() for p in plans]
     fused_levels = fused_plan.split()
-    bs = int(opts["batch_size"])
 
-    # 3. importance scores (labels: given, else the ensemble's argmax)
-    if labels is None and importance != "uniform":
-        with torch.no_grad():
-            probs = sum(_run(p.gm, x, bs).softmax(-1) for p in plans)
-        labels = probs.argmax(-1)
-    if labels is not None:
-        labels = labels.to(dev)
+    # 3. importance scores (labels: given, else the ensemble's argmax, computed above)
     scores = [
         level_scores(lv, [l.neuron_axis for l in p], x, labels, importance, n_steps=opts["importance_steps"])
         for lv, p in zip(base_levels, plans)
@@ -291,6 +328,10 @@ def fuse(
             lab[:w0] = torch.arange(w0, device=dev)
             lab[w0 + match] = torch.arange(w0, device=dev)
             how = "hungarian"
+        elif grouping == "aligned":
+            # the alignment already matched neuron j of models[1] to neuron j of models[0]
+            lab = torch.cat([torch.arange(w, device=dev) for w in widths])
+            how = "aligned"
         else:
             lab, _, _ = weighted_kmeans(points, s, k_out, n_init=opts["n_init"], seed=seed + i)
             lab = _order_like_first(lab.to(dev), s, widths[0], k_out)
@@ -308,6 +349,26 @@ def fuse(
             t2 = float(torch.einsum("ij,ik,kj->", A, stats.K, A))
             err = stats.residual(lam, V, A) / max(t2, 1e-300)
             approx_used = "closed form"
+        elif approx == "np":
+            from ._baselines import reset_batchnorm
+            from ._npmerge import Interpolation
+
+            T = from_rows((Z.to(torch.float64) @ A).to(xf.dtype), lv_f.output_shape, lv_f.neuron_axis)
+            mix = Interpolation(fused_levels[i], base_levels[1][i])
+            # start at α = 0.5 with BatchNorm statistics of that merge on the fused input (REPAIR);
+            # α then fits in eval mode, so the statistics are part of the fitted function
+            mix.write()
+            reset_batchnorm(fused_levels[i], xf, bs)
+            inner = _progress(opts["epochs"], f"level {i} {name}", progress, leave=False)
+            fit_gradient(
+                mix, xf, T, epochs=opts["epochs"], lr=opts["lr"], weight_decay=opts["weight_decay"],
+                batch_size=opts["train_batch_size"], val_split=opts["val_split"], patience=opts["patience"],
+                seed=seed + i, progress=inner,
+            )
+            mix.apply()
+            if inner is not None:
+                inner.close()
+            approx_used = "np interpolation"
         else:
             T = from_rows((Z.to(torch.float64) @ A).to(xf.dtype), lv_f.output_shape, lv_f.neuron_axis)
             inner = _progress(opts["epochs"], f"level {i} {name}", progress, leave=False)
@@ -347,27 +408,70 @@ def fuse(
     return fused
 
 
-def _baseline(models, x, example, method, importance, dev, seed, progress, opts, t_start) -> GraphModule:
-    from ._baselines import align, average, ensemble, reset_batchnorm
+def _ensemble_labels(gms: Sequence[nn.Module], x: Tensor, batch_size: int) -> Tensor:
+    """Attribution targets when the data has no labels: the ensemble's argmax."""
+    with torch.no_grad():
+        return sum(_run(g, x, batch_size).softmax(-1) for g in gms).argmax(-1)
 
-    if importance != "uniform":
-        raise ValueError(f"{method} supports importance='uniform' only in this version; got {importance!r}")
+
+def _baseline(models, x, labels, example, method, importance, dev, seed, progress, opts, t_start) -> GraphModule:
+    from ._baselines import align, average, ensemble, last_layer_kd, otfusion, reset_batchnorm
+    from ._npmerge import np_merge, pairwise
+
+    if importance != "uniform" and method in ("vanilla", "ensemble", "last-layer-kd"):
+        raise ValueError(f"{method} uses no importance scores; got importance={importance!r}, leave it 'uniform'")
+    if method == "np-merge" and labels is None:
+        raise ValueError(
+            "np-merge learns its interpolation weights on the task loss and needs labels: pass data as "
+            "(inputs, labels); for label-free merging use method='np-merge-levelwise'"
+        )
     gms = [trace(m, example).to(dev) for m in models]
-    if method != "ensemble":
+    bs = int(opts["batch_size"])
+    if method in ("vanilla", "git-rebasin", "np-merge"):
         shapes = [{k: tuple(v.shape) for k, v in g.state_dict().items()} for g in gms]
         for k in range(1, len(gms)):
             if shapes[k] != shapes[0]:
                 raise AlignmentError(
-                    f"{method} averages parameters, so models need identical architectures; models[{k}] differs "
-                    f"from models[0]. Use method='kf-linear' for models of different widths."
+                    f"{method} combines parameters one to one, so models need identical architectures; models[{k}] "
+                    "differs from models[0]. Use method='otfusion' or 'kf-linear' for models of different widths."
                 )
+    else:
+        outs = [tuple(g(example).shape) for g in gms]
+        if len(set(outs)) != 1:
+            raise AlignmentError(f"{method}: the models' outputs have different shapes {outs}; they must share classes")
+    if labels is not None:
+        labels = labels.to(dev)
+    elif importance != "uniform":
+        labels = _ensemble_labels(gms, x, bs)
+    common = {"importance": importance, "labels": labels, "batch_size": bs, "max_rows": opts["max_rows"],
+              "seed": seed, "n_steps": opts["importance_steps"]}
+    train = {"epochs": opts["epochs"], "lr": opts["lr"], "weight_decay": opts["weight_decay"],
+             "batch_size": opts["train_batch_size"], "val_split": opts["val_split"], "patience": opts["patience"],
+             "seed": seed}
     if method == "ensemble":
         fused = ensemble(gms, example, opts["class_weights"])
     elif method == "vanilla":
         fused = average(gms)
-    else:
-        fused = average(align(gms, x, batch_size=opts["batch_size"], max_rows=opts["max_rows"], seed=seed))
-    if opts["reset_bn"] and method != "ensemble":
+    elif method == "git-rebasin":
+        aligned = align(gms, x, **common)
+        fused = average(aligned.models, aligned.spaces, aligned.scores)
+    elif method == "otfusion":
+        fused = otfusion(gms, x, **common)
+    elif method == "last-layer-kd":
+        bar = _progress(opts["epochs"], "last-layer-kd", progress)
+        fused = last_layer_kd(gms, x, progress=bar, **train)
+        if bar is not None:
+            bar.close()
+    else:  # np-merge: align each pair, learn α on the task loss, reset BatchNorm (section III)
+        def merge(a: GraphModule, b: GraphModule) -> GraphModule:
+            bar = _progress(opts["epochs"], "np-merge", progress)
+            out = np_merge(*align([a, b], x, method=method, **common).models, x, labels, progress=bar, **train)
+            if bar is not None:
+                bar.close()
+            return out
+
+        fused = pairwise(gms, merge)
+    if opts["reset_bn"] and method in ("vanilla", "git-rebasin", "otfusion"):
         reset_batchnorm(fused, x, opts["batch_size"])
     fused.to(dev).eval()
     fused.meta["fxfuse"] = {

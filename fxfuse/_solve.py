@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -229,21 +230,27 @@ def fit_gradient(
     noise: float = 0.0,
     seed: int = 0,
     progress=None,
+    loss_fn: Callable[[Tensor, Tensor], Tensor] = F.mse_loss,
 ) -> dict[str, float]:
     """Fit a level's parameters to targets with Adam on the MSE (Eq. 5, plain MSE as in B.2).
 
     Defaults follow Table 5, Setting 1 (Adam, lr 1e-3, weight decay 1e-4, batch 32,
     validation split 0.1). Early stopping keeps the parameters with the best
-    validation loss. ``noise`` perturbs the initial parameters by ``noise`` times
-    each tensor's standard deviation.
+    validation loss; with ``val_split=0`` every sample trains and the final
+    parameters are kept. ``noise`` perturbs the initial parameters by ``noise``
+    times each tensor's standard deviation. ``loss_fn(prediction, target)``
+    returns a batch mean (MSE by default). In train mode, a last batch of one
+    sample is skipped (BatchNorm cannot normalise it).
 
     Returns:
-        ``{"epochs": ..., "val_mse": ..., "init_val_mse": ...}``.
+        ``{"epochs": ..., "val_loss": ..., "init_val_loss": ...}`` (training loss
+        when there is no validation split).
     """
     gen = torch.Generator(device="cpu").manual_seed(seed)
     n = inputs.shape[0]
     perm = torch.randperm(n, generator=gen).to(inputs.device)
-    n_val = max(1, int(round(n * val_split))) if n >= 10 else 0
+    validate = val_split > 0 and n >= 10
+    n_val = max(1, int(round(n * val_split))) if validate else 0
     val_idx, tr_idx = perm[:n_val], perm[n_val:]
     if n_val == 0:
         val_idx = tr_idx
@@ -255,13 +262,18 @@ def fit_gradient(
                     p.add_(torch.randn(p.shape, generator=gen).to(p) * noise * p.std())
     opt = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
 
+    # BatchNorm in train mode cannot normalise a batch of one sample
+    single_ok = not any(m.training for m in level.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm))
+
     def val_loss() -> float:
         with torch.no_grad():
             tot = 0.0
             for s in range(0, len(val_idx), 256):
                 b = val_idx[s : s + 256]
-                tot += float(F.mse_loss(level(inputs[b]), targets[b], reduction="sum"))
-            return tot / (len(val_idx) * targets[0].numel())
+                if len(b) < 2 and not single_ok:
+                    continue
+                tot += float(loss_fn(level(inputs[b]), targets[b])) * len(b)
+            return tot / len(val_idx)
 
     best = val_loss()
     init = best
@@ -272,14 +284,20 @@ def fit_gradient(
         order = tr_idx[torch.randperm(len(tr_idx), generator=gen).to(tr_idx.device)]
         for s in range(0, len(order), batch_size):
             b = order[s : s + batch_size]
+            if len(b) < 2 and not single_ok:
+                continue
             opt.zero_grad(set_to_none=True)
-            loss = F.mse_loss(level(inputs[b]), targets[b])
+            loss = loss_fn(level(inputs[b]), targets[b])
             loss.backward()
             opt.step()
         done = epoch + 1
+        if not validate:
+            if progress is not None:
+                progress.update(1)
+            continue
         v = val_loss()
         if progress is not None:
-            progress.set_postfix(val_mse=f"{v:.3g}")
+            progress.set_postfix(val_loss=f"{v:.3g}")
             progress.update(1)
         if v < best - 1e-12 * max(1.0, abs(best)):
             best, bad = v, 0
@@ -288,5 +306,8 @@ def fit_gradient(
             bad += 1
             if bad >= patience:
                 break
-    level.load_state_dict(best_state)
-    return {"epochs": done, "val_mse": best, "init_val_mse": init if math.isfinite(init) else float("nan")}
+    if validate:
+        level.load_state_dict(best_state)
+    else:
+        best = val_loss()
+    return {"epochs": done, "val_loss": best, "init_val_loss": init if math.isfinite(init) else float("nan")}

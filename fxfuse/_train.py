@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import copy
-from collections.abc import Sequence
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["train_classifier", "accuracy", "average_weights", "ensemble_accuracy"]
+__all__ = ["train_classifier", "accuracy"]
 
 
 def train_classifier(
@@ -52,24 +49,3 @@ def accuracy(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 512) -> f
     finally:
         model.train(was)
     return 100.0 * correct / len(y)
-
-
-@torch.no_grad()
-def ensemble_accuracy(models: Sequence[nn.Module], x: Tensor, y: Tensor) -> float:
-    """Accuracy of the mean softmax of the models, in percent."""
-    probs = sum(m.eval()(x).softmax(-1) for m in models)
-    return 100.0 * float((probs.argmax(-1) == y).float().mean())
-
-
-def average_weights(models: Sequence[nn.Module]) -> nn.Module:
-    """Vanilla averaging: a copy of ``models[0]`` with every floating tensor averaged."""
-    avg = copy.deepcopy(models[0])
-    states = [m.state_dict() for m in models]
-    merged = {}
-    for k, v in states[0].items():
-        if v.is_floating_point():
-            merged[k] = sum(s[k] for s in states) / len(states)
-        else:
-            merged[k] = v
-    avg.load_state_dict(merged)
-    return avg.eval()
