@@ -173,6 +173,17 @@ def _space_features(values: dict[str, Tensor], space, max_rows: int, seed: int) 
     return feats
 
 
+def _space_features_pairs(gms, spaces, x: Tensor, batch_size: int, max_rows: int, seed: int):
+    """For every model k ≥ 1 and free space: ``(k, space, features of gms[0], features of gms[k])``."""
+    free = spaces[0].free
+    needed = {name for s in free for name, _ in s.nodes}
+    ref = _collect(gms[0], x, needed, batch_size)
+    for k in range(1, len(gms)):
+        vals = _collect(gms[k], x, needed, batch_size)
+        for s in free:
+            yield k, s, _space_features(ref, s, max_rows, seed), _space_features(vals, s, max_rows, seed)
+
+
 def _matched_spaces(gms: Sequence[GraphModule], method: str, *, same_widths: bool) -> list:
     """Every model's neuron spaces, checked to correspond index for index, with at least one free."""
     from fxfuse.passes import neuron_spaces
@@ -277,20 +288,14 @@ def align(
     from fxfuse.passes import permute
 
     spaces = _matched_spaces(gms, method, same_widths=True)
-    free = spaces[0].free
-    needed = {name for s in free for name, _ in s.nodes}
     scores = [space_scores(g, sp, x, labels, importance, n_steps=n_steps) for g, sp in zip(gms, spaces)]
-    ref = _collect(gms[0], x, needed, batch_size)
-    out, out_scores = [gms[0]], [scores[0]]
-    for k in range(1, len(gms)):
-        vals = _collect(gms[k], x, needed, batch_size)
-        perms = {}
-        for s in free:
-            a = _space_features(ref, s, max_rows, seed)
-            b = _space_features(vals, s, max_rows, seed)
-            perms[s.index] = hungarian_pairs(pair_costs(a.T, b.T, scores[0][s.index], scores[k][s.index]))
-        out.append(permute(gms[k], spaces[k], perms))
-        out_scores.append({i: scores[k][i][perms[i].to(scores[k][i].device)] for i in perms})
+    perms: list[dict[int, Tensor]] = [{} for _ in gms]
+    for k, s, a, b in _space_features_pairs(gms, spaces, x, batch_size, max_rows, seed):
+        perms[k][s.index] = hungarian_pairs(pair_costs(a.T, b.T, scores[0][s.index], scores[k][s.index]))
+    out = [gms[0]] + [permute(gms[k], spaces[k], perms[k]) for k in range(1, len(gms))]
+    out_scores = [scores[0]] + [
+        {i: scores[k][i][p.to(scores[k][i].device)] for i, p in perms[k].items()} for k in range(1, len(gms))
+    ]
     return SpaceAlignment(out, spaces[0], out_scores)
 
 
@@ -362,28 +367,18 @@ def otfusion(
     Raises:
         AlignmentError: the spaces do not correspond, or none is free.
     """
-    from fxfuse.passes import permute
-
     spaces = _matched_spaces(gms, "otfusion", same_widths=False)
-    free = spaces[0].free
-    needed = {name for s in free for name, _ in s.nodes}
     scores = [space_scores(g, sp, x, labels, importance, n_steps=n_steps) for g, sp in zip(gms, spaces)]
-    ref = _collect(gms[0], x, needed, batch_size)
-    moved = [gms[0]]
-    for k in range(1, len(gms)):
-        vals = _collect(gms[k], x, needed, batch_size)
-        maps, perms = {}, {}
-        for s in free:
-            a = _space_features(ref, s, max_rows, seed)
-            b = _space_features(vals, s, max_rows, seed)
-            cost = torch.cdist(b.T, a.T) ** 2  # (width in model k, width in models[0])
-            if importance == "uniform" and cost.shape[0] == cost.shape[1]:
-                perms[s.index] = hungarian_pairs(cost.T)
-            else:
-                plan = _transport_plan(cost, scores[k][s.index], scores[0][s.index])
-                maps[s.index] = plan.T / plan.sum(0)[:, None]
-        moved.append(_transport(gms[k], spaces[k], maps, like=gms[0]) if maps else permute(gms[k], spaces[k], perms))
-    return average(moved)
+    maps: list[dict[int, Tensor]] = [{} for _ in gms]
+    for k, s, a, b in _space_features_pairs(gms, spaces, x, batch_size, max_rows, seed):
+        cost = torch.cdist(b.T, a.T) ** 2  # (width in model k, width in models[0])
+        if importance == "uniform" and cost.shape[0] == cost.shape[1]:
+            # the exact plan is a permutation: its map selects neuron match[j] for slot j
+            maps[k][s.index] = torch.eye(cost.shape[0], dtype=cost.dtype, device=cost.device)[hungarian_pairs(cost.T)]
+        else:
+            plan = _transport_plan(cost, scores[k][s.index], scores[0][s.index])
+            maps[k][s.index] = plan.T / plan.sum(0)[:, None]
+    return average([gms[0]] + [_transport(gms[k], spaces[k], maps[k], like=gms[0]) for k in range(1, len(gms))])
 
 
 def last_layer_kd(

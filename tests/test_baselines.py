@@ -127,6 +127,11 @@ def test_otfusion_transports_a_wider_model_onto_the_first_models_widths():
     fused = fxfuse.fuse([a, b], (x, y), method="otfusion", importance="conductance", progress=False)
     assert [tuple(p.shape) for p in fused.parameters()] == [tuple(p.shape) for p in a.parameters()]
     torch.testing.assert_close(fused(x), a(x), rtol=1e-4, atol=1e-5)
+    # uniform marginals: the 13 -> 12 space is transported (mass is split), the equal-width
+    # second space is a permutation, and it must still be applied (the head's input columns)
+    fused = fxfuse.fuse([a, b], x, method="otfusion", progress=False)
+    torch.testing.assert_close(fused.get_parameter("5.weight"), a[5].weight)
+    assert not torch.allclose(fused.get_parameter("1.weight"), a[1].weight)
     with pytest.raises(fxfuse.AlignmentError, match="identical architectures.*otfusion"):
         fxfuse.fuse([a, b], x, method="git-rebasin", progress=False)
 
