@@ -192,17 +192,24 @@ def _matched_spaces(gms: Sequence[GraphModule], method: str, *, same_widths: boo
         warnings.simplefilter("ignore")
         spaces = [neuron_spaces(g) for g in gms]
     ref = spaces[0]
+    need = "the same architecture and widths" if same_widths else "the same architecture (free widths may differ)"
     for k in range(1, len(gms)):
         sp = spaces[k]
-        same = len(sp) == len(ref) and all(
-            a.tensors == b.tensors and a.fixed == b.fixed and (a.size == b.size or (not same_widths and not a.fixed))
-            for a, b in zip(ref, sp)
-        )
-        if not same:
-            need = "the same architecture and widths" if same_widths else "the same architecture (free widths may differ)"
+        if len(sp) != len(ref):
+            detail = f"{len(sp)} neuron spaces vs {len(ref)}"
+        else:
+            detail = ""
+            for a, b in zip(ref, sp):
+                if a.tensors != b.tensors or a.fixed != b.fixed:
+                    detail = f"neuron space {a.index} (`{a.tensors[0][0]}` dim {a.tensors[0][1]}) is tied to other tensors"
+                elif a.size != b.size and (same_widths or a.fixed):
+                    detail = f"neuron space {a.index} (`{a.tensors[0][0]}` dim {a.tensors[0][1]}) has width {b.size} vs {a.size}"
+                if detail:
+                    break
+        if detail:
             raise AlignmentError(
-                f"models[{k}] has different neuron spaces than models[0] ({len(sp)} vs {len(ref)} spaces); "
-                f"{method} needs {need}. Use method='kf-linear' for models of different widths or structure."
+                f"models[{k}] differs from models[0]: {detail}; {method} needs {need}. "
+                "Use method='kf-linear' for models of different widths or structure."
             )
     if not ref.free:
         reasons = sorted({s.reason for s in ref})

@@ -292,3 +292,34 @@ def test_last_layer_kd_retrains_only_the_head_towards_the_mean_softmax():
 def test_baselines_refuse_different_architectures():
     with pytest.raises(fxfuse.AlignmentError, match="identical architectures.*kf-linear"):
         fxfuse.fuse([mlp(hidden=(12, 10)), mlp(hidden=(9, 10))], _data((16,)), method="vanilla", progress=False)
+
+
+def test_new_methods_reject_bad_input_with_clear_errors():
+    a, b = mlp(seed=0, hidden=(12, 10)), mlp(seed=1, hidden=(12, 10))
+    x = _data((16,), 64)
+    y = a(x).argmax(-1)
+    with pytest.raises(ValueError, match="np-merge-levelwise .*no target="):
+        fxfuse.fuse([a, b], (x, y), method="np-merge-levelwise", target=a, progress=False)
+    with pytest.raises(fxfuse.AlignmentError, match="models\\[1\\] differs .*`1.bias` dim 0\\) has width 9 vs 12; "
+                       "np-merge-levelwise needs the same architecture and widths.*kf-linear"):
+        fxfuse.fuse([a, mlp(hidden=(9, 10))], (x, y), method="np-merge-levelwise", progress=False)
+    with pytest.raises(fxfuse.AlignmentError, match="identical architectures.*otfusion"):
+        fxfuse.fuse([a, mlp(hidden=(9, 10))], (x, y), method="np-merge", progress=False)
+    # otfusion lets free widths differ, not structure: one more hidden layer is refused
+    with pytest.raises(fxfuse.AlignmentError, match="models\\[1\\] differs from models\\[0\\]: .*otfusion needs"):
+        fxfuse.fuse([a, mlp(hidden=(12, 10, 8))], x, method="otfusion", progress=False)
+    for method in ("ensemble", "last-layer-kd"):
+        with pytest.raises(fxfuse.AlignmentError, match=f"{method}: the models' outputs have different shapes"):
+            fxfuse.fuse([a, mlp(d_out=4)], x, method=method, progress=False)
+    with pytest.raises(ValueError, match="vanilla uses no importance"):
+        fxfuse.fuse([a, b], (x, y), method="vanilla", importance="deeplift", progress=False)
+
+
+def test_node_scores_names_a_missing_node():
+    from fxfuse._importance import node_scores
+
+    gm = fxfuse.trace(mlp(), _data((16,), 2))
+    with pytest.raises(ValueError, match="no node named 'nope'"):
+        node_scores(gm, [("nope", 1)], _data((16,), 8), torch.zeros(8, dtype=torch.long), "conductance")
+    with pytest.raises(ValueError, match="needs labels"):
+        node_scores(gm, [("_2", 1)], _data((16,), 8), None, "conductance")

@@ -115,3 +115,19 @@ def test_export_command(tmp_path, capsys):
     assert main(["export", "resnet10t", "--input-size", "3", "32", "32", "--format", "export", "--out", str(out)]) == 0
     x = torch.randn(2, 3, 32, 32)
     assert torch.export.load(str(out)).module()(x).shape == (2, 1000)
+
+
+def test_fuse_command_np_merge_uses_the_digit_labels(tmp_path, capsys):
+    paths = _digits_checkpoints(tmp_path)
+    out = tmp_path / "np.pt"
+    assert main(["fuse", *paths, "--data", "digits", "--samples", "64", "--method", "np-merge", "--quiet",
+                 "--out", str(out)]) == 0
+    fused, _ = fxfuse.load_checkpoint(out)
+    bases = [fxfuse.load_checkpoint(p)[0] for p in paths]
+    w = fused.state_dict()["fc.weight"]
+    assert not any(torch.equal(w, b.state_dict()["fc.weight"]) for b in bases)
+    # a tensor file without labels: np-merge cannot learn its interpolation
+    torch.save(torch.randn(40, 1, 16, 16), tmp_path / "x.pt")
+    assert main(["fuse", *paths, "--data", str(tmp_path / "x.pt"), "--method", "np-merge", "--quiet",
+                 "--out", str(tmp_path / "no.pt")]) == 2
+    assert "needs labels" in capsys.readouterr().err
