@@ -349,38 +349,32 @@ def fuse(
             t2 = float(torch.einsum("ij,ik,kj->", A, stats.K, A))
             err = stats.residual(lam, V, A) / max(t2, 1e-300)
             approx_used = "closed form"
-        elif approx == "np":
-            from ._baselines import reset_batchnorm
-            from ._npmerge import Interpolation
-
-            T = from_rows((Z.to(torch.float64) @ A).to(xf.dtype), lv_f.output_shape, lv_f.neuron_axis)
-            mix = Interpolation(fused_levels[i], base_levels[1][i])
-            # start at α = 0.5 with BatchNorm statistics of that merge on the fused input (REPAIR);
-            # α then fits in eval mode, so the statistics are part of the fitted function
-            mix.write()
-            reset_batchnorm(fused_levels[i], xf, bs)
-            inner = _progress(opts["epochs"], f"level {i} {name}", progress, leave=False)
-            fit_gradient(
-                mix, xf, T, epochs=opts["epochs"], lr=opts["lr"], weight_decay=opts["weight_decay"],
-                batch_size=opts["train_batch_size"], val_split=opts["val_split"], patience=opts["patience"],
-                seed=seed + i, progress=inner,
-            )
-            mix.apply()
-            if inner is not None:
-                inner.close()
-            approx_used = "np interpolation"
         else:
             T = from_rows((Z.to(torch.float64) @ A).to(xf.dtype), lv_f.output_shape, lv_f.neuron_axis)
+            fitted: nn.Module = fused_levels[i]
+            if approx == "np":
+                from ._baselines import reset_batchnorm
+                from ._npmerge import Interpolation
+
+                # only the level's α_pre trains; it starts at α = 0.5 with BatchNorm statistics of that
+                # merge on the fused input (REPAIR), which the eval-mode fit keeps as part of the function
+                fitted = Interpolation(fused_levels[i], base_levels[1][i])
+                fitted.write()
+                reset_batchnorm(fused_levels[i], xf, bs)
             inner = _progress(opts["epochs"], f"level {i} {name}", progress, leave=False)
             # eval mode: norms keep their running statistics while their affine parameters train
             fit_gradient(
-                fused_levels[i], xf, T, epochs=opts["epochs"], lr=opts["lr"], weight_decay=opts["weight_decay"],
+                fitted, xf, T, epochs=opts["epochs"], lr=opts["lr"], weight_decay=opts["weight_decay"],
                 batch_size=opts["train_batch_size"], val_split=opts["val_split"], patience=opts["patience"],
-                noise=opts["noise"], seed=seed + i, progress=inner,
+                noise=0.0 if approx == "np" else opts["noise"], seed=seed + i, progress=inner,  # noise: base weights
             )
             if inner is not None:
                 inner.close()
-            approx_used = "gradient" + (" (fallback: not affine)" if approx == "linear" else "")
+            if approx == "np":
+                fitted.apply()
+                approx_used = "np interpolation"
+            else:
+                approx_used = "gradient" + (" (fallback: not affine)" if approx == "linear" else "")
         xf_in = xf
         xf = _run(fused_levels[i], xf_in, bs)
         if spec is None:

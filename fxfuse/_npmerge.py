@@ -80,10 +80,6 @@ class Interpolation(nn.Module):
             out[n] = alpha * a + (1.0 - alpha) * b
         return out
 
-    def alphas(self) -> dict[str, Tensor]:
-        """Parameter name -> α = σ(α_pre)."""
-        return {n: torch.sigmoid(p.detach()) for n, p in zip(self.names, self.alpha_pre)}
-
     def forward(self, *args: Tensor) -> Tensor:
         return torch.func.functional_call(self.base, self.merged(), args)
 
