@@ -26,7 +26,7 @@ DEMO_METHODS = (
 def cmd_demo(args: argparse.Namespace) -> int:
     from fxfuse import export, fuse
     from fxfuse._experiments import make_setting
-    from fxfuse._fuse import BASELINES, METHODS
+    from fxfuse._methods import get_method
     from fxfuse._train import accuracy
 
     torch.manual_seed(args.seed)
@@ -44,7 +44,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         for k, m in enumerate(s.models):
             rows.setdefault(f"base model {k + 1}", {})[arch] = (accuracy(m, xt, yt), float("nan"))
         for label, method in DEMO_METHODS:
-            assert method in METHODS or method in BASELINES
+            get_method(method)
             t0 = time.perf_counter()
             fused = fuse(s.models, s.fusion, method=method, progress=False, seed=args.seed)
             rows.setdefault(label, {})[arch] = (accuracy(fused, xt, yt), time.perf_counter() - t0)
@@ -168,10 +168,10 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def add_parsers(sub) -> None:
-    from ._fuse import BASELINES, METHODS
+    from ._methods import METHODS
 
     # an ensemble keeps every model, so it is no checkpoint of one architecture
-    fuse_methods = [m for m in (*METHODS, *BASELINES) if m != "ensemble"]
+    fuse_methods = [m.name for m in METHODS.values() if m.one_model]
     d = sub.add_parser("demo", help="train, fuse and compare models on the embedded digits (about a minute on CPU)",
                        description="Train 2 MLPs and 2 timm CNNs on a non-IID split of scikit-learn's digits, fuse "
                        "each pair with every method and print an accuracy table.")

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ._train import train_classifier
+from ._train import BASE_TRAINING, train_classifier
 from .data import dirichlet_split, load_digits, shard_split, train_test_split
 
 __all__ = ["ARCHS", "Setting", "build_arch", "make_setting"]
@@ -59,6 +59,6 @@ def make_setting(
     models = []
     for k, p in enumerate(parts):
         m = build_arch(arch, seed=1000 * seed + k)
-        models.append(train_classifier(m, x[tr][p], y[tr][p], epochs=epochs, seed=seed + k))
+        models.append(train_classifier(m, x[tr][p], y[tr][p], BASE_TRAINING.replace(epochs=epochs, seed=seed + k)))
     first = parts[0][torch.randperm(len(parts[0]), generator=torch.Generator().manual_seed(seed))[:n_fusion]]
     return Setting(models, (x[tr][first], y[tr][first]), (x[te], y[te]), [len(p) for p in parts])

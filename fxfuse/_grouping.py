@@ -16,7 +16,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
-__all__ = ["Grouping", "weighted_kmeans", "hungarian_pairs", "pair_costs"]
+__all__ = ["Grouping", "weighted_kmeans", "hungarian_pairs", "harmonic_weights", "pair_costs"]
 
 
 @dataclass(frozen=True)
@@ -147,6 +147,12 @@ def weighted_kmeans(
     return best
 
 
+def harmonic_weights(sa: Tensor, sb: Tensor) -> Tensor:
+    """s_a s_b / (s_a + s_b) for every pair: Tensor of shape (len(sa), len(sb)), float64."""
+    sa, sb = sa.to(torch.float64), sb.to(torch.float64)
+    return sa[:, None] * sb[None, :] / (sa[:, None] + sb[None, :]).clamp_min(1e-300)
+
+
 def pair_costs(a: Tensor, b: Tensor, sa: Tensor, sb: Tensor) -> Tensor:
     """Grouping error of pairing neuron j of model A with neuron k of model B.
 
@@ -160,8 +166,7 @@ def pair_costs(a: Tensor, b: Tensor, sa: Tensor, sb: Tensor) -> Tensor:
     Returns:
         Tensor of shape (n, m).
     """
-    harmonic = sa[:, None] * sb[None, :] / (sa[:, None] + sb[None, :]).clamp_min(1e-300)
-    return harmonic * _sq_dists(a.to(torch.float64), b.to(torch.float64))
+    return harmonic_weights(sa, sb).to(a.device) * _sq_dists(a.to(torch.float64), b.to(torch.float64))
 
 
 def hungarian_pairs(cost: Tensor) -> Tensor:

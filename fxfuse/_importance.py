@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -44,70 +45,80 @@ class _Marked(nn.Module):
 def level_scores(
     levels: Sequence[GraphModule],
     axes: Sequence[int],
-    x: Tensor,
-    labels: Tensor,
+    data: Any,
     importance: str,
     *,
     n_steps: int = 20,
     batch_size: int = 128,
+    device: torch.device | str | None = None,
 ) -> list[Tensor]:
     """Importance score of every neuron of every level of one model.
 
     Args:
         levels: The model's level modules (``LevelPlan.split()``).
         axes: The neuron axis of each level output.
-        x: Inputs, Tensor of shape (n_samples, ...).
-        labels: Targets for attribution, Tensor of shape (n_samples,).
+        data: Labelled fusion data: a :class:`fxfuse._collect.FusionData` or any
+            form it accepts, e.g. ``(inputs, labels)``; streamed batch by batch.
         importance: ``"uniform"``, ``"conductance"`` or ``"deeplift"``.
 
     Returns:
         One Tensor of shape (width,) per level, float64, positive.
     """
+    data = _as_data(data)
     widths = []
     with torch.no_grad():
-        y = x[:1]
+        y = data.example[:1].to(device) if device is not None else data.example[:1]
         for m, ax in zip(levels, axes):
             y = m(y)
             widths.append(y.shape[ax])
     if importance == "uniform":
-        return [torch.ones(w, dtype=torch.float64, device=x.device) for w in widths]
+        return [torch.ones(w, dtype=torch.float64, device=y.device) for w in widths]
     out = []
     for i, ax in enumerate(axes):
         model = _Marked(levels, i)
-        out.append(_attribute(model, model.mark, ax, widths[i], x, labels, importance, n_steps, batch_size))
+        out.append(_attribute(model, model.mark, ax, widths[i], data, importance, n_steps, batch_size, device))
     return out
 
 
+def _as_data(data: Any):
+    from ._collect import FusionData
+
+    return data if isinstance(data, FusionData) else FusionData(data)
+
+
 def _attribute(
-    model: nn.Module, layer: nn.Module, axis: int, width: int, x: Tensor, labels: Tensor, importance: str,
-    n_steps: int, batch_size: int,
+    model: nn.Module, layer: nn.Module, axis: int, width: int, data, importance: str, n_steps: int,
+    batch_size: int, device,
 ) -> Tensor:
     """|attribution| at ``layer``'s output, summed over all but ``axis`` and averaged over samples."""
     from captum.attr import LayerConductance, LayerDeepLift
 
+    if not data.has_labels:
+        raise ValueError(f"importance={importance!r} needs labels to attribute to; pass (inputs, labels) as data")
     algo = LayerConductance(model, layer) if importance == "conductance" else LayerDeepLift(model, layer)
-    total = torch.zeros(width, dtype=torch.float64, device=x.device)
-    for s in range(0, x.shape[0], batch_size):
-        xb, yb = x[s : s + batch_size], labels[s : s + batch_size]
+    total, n = None, 0
+    for xb, yb in data.batches(batch_size, device):
         if importance == "conductance":
             attr = algo.attribute(xb, target=yb, n_steps=n_steps)
         else:
             attr = algo.attribute(xb, baselines=torch.zeros_like(xb), target=yb)
         a = attr.detach().abs().to(torch.float64).movedim(axis, -1)
-        total += a.reshape(a.shape[0], -1, a.shape[-1]).sum(1).sum(0)
-    score = total / x.shape[0]
+        part = a.reshape(a.shape[0], -1, a.shape[-1]).sum(1).sum(0)
+        total = part if total is None else total + part
+        n += xb.shape[0]
+    score = total / n
     return score + 1e-8 * score.mean().clamp_min(1e-30)
 
 
 def node_scores(
     gm: GraphModule,
     taps: Sequence[tuple[str, int]],
-    x: Tensor,
-    labels: Tensor | None,
+    data: Any,
     importance: str,
     *,
     n_steps: int = 20,
     batch_size: int = 128,
+    device: torch.device | str | None = None,
 ) -> list[Tensor]:
     """Importance score of every neuron at arbitrary nodes of a traced model.
 
@@ -117,9 +128,8 @@ def node_scores(
     Args:
         gm: A GraphModule from :func:`fxfuse.trace` (its shape metadata gives the widths).
         taps: ``(node_name, neuron_dim)`` pairs.
-        x: Inputs, Tensor of shape (n_samples, ...).
-        labels: Targets for attribution, Tensor of shape (n_samples,); unused for
-            ``"uniform"``.
+        data: Fusion data as :func:`level_scores` takes it; labels are the
+            attribution targets (unused for ``"uniform"``).
         importance: ``"uniform"``, ``"conductance"`` or ``"deeplift"``.
 
     Returns:
@@ -130,7 +140,7 @@ def node_scores(
         >>> from fxfuse._importance import node_scores
         >>> mlp = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
         >>> gm = fxfuse.trace(mlp, torch.randn(2, 4))
-        >>> s = node_scores(gm, [("_1", 1)], torch.randn(16, 4), torch.zeros(16, dtype=torch.long), "conductance")
+        >>> s = node_scores(gm, [("_1", 1)], (torch.randn(16, 4), torch.zeros(16, dtype=torch.long)), "conductance")
         >>> s[0].shape
         torch.Size([8])
     """
@@ -141,9 +151,9 @@ def node_scores(
             raise ValueError(f"node_scores: no node named {name!r} in the graph; valid names: {list(by_name)[:10]} ...")
         widths.append(by_name[name].meta["fxfuse"]["shape"][d])
     if importance == "uniform":
-        return [torch.ones(w, dtype=torch.float64, device=x.device) for w in widths]
-    if labels is None:
-        raise ValueError(f"importance={importance!r} needs labels to attribute to; pass (inputs, labels) as data")
+        dev = next((p.device for p in gm.parameters()), torch.device("cpu"))
+        return [torch.ones(w, dtype=torch.float64, device=dev) for w in widths]
+    data = _as_data(data)
     tapped = copy.deepcopy(gm)
     nodes = {n.name: n for n in tapped.graph.nodes}
     for k, (name, _) in enumerate(taps):
@@ -156,6 +166,6 @@ def node_scores(
     tapped.recompile()
     tapped.eval()
     return [
-        _attribute(tapped, tapped.get_submodule(f"fxfuse_tap_{k}"), d, w, x, labels, importance, n_steps, batch_size)
+        _attribute(tapped, tapped.get_submodule(f"fxfuse_tap_{k}"), d, w, data, importance, n_steps, batch_size, device)
         for k, ((_, d), w) in enumerate(zip(taps, widths))
     ]

@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ._config import TrainConfig
+
 __all__ = ["Interpolation", "np_merge", "pairwise"]
 
 M = TypeVar("M")
@@ -109,21 +111,8 @@ def pairwise(items: Sequence[M], merge: Callable[[M, M], M]) -> M:
     return items[0]
 
 
-def np_merge(
-    a: nn.Module,
-    b: nn.Module,
-    x: Tensor,
-    labels: Tensor,
-    *,
-    epochs: int = 10,
-    lr: float = 1e-2,
-    weight_decay: float = 0.0,
-    batch_size: int = 32,
-    val_split: float = 0.0,
-    patience: int = 10,
-    seed: int = 0,
-    progress=None,
-) -> nn.Module:
+def np_merge(a: nn.Module, b: nn.Module, x: Tensor, labels: Tensor, train: TrainConfig | None = None, *,
+             progress=None) -> nn.Module:
     """Merge ``b`` (already aligned to ``a``) into a copy of ``a`` with learned per-parameter α.
 
     BatchNorm buffers start at the average, the model trains in train mode on the
@@ -133,13 +122,16 @@ def np_merge(
     Args:
         a, b: Models of one architecture; ``b``'s neurons aligned to ``a``'s.
         x: Inputs, Tensor of shape (n_samples, ...); labels: Tensor of shape (n_samples,).
+        train: Adam settings; default the paper's (lr 0.01, 10 epochs, batch 32, no
+            weight decay, no validation split).
 
     Returns:
         A copy of ``a`` holding the merged parameters, in eval mode.
     """
-    from ._baselines import reset_batchnorm
+    from ._align import reset_batchnorm
     from ._solve import fit_gradient
 
+    train = train if train is not None else TrainConfig(lr=1e-2, epochs=10, weight_decay=0.0, val_split=0.0)
     merged = copy.deepcopy(a)
     with torch.no_grad():
         theirs = dict(b.named_buffers())
@@ -149,8 +141,7 @@ def np_merge(
     mix = Interpolation(merged, b)
     mix.train()
     try:
-        fit_gradient(mix, x, labels, epochs=epochs, lr=lr, weight_decay=weight_decay, batch_size=batch_size,
-                     val_split=val_split, patience=patience, seed=seed, progress=progress, loss_fn=F.cross_entropy)
+        fit_gradient(mix, x, labels, train, progress=progress, loss_fn=F.cross_entropy)
     finally:
         mix.eval()
     mix.apply()

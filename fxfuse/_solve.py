@@ -16,9 +16,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.fx import GraphModule, Interpreter, Node
 
-from fxfuse.passes._ops import is_foldable_norm_module, is_transparent
+from fxfuse.passes._affine import AffineSpec, affine_spec
 
-__all__ = ["AffineSpec", "affine_spec", "read_affine", "write_affine", "GramStats", "EIG_RTOL", "fit_gradient", "to_rows", "from_rows"]
+from ._config import TrainConfig
+
+__all__ = ["AffineSpec", "affine_spec", "read_affine", "affine_params", "GramStats", "EIG_RTOL", "fit_gradient", "to_rows", "from_rows"]
 
 # Eigenvalues of XᵀX below EIG_RTOL · λ_max are treated as zero: the pseudo-inverse
 # and the projector onto span(X) use only the eigenvectors above the cut-off. In
@@ -36,55 +38,6 @@ def from_rows(rows: Tensor, like_shape: tuple[int, ...], axis: int) -> Tensor:
     moved = list(like_shape)
     width = moved.pop(axis)
     return rows.reshape(-1, *moved[1:], width).movedim(-1, axis)
-
-
-@dataclass(frozen=True)
-class AffineSpec:
-    """The single Linear/Conv2d of an affine level, and the BatchNorm folded after it."""
-
-    op: str  # qualname of the Linear or Conv2d module in the level GraphModule
-    op_node: str
-    norm: str | None  # qualname of the foldable BatchNorm, if any
-    is_conv: bool
-    has_bias_column: bool
-
-
-def affine_spec(level: GraphModule) -> AffineSpec | None:
-    """Describe a level GraphModule's affine op, or None if it cannot be solved in closed form.
-
-    Closed form needs a ``call_module`` Linear or Conv2d (groups=1, zero padding)
-    whose output is the level output, optionally through one eval-mode BatchNorm.
-    """
-    nodes = list(level.graph.nodes)
-    out = next(n for n in nodes if n.op == "output").args[0]
-    norm = None
-    node = out
-    while is_transparent(level, node) and len(node.all_input_nodes) == 1:
-        node = node.all_input_nodes[0]
-    if node.op == "call_module":
-        m = level.get_submodule(node.target)
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            if not is_foldable_norm_module(m):
-                return None
-            norm = str(node.target)
-            node = node.args[0]
-    if not isinstance(node, Node) or node.op != "call_module" or len(node.users) != 1:
-        return None
-    m = level.get_submodule(node.target)
-    weighted = [n for n in nodes if n.op == "call_module" and any(True for _ in level.get_submodule(n.target).parameters())]
-    if [n.target for n in weighted if n.target != norm] != [node.target]:
-        return None
-    if any(n.op == "get_attr" for n in nodes):
-        return None
-    if type(m) is nn.Linear or (isinstance(m, nn.Linear) and type(m).forward is nn.Linear.forward):
-        is_conv = False
-    elif isinstance(m, nn.Conv2d) and type(m).forward is nn.Conv2d.forward:
-        if m.groups != 1 or m.padding_mode != "zeros" or isinstance(m.padding, str):
-            return None
-        is_conv = True
-    else:
-        return None
-    return AffineSpec(str(node.target), node.name, norm, is_conv, m.bias is not None or norm is not None)
 
 
 def op_input(level: GraphModule, spec: AffineSpec, x: Tensor) -> Tensor:
@@ -186,66 +139,72 @@ def read_affine(level: GraphModule, spec: AffineSpec) -> Tensor:
     return torch.cat(cols, 0)
 
 
-def write_affine(level: GraphModule, spec: AffineSpec, W: Tensor) -> None:
-    """Write a solved map into the level so that it computes exactly X W.
+def affine_params(level: GraphModule, spec: AffineSpec, W: Tensor) -> dict[str, Tensor]:
+    """The level's parameters and buffers that make it compute exactly X W (nothing is written).
 
     A folded BatchNorm becomes the identity (weight 1, bias 0, mean 0, var 1 − eps);
     the bias goes to the op, or to the norm when the op has none.
+
+    Returns:
+        Qualname -> Tensor in the level's dtypes, for :func:`fxfuse.passes.rewrite_params`.
     """
     m = level.get_submodule(spec.op)
     fan = W.shape[0] - (1 if spec.has_bias_column else 0)
-    weight = W[:fan].T.contiguous()
     bias = W[fan] if spec.has_bias_column else None
-    with torch.no_grad():
-        m.weight.copy_(weight.reshape(m.weight.shape).to(m.weight.dtype))
-        if spec.norm is not None:
-            bn = level.get_submodule(spec.norm)
-            bn.running_mean.zero_()
-            bn.running_var.fill_(1.0 - bn.eps)
-            if bn.weight is not None:
-                bn.weight.fill_(1.0)
-            if bn.bias is not None:
-                bn.bias.zero_()
-            if m.bias is not None:
-                m.bias.copy_(bias.to(m.bias.dtype))
-            elif bn.bias is not None:
-                bn.bias.copy_(bias.to(bn.bias.dtype))
-            else:
-                bn.running_mean.copy_(-bias.to(bn.running_mean.dtype))
-        elif m.bias is not None:
-            m.bias.copy_(bias.to(m.bias.dtype))
+    out = {f"{spec.op}.weight": W[:fan].T.reshape(m.weight.shape).to(m.weight.dtype)}
+    if spec.norm is not None:
+        bn = level.get_submodule(spec.norm)
+        pre = f"{spec.norm}."
+        out[pre + "running_mean"] = torch.zeros_like(bn.running_mean)
+        out[pre + "running_var"] = torch.full_like(bn.running_var, 1.0 - bn.eps)
+        if bn.weight is not None:
+            out[pre + "weight"] = torch.ones_like(bn.weight)
+        if bn.bias is not None:
+            out[pre + "bias"] = torch.zeros_like(bn.bias)
+        if m.bias is not None:
+            out[f"{spec.op}.bias"] = bias.to(m.bias.dtype)
+        elif bn.bias is not None:
+            out[pre + "bias"] = bias.to(bn.bias.dtype)
+        else:
+            out[pre + "running_mean"] = -bias.to(bn.running_mean.dtype)
+    elif m.bias is not None:
+        out[f"{spec.op}.bias"] = bias.to(m.bias.dtype)
+    return out
 
 
 def fit_gradient(
     level: nn.Module,
     inputs: Tensor,
     targets: Tensor,
+    train: TrainConfig | None = None,
     *,
-    epochs: int = 100,
-    lr: float = 1e-3,
-    weight_decay: float = 1e-4,
-    batch_size: int = 32,
-    val_split: float = 0.1,
-    patience: int = 10,
-    noise: float = 0.0,
-    seed: int = 0,
     progress=None,
     loss_fn: Callable[[Tensor, Tensor], Tensor] = F.mse_loss,
 ) -> dict[str, float]:
-    """Fit a level's parameters to targets with Adam on the MSE (Eq. 5, plain MSE as in B.2).
+    """Fit a level's trainable parameters to targets with Adam on the MSE (Eq. 5, plain MSE as in B.2).
 
-    Defaults follow Table 5, Setting 1 (Adam, lr 1e-3, weight decay 1e-4, batch 32,
-    validation split 0.1). Early stopping keeps the parameters with the best
-    validation loss; with ``val_split=0`` every sample trains and the final
+    ``train`` defaults to Table 5, Setting 1 (Adam, lr 1e-3, weight decay 1e-4,
+    batch 32, validation split 0.1). Early stopping keeps the parameters with the
+    best validation loss; with ``val_split=0`` every sample trains and the final
     parameters are kept. ``noise`` perturbs the initial parameters by ``noise``
     times each tensor's standard deviation. ``loss_fn(prediction, target)``
     returns a batch mean (MSE by default). In train mode, a last batch of one
     sample is skipped (BatchNorm cannot normalise it).
 
+    Args:
+        level: The module to fit; only parameters with ``requires_grad`` train.
+        inputs: Tensor of shape (n_samples, ...); targets: Tensor of shape (n_samples, ...).
+
     Returns:
         ``{"epochs": ..., "val_loss": ..., "init_val_loss": ...}`` (training loss
         when there is no validation split).
+
+    Raises:
+        ValueError: the module has no trainable parameter.
     """
+    train = train if train is not None else TrainConfig()
+    epochs, batch_size, val_split, patience, noise, seed = (
+        train.epochs, train.batch_size, train.val_split, train.patience, train.noise, train.seed)
     gen = torch.Generator(device="cpu").manual_seed(seed)
     n = inputs.shape[0]
     perm = torch.randperm(n, generator=gen).to(inputs.device)
@@ -255,12 +214,16 @@ def fit_gradient(
     if n_val == 0:
         val_idx = tr_idx
     params = [p for p in level.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError(
+            f"{type(level).__name__} has no trainable parameter (all have requires_grad=False) to fit by gradient"
+        )
     if noise > 0:
         with torch.no_grad():
             for p in params:
                 if p.numel() > 1:
                     p.add_(torch.randn(p.shape, generator=gen).to(p) * noise * p.std())
-    opt = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    opt = torch.optim.Adam(params, lr=train.lr, weight_decay=train.weight_decay)
 
     # BatchNorm in train mode cannot normalise a batch of one sample
     single_ok = not any(m.training for m in level.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm))

@@ -6,27 +6,26 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ._config import TrainConfig
+
 __all__ = ["train_classifier", "accuracy"]
 
 
-def train_classifier(
-    model: nn.Module,
-    x: Tensor,
-    y: Tensor,
-    *,
-    epochs: int = 30,
-    lr: float = 3e-3,
-    batch_size: int = 32,
-    seed: int = 0,
-) -> nn.Module:
-    """Train with Adam and cross-entropy, in place; returns the model in eval mode."""
+BASE_TRAINING = TrainConfig(epochs=30, lr=3e-3, weight_decay=0.0, batch_size=32, val_split=0.0)
+
+
+def train_classifier(model: nn.Module, x: Tensor, y: Tensor, train: TrainConfig = BASE_TRAINING) -> nn.Module:
+    """Train with Adam and cross-entropy (``train``'s epochs, lr, weight decay, batch, seed), in place.
+
+    Returns the model in eval mode.
+    """
     model.train()
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    gen = torch.Generator().manual_seed(seed)
-    for _ in range(epochs):
+    opt = torch.optim.Adam(model.parameters(), lr=train.lr, weight_decay=train.weight_decay)
+    gen = torch.Generator().manual_seed(train.seed)
+    for _ in range(train.epochs):
         perm = torch.randperm(len(y), generator=gen)
-        for s in range(0, len(y), batch_size):
-            b = perm[s : s + batch_size]
+        for s in range(0, len(y), train.batch_size):
+            b = perm[s : s + train.batch_size]
             if len(b) < 2:
                 continue  # BatchNorm needs two samples
             opt.zero_grad(set_to_none=True)

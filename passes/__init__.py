@@ -4,10 +4,14 @@ Analysis passes return frozen plans and only annotate ``node.meta["fxfuse"]``;
 rewriting passes return new GraphModules and never mutate their input.
 """
 
+from ._affine import AffineSpec, affine_spec
 from ._partition import Level, LevelPlan, partition_levels
+from ._rewrite import rewrite_params
 from ._spaces import NeuronSpace, NeuronSpaces, check_neuron_spaces, neuron_spaces, permute
 
 __all__ = [
+    "AffineSpec",
+    "affine_spec",
     "Level",
     "LevelPlan",
     "NeuronSpace",
@@ -16,4 +20,5 @@ __all__ = [
     "neuron_spaces",
     "partition_levels",
     "permute",
+    "rewrite_params",
 ]

@@ -6,19 +6,20 @@ levels) and appendix F.2 (partitioning schemes).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Literal
 
 import networkx as nx
-import torch
 from torch import nn
 from torch.fx import Graph, GraphModule, Node
 
 from fxfuse._errors import PartitionError
 from fxfuse._trace import module_path
 
+from ._affine import affine_spec
 from ._axes import propagate_neuron_axes
 from ._ops import (
     CONV_FUNCS,
@@ -30,9 +31,7 @@ from ._ops import (
     SHAPE_ATTRS,
     SHAPE_METHODS,
     call_arg,
-    is_foldable_norm_module,
     is_norm_module,
-    is_transparent,
     module_of,
     tensor_shape,
 )
@@ -255,12 +254,6 @@ class _Roles:
             return isinstance(w, Node) and w in self.param_derived
         return False
 
-    def is_foldable_norm(self, n: Node) -> bool:
-        if n.op == "call_module":
-            return is_foldable_norm_module(module_of(self.gm, n))
-        if n.op == "call_function" and n.target in (torch.nn.functional.batch_norm, torch.batch_norm):
-            return call_arg(n, 5, "training", False) is False and isinstance(call_arg(n, 1, "running_mean"), Node)
-        return False
 
 
 def _input_dependence(gm: GraphModule, placeholder: Node) -> tuple[set[Node], set[Node]]:
@@ -481,6 +474,7 @@ def partition_levels(gm: GraphModule) -> LevelPlan:
     groups = merged
 
     # 5. describe each level
+    by_name = {n.name: n for n in gm.graph.nodes}
     owned: set[str] = set()
     levels = []
     for i, group in enumerate(groups):
@@ -498,50 +492,23 @@ def partition_levels(gm: GraphModule) -> LevelPlan:
                     params.append(p)
         for n in members:
             n.meta["fxfuse"]["level"] = i
-        levels.append(
-            Level(
-                index=i,
-                name=_level_name(roles, members, out),
-                kind=_level_kind(roles, members, out, values),
-                nodes=tuple(n.name for n in members),
-                input=inp.name,
-                output=out.name,
-                neuron_axis=axis,
-                width=shape[axis],
-                output_shape=shape,
-                params=tuple(params),
-                is_head=i == len(groups) - 1,
-            )
+        merges = [n for n in members if len({a for a in n.all_input_nodes if a in values}) >= 2]
+        level = Level(
+            index=i,
+            name=_level_name(roles, members, out),
+            kind="residual" if merges else "general",
+            nodes=tuple(n.name for n in members),
+            input=inp.name,
+            output=out.name,
+            neuron_axis=axis,
+            width=shape[axis],
+            output_shape=shape,
+            params=tuple(params),
+            is_head=i == len(groups) - 1,
         )
+        # the closed-form solver's own predicate decides "affine", so the two never disagree
+        if not merges and affine_spec(_level_module(gm, by_name, level)) is not None:
+            level = dataclasses.replace(level, kind="affine")
+        levels.append(level)
     return LevelPlan(gm=gm, levels=tuple(levels), input=placeholder.name)
 
-
-def _level_kind(roles: _Roles, members: list[Node], out: Node, values: set[Node]) -> LevelKind:
-    while is_transparent(roles.gm, out) and len(out.all_input_nodes) == 1:
-        out = out.all_input_nodes[0]
-    weights = [n for n in members if roles.is_weight(n)]
-    owners = [n for n in members if roles.params[n] or n in roles.param_derived]
-    if len(weights) == 1 and roles.is_affine_op(weights[0]):
-        w = weights[0]
-        weight_args = {a for a in w.all_input_nodes if a in roles.param_derived}
-        rest = [n for n in owners if n is not w and n not in weight_args and not _feeds_only(n, w, roles)]
-        if out is w and not rest:
-            return "affine"
-        if (
-            roles.is_foldable_norm(out)
-            and [a for a in out.all_input_nodes if a in values] == [w]
-            and len(w.users) == 1
-            and all(_feeds_only(n, out, roles) for n in rest if n is not out)
-        ):
-            return "affine"
-    merges = [n for n in members if len({a for a in n.all_input_nodes if a in values}) >= 2]
-    return "residual" if merges else "general"
-
-
-def _feeds_only(n: Node, target: Node, roles: _Roles) -> bool:
-    """Whether a parameter node is only consumed by ``target`` (directly or via param-only ops)."""
-    if n is target:
-        return True
-    if not n.users:
-        return False
-    return all(u is target or (u in roles.param_derived and _feeds_only(u, target, roles)) for u in n.users)

@@ -96,7 +96,8 @@ def test_result_is_a_plain_graphmodule_with_a_report(capsys):
     assert isinstance(fused, torch.fx.GraphModule) and not fused.training
     levels = fused.meta["fxfuse"]["levels"]
     assert [r["approximation"] for r in levels] == ["closed form"] * 3
-    assert set(levels[0]) == {"level", "name", "kind", "grouping", "approximation", "grouping_cost", "approx_error", "seconds"}
+    assert set(levels[0]) == {"level", "name", "kind", "grouping", "approximation", "grouping_cost", "approx_error", "seconds",
+                              "rows", "columns"}
     assert "kf-linear with uniform importance" in capsys.readouterr().out
 
 
@@ -143,7 +144,7 @@ def test_importance_scores_run_end_to_end(importance):
     a, b = seeded(ConvBN, 0), seeded(ConvBN, 1)
     x, y = _data((3, 8, 8), 48), torch.randint(0, 4, (48,))
     plan = partition_levels(fxfuse.trace(a, x[:2]))
-    scores = level_scores(plan.split(), [lv.neuron_axis for lv in plan], x, y, importance)
+    scores = level_scores(plan.split(), [lv.neuron_axis for lv in plan], (x, y), importance)
     assert [s.shape[0] for s in scores] == [lv.width for lv in plan]
     assert all(bool((s > 0).all()) for s in scores)
     assert not torch.allclose(scores[0], scores[0].mean().expand_as(scores[0]))  # not uniform
@@ -175,7 +176,7 @@ def test_single_model_is_refused():
 
 
 def test_different_level_counts_point_to_depth_alignment():
-    with pytest.raises(fxfuse.AlignmentError, match=r"different numbers of levels \(3, 2\).*[Dd]epth alignment"):
+    with pytest.raises(fxfuse.AlignmentError, match=r"different numbers of levels \(models\[0\] 3, models\[1\] 2, .*\).*[Dd]epth alignment"):
         fxfuse.fuse([mlp(hidden=(12, 10)), mlp(hidden=(12,))], _data((16,)))
 
 
@@ -198,10 +199,19 @@ def test_empty_and_non_finite_data():
         fxfuse.fuse([a, b], bad)
 
 
+def test_non_finite_weights_name_the_parameter():
+    a, b = mlp(seed=0), mlp(seed=1)
+    with torch.no_grad():
+        b[3].weight[0, 0] = float("nan")
+    for method in ("vanilla", "kf-linear"):  # vanilla once wrote a NaN model without a word
+        with pytest.raises(ValueError, match=r"models\[1\]: `3.weight` holds 1 NaN or Inf"):
+            fxfuse.fuse([a, b], _data((16,)), method=method, progress=False)
+
+
 def test_non_finite_activations_name_the_level():
     a, b = mlp(seed=0), mlp(seed=1)
     with torch.no_grad():
-        b[3].weight[0, 0] = float("inf")
+        b[3].weight.fill_(3e38)  # finite weights whose outputs overflow
     with pytest.raises(fxfuse.FxFuseError, match=r"level 1 \(`3`\) of models\[1\]: .*non-finite"):
         fxfuse.fuse([a, b], _data((16,)), method="kf-linear", progress=False)
 

@@ -1,0 +1,255 @@
+"""Permutation alignment of models neuron space by neuron space, from streamed statistics.
+
+Used by git-rebasin, otfusion, NP Merge and the level-wise NP Merge variant.
+The matching cost between neuron j of ``models[0]`` and neuron k of another model
+needs only sums over the fusion data (rows = samples × positions):
+‖a_j − b_k‖² = Σ a_j² + Σ b_k² − 2 Σ a_j b_k, so activations are never held whole.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.fx import GraphModule, Interpreter
+
+from ._collect import FusionData
+from ._errors import AlignmentError
+from ._grouping import hungarian_pairs
+
+__all__ = ["SpaceAlignment", "align", "matched_spaces", "reset_batchnorm", "space_distances", "space_scores"]
+
+
+@dataclass(frozen=True, eq=False)
+class SpaceAlignment:
+    """Models aligned to ``models[0]`` neuron space by neuron space (see :func:`align`).
+
+    Attributes:
+        models: ``[models[0], aligned models[1], ...]``; every model keeps its function.
+        spaces: The neuron spaces of ``models[0]`` (and, index for index, of the others).
+        scores: Per model, free space index -> importance score of each neuron,
+            Tensor of shape (space.size,), in the aligned order.
+    """
+
+    models: list[GraphModule]
+    spaces: object  # fxfuse.passes.NeuronSpaces
+    scores: list[dict[int, Tensor]]
+
+
+@torch.no_grad()
+def reset_batchnorm(gm: nn.Module, data, batch_size: int = 256, device=None) -> nn.Module:
+    """Recompute every BatchNorm's running statistics on the data (cumulative average), in place.
+
+    Each BatchNorm gets back the train/eval mode it had.
+
+    Args:
+        gm: The model.
+        data: Fusion data (a :class:`~fxfuse._collect.FusionData` or any form it accepts).
+
+    Example:
+        >>> import torch
+        >>> from fxfuse._align import reset_batchnorm
+        >>> bn = torch.nn.BatchNorm1d(3).eval()
+        >>> _ = reset_batchnorm(bn, torch.randn(64, 3) + 5.0)
+        >>> bool((bn.running_mean > 4).all()), bn.training
+        (True, False)
+    """
+    bns = [m for m in gm.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not bns:
+        return gm
+    data = data if isinstance(data, FusionData) else FusionData(data)
+    saved = [(m, m.momentum, m.training) for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative moving average over all batches
+        m.train()
+    try:
+        for x, _ in data.batches(batch_size, device):
+            gm(x)
+    finally:
+        for m, mom, was in saved:
+            m.momentum = mom
+            m.train(was)
+    return gm
+
+
+def matched_spaces(gms: Sequence[GraphModule], method: str, *, same_widths: bool) -> list:
+    """Every model's neuron spaces, checked to correspond index for index, with at least one free."""
+    from fxfuse.passes import neuron_spaces
+
+    spaces = [neuron_spaces(g) for g in gms]
+    ref = spaces[0]
+    need = "the same architecture and widths" if same_widths else "the same architecture (free widths may differ)"
+    for k in range(1, len(gms)):
+        sp = spaces[k]
+        if len(sp) != len(ref):
+            detail = f"{len(sp)} neuron spaces vs {len(ref)}"
+        else:
+            detail = ""
+            for a, b in zip(ref, sp):
+                if a.tensors != b.tensors or a.fixed != b.fixed:
+                    detail = f"neuron space {a.index} (`{a.tensors[0][0]}` dim {a.tensors[0][1]}) is tied to other tensors"
+                elif a.size != b.size and (same_widths or a.fixed):
+                    detail = f"neuron space {a.index} (`{a.tensors[0][0]}` dim {a.tensors[0][1]}) has width {b.size} vs {a.size}"
+                if detail:
+                    break
+        if detail:
+            raise AlignmentError(
+                f"models[{k}] differs from models[0]: {detail}; {method} needs {need}. "
+                "Use method='kf-linear' for models of different widths or structure."
+            )
+    if not ref.free:
+        reasons = sorted({s.reason for s in ref})
+        raise AlignmentError(
+            f"{method}: no neuron space of {type(gms[0]).__name__} can be permuted: all {len(ref)} are fixed "
+            f"({'; '.join(reasons)}), so there is nothing to align. Use method='kf-linear', which fuses level "
+            "by level without neuron spaces."
+        )
+    return spaces
+
+
+def space_scores(gm: GraphModule, spaces, data, importance: str, *, n_steps: int = 20, device=None) -> dict[int, Tensor]:
+    """Importance score of every neuron of every free space of one model.
+
+    Each space is scored at its last node in graph order (the activation that
+    feeds the next op, or the end of a residual stream), with captum as for
+    level outputs (:func:`fxfuse._importance.node_scores`).
+
+    Returns:
+        Free space index -> Tensor of shape (space width in this model,), float64, positive.
+    """
+    from ._importance import node_scores
+
+    free = spaces.free
+    scores = node_scores(gm, [s.nodes[-1] for s in free], data, importance, n_steps=n_steps, device=device)
+    return {s.index: sc for s, sc in zip(free, scores)}
+
+
+class _Capture(Interpreter):
+    """Runs a GraphModule and keeps the outputs of the named nodes (one batch at a time)."""
+
+    def __init__(self, gm: GraphModule, names: Sequence[str]):
+        super().__init__(gm)
+        self.names = set(names)
+        self.values: dict[str, Tensor] = {}
+
+    def run_node(self, n):
+        out = super().run_node(n)
+        if n.name in self.names:
+            self.values[n.name] = out.detach()
+        return out
+
+
+def _space_rows(values: dict[str, Tensor], space) -> Tensor:
+    """A space's activations on one batch, neurons last: Tensor of shape (n_rows, width), float64."""
+    parts = [values[name].movedim(d, -1) for name, d in space.nodes]
+    return torch.cat([p.reshape(-1, p.shape[-1]) for p in parts]).to(torch.float64)
+
+
+@torch.no_grad()
+def space_distances(gms: Sequence[GraphModule], spaces, data: FusionData, *, batch_size: int = 256,
+                    device=None) -> list[dict[int, Tensor]]:
+    """Squared L2 distances between the neurons of ``gms[0]`` and of each other model, per free space.
+
+    Streams the data once: per batch it adds Σ a_j², Σ b_k² and Σ a_j b_k over the
+    space's activations (every node of the space, every position), so memory is
+    O(width²) per space whatever the number of samples.
+
+    Returns:
+        For each model k ≥ 1 (index k − 1): free space index -> Tensor of shape
+        (width in gms[0], width in gms[k]), float64.
+    """
+    free = spaces[0].free
+    names = list(dict.fromkeys(name for s in free for name, _ in s.nodes))
+    caps = [_Capture(g, names) for g in gms]
+    sq: list[dict[int, Tensor]] = [{} for _ in gms]
+    cross: list[dict[int, Tensor]] = [{} for _ in gms]
+    for x, _ in data.batches(batch_size, device):
+        for cap in caps:
+            cap.run(x)
+        rows0 = {s.index: _space_rows(caps[0].values, s) for s in free}
+        for k, cap in enumerate(caps):
+            for s in free:
+                r = rows0[s.index] if k == 0 else _space_rows(cap.values, s)
+                add = (r * r).sum(0)
+                sq[k][s.index] = add if s.index not in sq[k] else sq[k][s.index] + add
+                if k:
+                    c = rows0[s.index].T @ r
+                    cross[k][s.index] = c if s.index not in cross[k] else cross[k][s.index] + c
+        for cap in caps:
+            cap.values.clear()
+    return [
+        {i: (sq[0][i][:, None] + sq[k][i][None, :] - 2.0 * cross[k][i]).clamp_min_(0.0) for i in cross[k]}
+        for k in range(1, len(gms))
+    ]
+
+
+def align(
+    gms: Sequence[GraphModule],
+    data,
+    *,
+    importance: str = "uniform",
+    batch_size: int = 256,
+    n_steps: int = 20,
+    method: str = "git-rebasin",
+    device=None,
+) -> SpaceAlignment:
+    """Permute ``gms[1:]`` so that their neurons match ``gms[0]``'s, space by space.
+
+    For each free neuron space, the cost of matching neuron j of the first model
+    with neuron k of another is the importance-weighted grouping error of the
+    pair, s_j s_k / (s_j + s_k) · ‖a_j − b_k‖², where a_j, b_k are the neurons'
+    activations on the data (over every activation of the space, from streamed
+    sums: :func:`space_distances`); with uniform scores this is the squared L2
+    distance of activation-based Git Re-Basin. ``linear_sum_assignment`` solves
+    it. Every model keeps its function.
+
+    Args:
+        gms: Traced models of one architecture and equal widths.
+        data: Fusion data (a :class:`~fxfuse._collect.FusionData` or any form it
+            accepts); labelled for non-uniform importance.
+        importance: ``"uniform"``, ``"conductance"`` or ``"deeplift"`` (per space,
+            see :func:`space_scores`).
+        method: The calling method's name, for error messages.
+
+    Returns:
+        The aligned models, the spaces and the aligned scores.
+
+    Raises:
+        AlignmentError: the models' spaces differ, or no space is free (the message
+            names what fixed them).
+
+    Example:
+        >>> import torch, fxfuse
+        >>> from fxfuse._align import align
+        >>> a = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.ReLU(), torch.nn.Linear(6, 3))
+        >>> x = torch.randn(64, 4)
+        >>> gm = fxfuse.trace(a, x[:2])
+        >>> b = fxfuse.trace(a, x[:2])
+        >>> p = torch.randperm(6)
+        >>> with torch.no_grad():
+        ...     for name, t in b.state_dict().items():
+        ...         _ = t.copy_(t[:, p] if name == "2.weight" else t[p] if name.startswith("0.") else t)
+        >>> aligned = align([gm, b], x).models[1]
+        >>> torch.equal(aligned.get_submodule("0").weight, gm.get_submodule("0").weight)
+        True
+    """
+    from fxfuse.passes import permute
+
+    from ._grouping import harmonic_weights
+
+    data = data if isinstance(data, FusionData) else FusionData(data)
+    spaces = matched_spaces(gms, method, same_widths=True)
+    scores = [space_scores(g, sp, data, importance, n_steps=n_steps, device=device) for g, sp in zip(gms, spaces)]
+    dists = space_distances(gms, spaces, data, batch_size=batch_size, device=device)
+    perms: list[dict[int, Tensor]] = [{} for _ in gms]
+    for k in range(1, len(gms)):
+        for i, d in dists[k - 1].items():
+            perms[k][i] = hungarian_pairs(harmonic_weights(scores[0][i], scores[k][i]) * d)
+    out = [gms[0]] + [permute(gms[k], spaces[k], perms[k]) for k in range(1, len(gms))]
+    out_scores = [scores[0]] + [
+        {i: scores[k][i][p.to(scores[k][i].device)] for i, p in perms[k].items()} for k in range(1, len(gms))
+    ]
+    return SpaceAlignment(out, spaces[0], out_scores)

@@ -1,0 +1,262 @@
+"""Fusion data as a stream of batches, and the one collector of level activations.
+
+Every method reads the fusion data through :class:`FusionData` and every level
+activation through :class:`Collector`, so memory is bounded by the batch size
+and an explicit cache budget, never by the number of samples (DESIGN.md,
+"One collector").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["FusionData", "Collector", "LABEL_RULES"]
+
+LABEL_RULES = """\
+Data forms: a Tensor of inputs (n_samples, ...); a tuple (inputs, labels) of two
+Tensors; a dict {"inputs": ..., "labels": ...}; or an iterable (a list, a
+DataLoader) whose items are Tensors, (inputs, labels) pairs or such dicts. A
+tuple of two Tensors is always (inputs, labels); a list is always a sequence of
+batches. Labels are class indices: an integer Tensor of shape (n_samples,)
+(int32 and other integer types are converted to int64), each in
+[0, n_classes)."""
+
+
+def _check_labels(y: Any, n: int, where: str) -> Tensor:
+    if not isinstance(y, Tensor):
+        raise TypeError(f"{where}: labels must be a Tensor of class indices, got {type(y).__name__}")
+    if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+        hint = " (one-hot labels? pass labels.argmax(1))" if y.ndim == 2 else ""
+        raise ValueError(
+            f"{where}: labels must be integer class indices, got dtype {y.dtype} with shape {tuple(y.shape)}{hint}"
+        )
+    if y.ndim != 1:
+        raise ValueError(f"{where}: labels must have shape (n_samples,), got {tuple(y.shape)}")
+    if y.shape[0] != n:
+        raise ValueError(f"{where}: {y.shape[0]} labels for {n} inputs; give one label per input sample")
+    return y.long()
+
+
+def _check_inputs(x: Any, where: str) -> Tensor:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{where}: inputs must be a Tensor, got {type(x).__name__}")
+    if x.ndim < 2:
+        raise ValueError(
+            f"{where}: inputs of shape {tuple(x.shape)} have no batch dimension; inputs are (n_samples, ...), "
+            "e.g. x.unsqueeze(0) for a single sample"
+        )
+    if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{where}: inputs contain NaN or Inf values; clean the inputs before fusing")
+    return x
+
+
+def _split_item(item: Any, where: str) -> tuple[Tensor, Tensor | None]:
+    """One batch or one whole data set as (inputs, labels or None)."""
+    if isinstance(item, Tensor):
+        return _check_inputs(item, where), None
+    if isinstance(item, dict):
+        if "inputs" not in item:
+            raise ValueError(f"{where}: a dict must hold 'inputs' (and optionally 'labels'), got keys {sorted(item)}")
+        unknown = sorted(set(item) - {"inputs", "labels"})
+        if unknown:
+            raise ValueError(f"{where}: unknown key(s) {unknown}; a data dict holds 'inputs' and 'labels'")
+        x = _check_inputs(item["inputs"], where)
+        y = item.get("labels")
+        return x, (None if y is None else _check_labels(y, x.shape[0], where))
+    if isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[0], Tensor):
+        x = _check_inputs(item[0], where)
+        return x, (None if item[1] is None else _check_labels(item[1], x.shape[0], where))
+    raise TypeError(
+        f"{where} is a {type(item).__name__}; expected a Tensor, an (inputs, labels) pair or a dict. {LABEL_RULES}"
+    )
+
+
+class FusionData:
+    """Fusion data as a re-iterable stream of ``(inputs, labels or None)`` batches.
+
+    A Tensor, an ``(inputs, labels)`` tuple or a dict is sliced into batches; a
+    DataLoader or other re-iterable is iterated again on every pass and never
+    held whole; a one-shot iterator (a generator) is read once and kept.
+
+    Args:
+        data: See :data:`LABEL_RULES`.
+        what: Name of the argument, for error messages.
+
+    Example:
+        >>> import torch
+        >>> from fxfuse._collect import FusionData
+        >>> d = FusionData((torch.randn(10, 3), torch.arange(10) % 2))
+        >>> [tuple(x.shape) for x, _ in d.batches(4)]
+        [(4, 3), (4, 3), (2, 3)]
+    """
+
+    def __init__(self, data: Any, what: str = "data"):
+        self.what = what
+        self._x: Tensor | None = None
+        self._y: Tensor | None = None
+        self._source: Iterable | None = None
+        self.n_classes: int | None = None
+        self.input_dtype: torch.dtype | None = None  # floating inputs are cast to it (half-precision models)
+        if isinstance(data, (Tensor, dict)) or (isinstance(data, tuple) and len(data) == 2 and isinstance(data[0], Tensor)):
+            self._x, self._y = _split_item(data, what)
+            if self._x.shape[0] == 0:
+                raise ValueError(f"{what} is empty: fusion needs at least one input sample")
+            self.has_labels = self._y is not None
+            self.n_samples = self._x.shape[0]
+            self.example = self._x[:2]
+            return
+        if not isinstance(data, Iterable) or isinstance(data, (str, bytes)):
+            raise TypeError(f"{what} must be a Tensor, a tuple, a dict, or an iterable of batches; got "
+                            f"{type(data).__name__}. {LABEL_RULES}")
+        if iter(data) is data:  # one-shot iterator: read it once
+            data = list(data)
+        self._source = data
+        n, labelled, example = 0, None, None
+        for i, item in enumerate(data):  # one pass to count and check the batch forms
+            x, y = _split_item(item, f"{what}: batch {i}")
+            if labelled is None:
+                labelled, example = y is not None, x[:2]
+            elif labelled != (y is not None):
+                raise ValueError(f"{what}: some batches have labels and some do not (batch {i})")
+            n += x.shape[0]
+        if n == 0:
+            raise ValueError(f"{what} is empty: fusion needs at least one input sample")
+        self.has_labels = bool(labelled)
+        self.n_samples = n
+        self.example = example
+
+    def batches(self, batch_size: int = 256, device: torch.device | str | None = None) -> Iterator[tuple[Tensor, Tensor | None]]:
+        """Yield ``(inputs, labels or None)`` on ``device``; a DataLoader keeps its own batch size."""
+        if self._x is not None:
+            for s in range(0, self.n_samples, batch_size):
+                y = None if self._y is None else self._y[s : s + batch_size]
+                yield self._to(self._x[s : s + batch_size], y, device, s)
+            return
+        seen = 0
+        for i, item in enumerate(self._source):
+            x, y = _split_item(item, f"{self.what}: batch {i}")
+            yield self._to(x, y, device, seen)
+            seen += x.shape[0]
+
+    def _to(self, x: Tensor, y: Tensor | None, device, start: int) -> tuple[Tensor, Tensor | None]:
+        if y is not None and self.n_classes is not None and y.numel():
+            lo, hi = int(y.min()), int(y.max())
+            if lo < 0 or hi >= self.n_classes:
+                bad = lo if lo < 0 else hi
+                raise ValueError(
+                    f"{self.what}: label {bad} (near sample {start}) is out of range for models with "
+                    f"{self.n_classes} classes; labels must be in [0, {self.n_classes})"
+                )
+        if self.input_dtype is not None and x.is_floating_point():
+            x = x.to(self.input_dtype)
+        if device is not None:
+            x = x.to(device)
+            y = None if y is None else y.to(device)
+        return x, y
+
+    def materialise(self, max_samples: int | None = None, device=None) -> tuple[Tensor, Tensor | None]:
+        """The first ``max_samples`` samples as whole Tensors (for methods that need every row at once)."""
+        xs, ys, n = [], [], 0
+        for x, y in self.batches(256, device):
+            if max_samples is not None and n + x.shape[0] > max_samples:
+                x, y = x[: max_samples - n], (None if y is None else y[: max_samples - n])
+            xs.append(x)
+            if y is not None:
+                ys.append(y)
+            n += x.shape[0]
+            if max_samples is not None and n >= max_samples:
+                break
+        return torch.cat(xs), (torch.cat(ys) if ys else None)
+
+    def with_labels(self, make: Callable[[Tensor], Tensor]) -> FusionData:
+        """A view whose unlabelled batches get ``make(inputs)`` as labels (e.g. the ensemble's argmax)."""
+        if self.has_labels:
+            return self
+        view = object.__new__(FusionData)
+        view.__dict__.update(self.__dict__)
+        view.has_labels = True
+        base = self.batches
+
+        def batches(batch_size: int = 256, device=None):
+            for x, _ in base(batch_size, device):
+                with torch.no_grad():
+                    yield x, make(x)
+
+        view.batches = batches  # type: ignore[method-assign]
+        return view
+
+
+class Collector:
+    """Runs chains of level modules over the fusion data, batch by batch.
+
+    Chain ``c`` is a list of level modules (``LevelPlan.split()``); the input of
+    level ``i`` on batch ``b`` is the output of level ``i-1``. Outputs are cached
+    per batch while the cache holds at most ``budget`` bytes; a batch that is
+    not cached is recomputed from the inputs. Peak memory is therefore the
+    budget plus one batch per chain, whatever the number of samples.
+
+    Args:
+        data: The fusion data.
+        chains: One list of level modules per model (the fused model's last).
+        batch_size: Inference batch (a DataLoader keeps its own).
+        device: Where batches go.
+        budget: Cache size in bytes (0: recompute every level from the inputs).
+
+    Example:
+        >>> import torch
+        >>> from fxfuse._collect import Collector, FusionData
+        >>> chain = [torch.nn.Linear(3, 4), torch.nn.Linear(4, 2)]
+        >>> col = Collector(FusionData(torch.randn(10, 3)), [chain], batch_size=4)
+        >>> [tuple(ins[0].shape) for _, ins, _ in col.inputs(1)]
+        [(4, 4), (4, 4), (2, 4)]
+    """
+
+    def __init__(self, data: FusionData, chains: Sequence[Sequence[nn.Module]], *, batch_size: int = 256,
+                 device=None, budget: int = 1 << 30):
+        self.data = data
+        self.chains = chains
+        self.batch_size = batch_size
+        self.device = device
+        self.budget = budget
+        self._cache: list[dict[int, tuple[int, Tensor]]] = [{} for _ in chains]
+        self._bytes = 0
+        self.peak_bytes = 0
+
+    def inputs(self, i: int, which: Sequence[int] | None = None) -> Iterator[tuple[int, list[Tensor], Tensor | None]]:
+        """Yield ``(batch index, [input of level i of each chain in which], labels)`` batch by batch.
+
+        ``which`` selects chains by index (default: all).
+        """
+        which = range(len(self.chains)) if which is None else which
+        for b, (x, y) in enumerate(self.data.batches(self.batch_size, self.device)):
+            yield b, [self._input(c, i, b, x) for c in which], y
+
+    @torch.no_grad()
+    def _input(self, c: int, i: int, b: int, x: Tensor) -> Tensor:
+        hit = self._cache[c].get(b)
+        if hit is not None and hit[0] == i - 1:
+            return hit[1]
+        start, h = (hit[0] + 1, hit[1]) if hit is not None and hit[0] < i else (0, x)
+        for level in self.chains[c][start:i]:
+            h = level(h)
+        return h
+
+    def store(self, c: int, i: int, b: int, out: Tensor) -> None:
+        """Offer chain ``c``'s level-``i`` output on batch ``b`` to the cache (kept if it fits the budget)."""
+        old = self._cache[c].pop(b, None)
+        if old is not None:
+            self._bytes -= old[1].numel() * old[1].element_size()
+        size = out.numel() * out.element_size()
+        if self._bytes + size <= self.budget:
+            self._cache[c][b] = (i, out.detach())
+            self._bytes += size
+            self.peak_bytes = max(self.peak_bytes, self._bytes)
+
+    def clear(self) -> None:
+        """Drop every cached output."""
+        self._cache = [{} for _ in self.chains]
+        self._bytes = 0

@@ -1,0 +1,199 @@
+"""One validated configuration for a fusion, and the training settings shared by every fit.
+
+Python keyword arguments (:func:`fxfuse.fuse`) and the command line are views of
+:class:`FuseConfig`; it is validated once, before any work, and every error
+names the argument.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["TrainConfig", "FuseConfig", "make_config", "OPTION_DEFAULTS"]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Settings of a gradient fit (Adam), shared by level fits, distillation and NP Merge.
+
+    Defaults follow "Model Fusion via Neuron Interpolation", Table 5, Setting 1.
+
+    Attributes:
+        epochs: Passes over the training samples (0 keeps the start).
+        lr: Adam's learning rate.
+        weight_decay: Adam's weight decay.
+        batch_size: Training batch.
+        val_split: Fraction of samples held out for early stopping; 0 trains on all
+            and keeps the final parameters.
+        patience: Epochs without a better validation loss before stopping.
+        noise: Relative perturbation of the start parameters (× each tensor's std).
+        seed: Seed of the split, the batch order and the noise.
+
+    Example:
+        >>> from fxfuse._config import TrainConfig
+        >>> TrainConfig(epochs=5).replace(lr=0.01).lr
+        0.01
+    """
+
+    epochs: int = 100
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    batch_size: int = 32
+    val_split: float = 0.1
+    patience: int = 10
+    noise: float = 0.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name, lo in (("epochs", 0), ("batch_size", 1), ("patience", 1)):
+            _check_int(name, getattr(self, name), lo)
+        _check_int("seed", self.seed, None)
+        for name in ("lr", "weight_decay", "noise"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0 or (name == "lr" and v == 0):
+                kind = "positive" if name == "lr" else "non-negative"
+                raise ValueError(f"option {name} must be a {kind} number, got {v!r}")
+        if isinstance(self.val_split, bool) or not isinstance(self.val_split, (int, float)) or not 0.0 <= self.val_split < 1.0:
+            raise ValueError(f"option val_split must be in [0, 1), got {self.val_split!r}")
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+
+def _check_int(name: str, v: Any, lo: int | None) -> None:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise TypeError(f"option {name} must be an int, got {type(v).__name__} {v!r}")
+    if lo is not None and v < lo:
+        raise ValueError(f"option {name} must be an int >= {lo}, got {v!r}")
+
+
+_TRAIN_FIELDS = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.name not in ("batch_size", "seed"))
+
+# every keyword option of fxfuse.fuse and its default; `train_batch_size` maps to TrainConfig.batch_size
+OPTION_DEFAULTS: dict[str, Any] = {
+    "reset_bn": False,  # vanilla / git-rebasin / otfusion: recompute BatchNorm statistics on the fusion data
+    "class_weights": None,  # ensemble: per-class weights of each model, (n_models, n_classes)
+    "target": None,  # nn.Module with the fused architecture; default: models[0]
+    "max_rows": 50_000,  # rows (samples × positions) kept for grouping non-closed-form levels and alignment
+    "batch_size": 256,  # inference batch
+    "memory_budget": 1 << 30,  # bytes of level outputs cached between levels; beyond it they are recomputed
+    "n_init": 5,  # k-means restarts
+    "importance_steps": 20,  # conductance integration steps
+    "train_batch_size": 32,
+    **{name: getattr(TrainConfig(), name) for name in _TRAIN_FIELDS},
+}
+
+
+@dataclass(frozen=True, eq=False)
+class FuseConfig:
+    """Every setting of one fusion, validated (see :func:`make_config`).
+
+    Attributes:
+        method: A name in :data:`fxfuse._methods.METHODS`.
+        importance: ``"uniform"``, ``"conductance"`` or ``"deeplift"``.
+        device: Where to compute.
+        seed: Seed of every random choice.
+        progress: Show progress bars and print the report.
+        target: A model whose architecture the fused model takes, or None (``models[0]``).
+        reset_bn: Recompute BatchNorm statistics after vanilla, git-rebasin or otfusion.
+        class_weights: Per-class weights of the ensemble, or None.
+        max_rows: Rows kept for grouping where statistics are not enough.
+        batch_size: Inference batch.
+        memory_budget: Bytes of level outputs the collector may cache.
+        n_init: k-means restarts.
+        importance_steps: Integration steps of conductance.
+        train: Settings of gradient fits.
+    """
+
+    method: str
+    importance: str
+    device: torch.device
+    seed: int
+    progress: bool
+    target: nn.Module | None
+    reset_bn: bool
+    class_weights: Any
+    max_rows: int
+    batch_size: int
+    memory_budget: int
+    n_init: int
+    importance_steps: int
+    train: TrainConfig
+
+    def options(self) -> dict[str, Any]:
+        """The keyword options, as :func:`fxfuse.fuse` takes them (for pairwise merges and records)."""
+        out = {k: getattr(self, k) for k in OPTION_DEFAULTS if hasattr(self, k)}
+        out.update({k: getattr(self.train, k) for k in _TRAIN_FIELDS})
+        out["train_batch_size"] = self.train.batch_size
+        return out
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``device`` as a torch.device; None means CUDA when available, else the CPU."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device {device!r} is not a valid torch device; use 'cpu', 'cuda' or 'cuda:N'") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} was requested but CUDA is not available here; use device='cpu'")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+    return dev
+
+
+def make_config(
+    method: str,
+    importance: str = "uniform",
+    device: str | torch.device | None = None,
+    seed: int = 0,
+    progress: bool = True,
+    **options: Any,
+) -> FuseConfig:
+    """Validate fusion arguments into one :class:`FuseConfig`, before any work is done.
+
+    Method-specific defaults (e.g. NP Merge's lr 0.01 for 10 epochs) apply
+    under the user's options.
+
+    Raises:
+        ValueError: unknown method or importance, or an option out of range.
+        TypeError: unknown option, or an option of the wrong type.
+
+    Example:
+        >>> from fxfuse._config import make_config
+        >>> make_config("np-merge", device="cpu").train.lr
+        0.01
+    """
+    from ._importance import IMPORTANCES
+    from ._methods import get_method
+
+    spec = get_method(method)
+    if importance not in IMPORTANCES:
+        raise ValueError(f"unknown importance {importance!r}; valid importance scores: {', '.join(IMPORTANCES)}")
+    unknown = [k for k in options if k not in OPTION_DEFAULTS]
+    if unknown:
+        raise TypeError(f"unknown option(s) {', '.join(unknown)}; valid options: {', '.join(OPTION_DEFAULTS)}")
+    _check_int("seed", seed, None)
+    if not isinstance(progress, bool):
+        raise TypeError(f"progress must be True or False, got {progress!r}")
+    opts = {**OPTION_DEFAULTS, **spec.defaults, **options}
+    for name, lo in (("max_rows", 1), ("batch_size", 1), ("n_init", 1), ("importance_steps", 2), ("memory_budget", 0)):
+        _check_int(name, opts[name], lo)
+    if opts["target"] is not None and not isinstance(opts["target"], nn.Module):
+        raise TypeError(f"option target must be an nn.Module, got {type(opts['target']).__name__}")
+    if not isinstance(opts["reset_bn"], bool):
+        raise TypeError(f"option reset_bn must be True or False, got {opts['reset_bn']!r}")
+    train = TrainConfig(batch_size=opts["train_batch_size"], seed=seed, **{k: opts[k] for k in _TRAIN_FIELDS})
+    return FuseConfig(
+        method=method, importance=importance, device=resolve_device(device), seed=seed, progress=progress,
+        target=opts["target"], reset_bn=opts["reset_bn"], class_weights=opts["class_weights"],
+        max_rows=opts["max_rows"], batch_size=opts["batch_size"], memory_budget=opts["memory_budget"],
+        n_init=opts["n_init"], importance_steps=opts["importance_steps"], train=train,
+    )

@@ -1,0 +1,575 @@
+"""The stages of a fusion, each a function from one frozen object to the next.
+
+:func:`fxfuse.fuse` calls them in order (DESIGN.md, "Pipeline"):
+``prepare`` → ``align_depth`` → ``score_neurons`` → per level ``fuse_level``
+(collect → group → solve → write) → ``emit``. Grouping strategies and solvers
+live in the registries :data:`GROUPINGS` and :data:`SOLVERS`.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.fx import GraphModule
+
+from ._collect import Collector, FusionData
+from ._config import FuseConfig
+from ._errors import AlignmentError, FxFuseError, TraceError
+from ._grouping import hungarian_pairs, pair_costs, weighted_kmeans
+from ._methods import Method, get_method
+from ._solve import GramStats, affine_params, design_rows, fit_gradient, from_rows, op_input, read_affine, to_rows
+from ._trace import trace
+
+__all__ = [
+    "Prepared", "Grouping", "LevelRecord", "GROUPINGS", "SOLVERS", "prepare", "align_depth",
+    "fuse_level", "emit", "progress_bar", "score_neurons",
+]
+
+
+@dataclass(frozen=True, eq=False)
+class Prepared:
+    """Traced copies of the models and what the later stages need.
+
+    Attributes:
+        models: The base models, traced copies on the device (float32 where the
+            user's are half precision); the user's models are never touched.
+        data: The fusion data; labelled where importance scores need labels
+            (with the ensemble's argmax when the user gave none).
+        plans: Level plans of the base models (level-wise methods only).
+        fused_plan: Level plan of the fused model, a traced copy of ``target=`` or
+            ``models[0]`` whose parameters the solvers rewrite.
+        dtype: The dtype the fused model is emitted in.
+        grad_flags: ``requires_grad`` of the fused architecture's parameters, restored at emit.
+    """
+
+    models: list[GraphModule]
+    data: FusionData
+    plans: list[Any]
+    fused_plan: Any
+    dtype: torch.dtype
+    grad_flags: dict[str, bool]
+
+
+@dataclass(frozen=True)
+class Grouping:
+    """The grouping of one level's concatenated base neurons (Algorithm 1, lines 4–6).
+
+    Attributes:
+        labels: Tensor of shape (n_neurons,): the fused neuron of each base neuron.
+        matrix: Tensor of shape (n_neurons, width): T = Z A gives the targets.
+        cost: The importance-weighted grouping error (Eq. 4).
+        how: How the neurons were grouped, for the report.
+    """
+
+    labels: Tensor
+    matrix: Tensor
+    cost: float
+    how: str
+
+
+@dataclass(frozen=True)
+class LevelRecord:
+    """What fusing one level did: one row of the report."""
+
+    level: int
+    name: str
+    kind: str
+    grouping: str
+    approximation: str
+    grouping_cost: float
+    approx_error: float
+    seconds: float
+    rows: int
+    columns: int
+
+
+def progress_bar(total: int, desc: str, enabled: bool, leave: bool = True):
+    """A tqdm bar, or None when progress is off."""
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, leave=leave)
+
+
+# --- 1. prepare ------------------------------------------------------------------------
+
+
+def _as_model_list(models: Any) -> list[nn.Module]:
+    if isinstance(models, nn.ModuleList):
+        return list(models)
+    if isinstance(models, nn.Module):
+        raise TypeError(
+            f"models must be a sequence of models, got a single {type(models).__name__}; pass [model_a, model_b]"
+        )
+    try:
+        out = list(models)
+    except TypeError:
+        raise TypeError(f"models must be a sequence of torch.nn.Module, got {type(models).__name__}") from None
+    for k, m in enumerate(out):
+        if not isinstance(m, nn.Module):
+            raise TypeError(f"models[{k}] is a {type(m).__name__}, not a torch.nn.Module")
+    return out
+
+
+def _check_finite_params(k: int, m: nn.Module) -> None:
+    for name, t in [*m.named_parameters(), *m.named_buffers()]:
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise ValueError(
+                f"models[{k}]: `{name}` holds {bad} NaN or Inf values; fusing it would give a broken model. "
+                "Check the checkpoint"
+            )
+
+
+def _trace_copy(k: Any, m: nn.Module, example: Tensor, dev: torch.device) -> GraphModule:
+    try:
+        gm = trace(m, example.to(next((p.device for p in m.parameters()), example.device)))
+    except TraceError as e:
+        raise TraceError(f"models[{k}] ({type(m).__name__}) on fusion inputs of shape "
+                         f"{tuple(example.shape)}: {e}") from e
+    gm = gm.to(dev)
+    if any(p.dtype in (torch.float16, torch.bfloat16) for p in gm.parameters()):
+        gm = gm.float()  # fits and statistics in float32 (half precision degrades them); emit casts back
+    for p in gm.parameters():
+        p.requires_grad_(True)  # copies: fitted whatever the user's flags
+    return gm
+
+
+def _check_tied(plan, k: Any) -> None:
+    """Refuse parameters used by two levels: level-wise solving would overwrite one use with the other."""
+    levels: dict[str, list[int]] = collections.defaultdict(list)
+    by_name = {n.name: n for n in plan.gm.graph.nodes}
+    for lv in plan:
+        for name in lv.nodes:
+            n = by_name[name]
+            if n.op == "call_module":
+                levels[str(n.target)].append(lv.index)
+    shared = {t: sorted(set(ix)) for t, ix in levels.items() if len(set(ix)) > 1}
+    if shared:
+        t, ix = next(iter(shared.items()))
+        raise FxFuseError(
+            f"models[{k}]: module `{t}` is called in levels {ix} (shared or tied weights); level-by-level fusion "
+            "would solve each use separately and keep only the last. Untie the weights (a separate module per use), "
+            "or use a whole-model method such as method='git-rebasin'"
+        )
+
+
+def _check_structure(plans, names: list[str]) -> None:
+    ref = plans[0]
+    counts = [len(p) for p in plans]
+    if len(set(counts)) != 1:
+        raise AlignmentError(
+            f"models have different numbers of levels ({', '.join(f'{n} {c}' for n, c in zip(names, counts))}); "
+            "level-by-level fusion needs equal depth. Depth alignment (cross-layer alignment) is needed for "
+            "models of different depth"
+        )
+    for k, p in enumerate(plans[1:], 1):
+        for a, b in zip(ref, p):
+            sa, sb = list(a.output_shape[1:]), list(b.output_shape[1:])
+            if a.neuron_axis != b.neuron_axis or len(sa) != len(sb) or any(
+                x != y for d, (x, y) in enumerate(zip(sa, sb), 1) if d != a.neuron_axis
+            ):
+                raise AlignmentError(
+                    f"level {a.index}: {names[0]} level `{a.name}` outputs {a.output_shape} (neurons on dim "
+                    f"{a.neuron_axis}) but {names[k]} level `{b.name}` outputs {b.output_shape} (neurons on dim "
+                    f"{b.neuron_axis}); fused models must share their structure and differ only in widths"
+                )
+    heads = [p[-1].width for p in plans]
+    if len(set(heads)) != 1:
+        raise AlignmentError(f"head levels have different widths (classes) {heads}; fused models must share classes")
+
+
+def prepare(models: Any, data: Any, cfg: FuseConfig) -> Prepared:
+    """Validate the models and data, trace copies, and (for level-wise methods) partition them.
+
+    Raises:
+        TypeError / ValueError: bad models or data (the message names which).
+        TraceError: a model cannot run on the fusion inputs.
+        AlignmentError: the models' levels do not correspond.
+    """
+    from fxfuse.passes import partition_levels
+
+    method = get_method(cfg.method)
+    models = _as_model_list(models)
+    if len(models) < 2:
+        raise ValueError(f"fuse needs at least two models, got {len(models)}")
+    if method.n_models is not None and len(models) != method.n_models:
+        raise ValueError(f"{method.name} fuses exactly {method.n_models} models, got {len(models)}; "
+                         "use method='kf-linear' for more")
+    if cfg.target is not None and not method.takes_target:
+        raise ValueError(f"{method.name} combines the models' own parameters; it takes no target= (remove it)")
+    if not method.uses_importance and cfg.importance != "uniform":
+        raise ValueError(f"{method.name} uses no importance scores; got importance={cfg.importance!r}, "
+                         "leave it 'uniform'")
+    for k, m in enumerate(models):
+        _check_finite_params(k, m)
+    data = data if isinstance(data, FusionData) else FusionData(data)
+    if method.needs_labels and not data.has_labels:
+        raise ValueError(
+            f"{method.name} learns on the task loss and needs labels: pass data as (inputs, labels); "
+            "for label-free merging use method='np-merge-levelwise' or 'kf-linear'"
+        )
+    dev = cfg.device
+    gms = [_trace_copy(k, m, data.example, dev) for k, m in enumerate(models)]
+    if data.example.dtype in (torch.float16, torch.bfloat16):
+        data.input_dtype = torch.float32
+    with torch.no_grad():
+        outs = [g(data.example.to(dev, data.input_dtype or data.example.dtype)) for g in gms]
+    shapes = [tuple(o.shape) for o in outs]
+    if len(set(shapes)) != 1:
+        raise AlignmentError(f"{method.name}: the models' outputs have different shapes {shapes}; fused models must "
+                             "share classes")
+    if len(shapes[0]) == 2:
+        data.n_classes = shapes[0][1]
+    if method.same_parameters:
+        ref = {k: tuple(v.shape) for k, v in gms[0].state_dict().items()}
+        for k, g in enumerate(gms[1:], 1):
+            if {n: tuple(v.shape) for n, v in g.state_dict().items()} != ref:
+                raise AlignmentError(
+                    f"{method.name} combines parameters one to one, so models need identical architectures; "
+                    f"models[{k}] differs from models[0]. Use method='otfusion' or 'kf-linear' for models of "
+                    "different widths."
+                )
+    if cfg.importance != "uniform" and not data.has_labels:
+        data = data.with_labels(lambda x: sum(g(x).softmax(-1) for g in gms).argmax(-1))
+    target = cfg.target if cfg.target is not None else models[0]
+    dtype = next((p.dtype for p in target.parameters() if p.is_floating_point()), torch.float32)
+    flags = {n: p.requires_grad for n, p in target.named_parameters()}
+    if not method.levelwise:
+        return Prepared(gms, data, [], None, dtype, flags)
+    if method.grouping == "aligned":
+        gms = GROUPINGS["aligned"].prepare(gms, data, cfg)
+    plans = [partition_levels(g) for g in gms]
+    fused_gm = _trace_copy("target" if cfg.target is not None else 0, target, data.example, dev)
+    fused_plan = partition_levels(fused_gm)
+    names = [f"models[{k}]" for k in range(len(gms))] + ["target"]
+    _check_structure(plans + [fused_plan], names)
+    for k, p in enumerate(plans + [fused_plan]):
+        _check_tied(p, names[k])
+    if method.equal_widths:
+        for i in range(len(fused_plan) - 1):
+            ws = [p[i].width for p in plans] + [fused_plan[i].width]
+            if len(set(ws)) != 1:
+                raise ValueError(
+                    f"level {i} (`{plans[0][i].name}`): models have widths {ws[0]} and {ws[1]}"
+                    f"{'' if ws[-1] == ws[0] else f' (fused {ws[-1]})'}; {method.name} needs equal widths, "
+                    "use method='kf-linear'"
+                )
+    return Prepared(gms, data, plans, fused_plan, dtype, flags)
+
+
+# --- 2. depth alignment (cross-layer alignment fills this slot) ---------------------------
+
+
+def align_depth(prep: Prepared, cfg: FuseConfig) -> Prepared:
+    """Make the models' level plans correspond one to one; today they must already (equal depth)."""
+    return prep
+
+
+# --- 3. importance ---------------------------------------------------------------------------
+
+
+def score_neurons(prep: Prepared, cfg: FuseConfig) -> list[list[Tensor]]:
+    """Per model, per level: the importance score of every neuron (Tensor of shape (width,), float64)."""
+    from ._importance import level_scores
+
+    return [
+        level_scores(p.split(), [lv.neuron_axis for lv in p], prep.data, cfg.importance,
+                     n_steps=cfg.importance_steps, device=cfg.device)
+        for p in prep.plans
+    ]
+
+
+# --- 4. per level: grouping strategies --------------------------------------------------------
+
+
+def _cluster_matrix(labels: Tensor, scores: Tensor, k: int) -> Tensor:
+    """A (n_neurons, k): A[j, c] = s_j / Σ_{j' ∈ c} s_j', so that T = Z A (Algorithm 1, line 6)."""
+    A = torch.zeros(labels.shape[0], k, dtype=torch.float64, device=scores.device)
+    A[torch.arange(labels.shape[0], device=scores.device), labels] = scores
+    return A / A.sum(0, keepdim=True).clamp_min(1e-300)
+
+
+def _order_like_first(labels: Tensor, scores: Tensor, w0: int, k: int) -> Tensor:
+    """Relabel clusters so that cluster t holds the first model's neuron t where possible.
+
+    The fused model starts from the first model's weights; ordering its neurons
+    like that model's keeps gradient initialisation matched to the grouping.
+    """
+    if w0 != k:
+        return labels
+    cost = torch.zeros(k, k, dtype=torch.float64)
+    cost[labels[:w0].cpu(), torch.arange(w0)] = -scores[:w0].cpu()
+    return hungarian_pairs(cost).to(labels.device)[labels]
+
+
+class HungarianGrouping:
+    """HF: pair every neuron of models[1] with one of models[0] (Hungarian on the pair costs, appendix B.1)."""
+
+    how = "hungarian"
+
+    def fit(self, points: Tensor, scores: Tensor, widths: list[int], k: int, seed: int, cfg: FuseConfig) -> Tensor:
+        w0 = widths[0]
+        match = hungarian_pairs(pair_costs(points[:w0], points[w0:], scores[:w0], scores[w0:])).to(points.device)
+        labels = torch.empty(sum(widths), dtype=torch.long, device=points.device)
+        labels[:w0] = torch.arange(w0, device=points.device)
+        labels[w0 + match] = torch.arange(w0, device=points.device)
+        return labels
+
+
+class KMeansGrouping:
+    """KF: importance-weighted k-means of all models' neurons (section 4.3.1)."""
+
+    how = "k-means"
+
+    def fit(self, points: Tensor, scores: Tensor, widths: list[int], k: int, seed: int, cfg: FuseConfig) -> Tensor:
+        labels, _, _ = weighted_kmeans(points, scores, k, n_init=cfg.n_init, seed=seed)
+        return _order_like_first(labels.to(points.device), scores, widths[0], k)
+
+
+class AlignedGrouping:
+    """Models aligned beforehand (git-rebasin's matching): neuron j of every model forms group j."""
+
+    how = "aligned"
+
+    def prepare(self, gms: list[GraphModule], data: FusionData, cfg: FuseConfig) -> list[GraphModule]:
+        from ._align import align
+
+        return align(gms, data, importance=cfg.importance, batch_size=cfg.batch_size, n_steps=cfg.importance_steps,
+                     method=cfg.method, device=cfg.device).models
+
+    def fit(self, points: Tensor, scores: Tensor, widths: list[int], k: int, seed: int, cfg: FuseConfig) -> Tensor:
+        return torch.cat([torch.arange(w, device=points.device) for w in widths])
+
+
+GROUPINGS: dict[str, Any] = {"hf": HungarianGrouping(), "kf": KMeansGrouping(), "aligned": AlignedGrouping()}
+
+
+def group(points: Tensor, scores: Tensor, widths: list[int], k: int, *, is_head: bool, strategy: str, seed: int,
+          cfg: FuseConfig) -> Grouping:
+    """Group the concatenated neurons (points: Tensor of shape (n_neurons, n_features)) into ``k`` fused ones.
+
+    The head keeps class identity: class c of every model forms group c.
+    """
+    if is_head:
+        labels, how = torch.cat([torch.arange(w, device=points.device) for w in widths]), "mean of logits"
+    else:
+        g = GROUPINGS[strategy]
+        labels, how = g.fit(points, scores, widths, k, seed, cfg), g.how
+    A = _cluster_matrix(labels, scores, k)
+    centers = A.T @ points
+    cost = float((scores * ((points - centers[labels]) ** 2).sum(1)).sum())
+    return Grouping(labels, A, cost, how)
+
+
+# --- 4. per level: collect, solve, write ---------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class _LevelData:
+    """What one pass over the data gathered for a level."""
+
+    stats: GramStats | None  # closed form: streamed second moments
+    eig: tuple[Tensor, Tensor] | None  # closed form: eigenpairs of G above the cut-off
+    points: Tensor  # grouping features: Tensor of shape (n_neurons, n_features), float64
+    fit_inputs: Tensor | None  # gradient: the fused level's inputs, Tensor of shape (n_samples, ...)
+    fit_rows: Tensor | None  # gradient: base outputs as rows, Tensor of shape (n_rows, n_neurons)
+    rows: int
+    columns: int
+
+
+def _check_finite(t: Tensor, where: str) -> None:
+    if not bool(torch.isfinite(t).all()):
+        bad = int((~torch.isfinite(t)).sum())
+        raise FxFuseError(f"{where}: {bad} non-finite values (NaN or Inf); check the input data and the model's weights")
+
+
+def collect(i: int, prep: Prepared, col: Collector, spec, cfg: FuseConfig) -> _LevelData:
+    """One pass over the data: base level-i outputs and the fused level's input, reduced to what the solver needs.
+
+    Closed form (``spec`` given) keeps only G = XᵀX, XᵀZ, ZᵀZ; otherwise the rows
+    are kept for grouping (up to ``max_rows``) and fitting.
+    """
+    base = [chain[i] for chain in col.chains[:-1]]
+    fused = col.chains[-1][i]
+    stats = GramStats() if spec is not None else None
+    fit_x, fit_z = [], []
+    n_rows = 0
+    for b, ins, _ in col.inputs(i):
+        zs = []
+        for k, (lv, h) in enumerate(zip(base, ins[:-1])):
+            with torch.no_grad():
+                z = lv(h)
+            _check_finite(z, f"level {i} (`{prep.plans[k][i].name}`) of models[{k}]")
+            col.store(k, i, b, z)
+            zs.append(to_rows(z, prep.plans[k][i].neuron_axis))
+        zr = torch.cat(zs, 1)
+        n_rows += zr.shape[0]
+        if stats is not None:
+            with torch.no_grad():
+                stats.add(design_rows(fused, spec, op_input(fused, spec, ins[-1])), zr)
+        else:
+            fit_x.append(ins[-1])
+            fit_z.append(zr)
+    if stats is not None:
+        lam, V = stats.eig()
+        return _LevelData(stats, (lam, V), stats.projected(lam, V).T, None, None, n_rows, stats.G.shape[0])
+    Z = torch.cat(fit_z)
+    rows = Z
+    if rows.shape[0] > cfg.max_rows:
+        g = torch.Generator().manual_seed(cfg.seed + i)
+        rows = rows[torch.randperm(rows.shape[0], generator=g)[: cfg.max_rows].to(rows.device)]
+    n_params = sum(p.numel() for p in fused.parameters())
+    return _LevelData(None, None, rows.T.to(torch.float64), torch.cat(fit_x), Z, n_rows, n_params)
+
+
+def _solve_closed_form(i, prep, col, spec, data: _LevelData, grouping: Grouping, cfg) -> tuple[dict, float, str]:
+    # start: the fused level's current weights (models[0]'s, or target's); the data fixes every direction it spans
+    level = col.chains[-1][i]
+    lam, V = data.eig
+    W = data.stats.solve(lam, V, grouping.matrix, W0=read_affine(level, spec))
+    A = grouping.matrix
+    t2 = float(torch.einsum("ij,ik,kj->", A, data.stats.K, A))
+    err = data.stats.residual(lam, V, A) / max(t2, 1e-300)
+    return affine_params(level, spec, W), err, "closed form"
+
+
+def _targets(prep, i: int, data: _LevelData, grouping: Grouping, dtype) -> Tensor:
+    lv = prep.fused_plan[i]
+    return from_rows((data.fit_rows.to(torch.float64) @ grouping.matrix).to(dtype), lv.output_shape, lv.neuron_axis)
+
+
+def _solve_gradient(i, prep, col, spec, data, grouping, cfg, *, fallback: bool = False):
+    import copy
+
+    work = copy.deepcopy(col.chains[-1][i])
+    T = _targets(prep, i, data, grouping, data.fit_inputs.dtype)
+    bar = progress_bar(cfg.train.epochs, f"level {i} {prep.fused_plan[i].name}", cfg.progress, leave=False)
+    # eval mode: norms keep their running statistics while their affine parameters train
+    fit_gradient(work, data.fit_inputs, T, cfg.train.replace(seed=cfg.seed + i), progress=bar)
+    if bar is not None:
+        bar.close()
+    return dict(work.state_dict()), T, "gradient" + (" (fallback: not affine)" if fallback else "")
+
+
+def _solve_np(i, prep, col, spec, data, grouping, cfg):
+    import copy
+
+    from ._align import reset_batchnorm
+    from ._npmerge import Interpolation
+
+    work = copy.deepcopy(col.chains[-1][i])
+    other = col.chains[1][i]
+    T = _targets(prep, i, data, grouping, data.fit_inputs.dtype)
+    # only the level's α_pre trains; it starts at α = 0.5 with BatchNorm statistics of that merge on the
+    # fused input (REPAIR), which the eval-mode fit keeps as part of the function
+    mix = Interpolation(work, other)
+    mix.write()
+    reset_batchnorm(work, data.fit_inputs, cfg.batch_size)
+    bar = progress_bar(cfg.train.epochs, f"level {i} {prep.fused_plan[i].name}", cfg.progress, leave=False)
+    fit_gradient(mix, data.fit_inputs, T, cfg.train.replace(seed=cfg.seed + i, noise=0.0), progress=bar)
+    if bar is not None:
+        bar.close()
+    mix.apply()
+    return dict(work.state_dict()), T, "np interpolation"
+
+
+def _solve_linear(i, prep, col, spec, data, grouping, cfg):
+    if spec is not None:
+        return _solve_closed_form(i, prep, col, spec, data, grouping, cfg)
+    return _solve_gradient(i, prep, col, spec, data, grouping, cfg, fallback=True)
+
+
+SOLVERS: dict[str, Any] = {"linear": _solve_linear, "gradient": _solve_gradient, "np": _solve_np}
+
+
+def fuse_level(i: int, prep: Prepared, scores: list[list[Tensor]], col: Collector, cfg: FuseConfig) -> LevelRecord:
+    """Fuse level ``i``: collect, group, solve, write (Algorithm 1, lines 3–8); returns its record."""
+    from fxfuse.passes import affine_spec, rewrite_params
+
+    t0 = time.perf_counter()
+    method: Method = get_method(cfg.method)
+    lv = prep.fused_plan[i]
+    level = col.chains[-1][i]
+    spec = affine_spec(level) if method.solver == "linear" else None
+    # a. collect
+    data = collect(i, prep, col, spec, cfg)
+    # b. group
+    widths = [p[i].width for p in prep.plans]
+    s = torch.cat([sc[i] for sc in scores]).to(data.points.device)
+    grouping = group(data.points, s, widths, lv.width, is_head=lv.is_head, strategy=method.grouping,
+                     seed=cfg.seed + i, cfg=cfg)
+    # c. solve
+    params, err_or_T, how = SOLVERS[method.solver](i, prep, col, spec, data, grouping, cfg)
+    # d. write: the fused model's parameters, which the level module shares
+    rewrite_params(prep.fused_plan.gm, params, in_place=True)
+    # e. run the solved level once, for the next level's input (and the error of a gradient fit)
+    sq_err = sq_t = 0.0
+    offset = 0
+    last = len(col.chains) - 1
+    for b, (h,), _ in col.inputs(i, which=[last]):
+        with torch.no_grad():
+            out = level(h)
+        _check_finite(out, f"level {i} (`{lv.name}`) of the fused model")
+        col.store(last, i, b, out)
+        if isinstance(err_or_T, Tensor):
+            t = err_or_T[offset : offset + out.shape[0]]
+            sq_err += float(((out - t) ** 2).sum())
+            sq_t += float((t**2).sum())
+        offset += out.shape[0]
+    err = sq_err / max(sq_t, 1e-300) if isinstance(err_or_T, Tensor) else err_or_T
+    return LevelRecord(i, lv.name, lv.kind, grouping.how, how, grouping.cost, err, time.perf_counter() - t0,
+                       data.rows, data.columns)
+
+
+# --- 5. emit -------------------------------------------------------------------------------------
+
+
+def emit(fused: GraphModule, prep: Prepared, records: list[LevelRecord], cfg: FuseConfig, t_start: float) -> GraphModule:
+    """The fused GraphModule in eval mode on the device, in the target's dtype and ``requires_grad`` flags,
+    with the report in ``fused.meta["fxfuse"]``."""
+    fused = fused.to(device=cfg.device, dtype=prep.dtype).eval()
+    for n, p in fused.named_parameters():
+        p.requires_grad_(prep.grad_flags.get(n, True))
+    exact = [r for r in records if r.approximation == "closed form" and r.rows < r.columns]
+    if exact:
+        names = ", ".join(f"{r.level} (`{r.name}`: {r.rows} rows, {r.columns} columns)" for r in exact[:5])
+        warnings.warn(
+            f"fxfuse: {len(exact)} closed-form level(s) had fewer fusion rows than unknowns, so their fit is exact on "
+            f"the fusion data and the reported error (0) says nothing about new inputs: levels {names}. "
+            "Use more fusion samples.",
+            stacklevel=3,
+        )
+    fused.meta["fxfuse"] = {
+        "method": cfg.method, "importance": cfg.importance, "n_models": len(prep.models), "seed": cfg.seed,
+        "seconds": time.perf_counter() - t_start, "levels": [dataclasses.asdict(r) for r in records],
+    }
+    if cfg.progress:
+        print(format_report(fused))
+    return fused
+
+
+def format_report(fused: GraphModule) -> str:
+    """A readable table of the per-level report stored in ``fused.meta["fxfuse"]``."""
+    meta = fused.meta.get("fxfuse")
+    if not meta:
+        raise ValueError("this GraphModule carries no fxfuse report; it was not made by fxfuse.fuse")
+    head = ("level", "name", "kind", "grouping", "approximation", "group cost", "rel. approx err", "s")
+    rows = [head] + [
+        (str(r["level"]), r["name"], r["kind"], r["grouping"], r["approximation"], f"{r['grouping_cost']:.4g}",
+         f"{r['approx_error']:.3g}", f"{r['seconds']:.2f}")
+        for r in meta["levels"]
+    ]
+    w = [max(len(r[c]) for r in rows) for c in range(len(head))]
+    lines = [f"fxfuse: {meta['method']} with {meta['importance']} importance, {meta['n_models']} models, "
+             f"{meta['seconds']:.1f} s"]
+    lines += ["  ".join(c.ljust(x) for c, x in zip(r, w)).rstrip() for r in rows]
+    return "\n".join(lines)
