@@ -142,10 +142,14 @@ class _Capture(Interpreter):
         return out
 
 
-def _space_rows(values: dict[str, Tensor], space) -> Tensor:
-    """A space's activations on one batch, neurons last: Tensor of shape (n_rows, width), float64."""
-    parts = [values[name].movedim(d, -1) for name, d in space.nodes]
-    return torch.cat([p.reshape(-1, p.shape[-1]) for p in parts]).to(torch.float64)
+def _node_rows(value: Tensor, dim: int) -> Tensor:
+    """One node's activations, neurons last: Tensor of shape (n_rows, width), float64."""
+    v = value.movedim(dim, -1)
+    return v.reshape(-1, v.shape[-1]).to(torch.float64)
+
+
+# samples whose activations at every space node are held at once while streaming alignment statistics
+_CAPTURE_SAMPLES = 32
 
 
 @torch.no_grad()
@@ -166,20 +170,23 @@ def space_distances(gms: Sequence[GraphModule], spaces, data: FusionData, *, bat
     caps = [_Capture(g, names) for g in gms]
     sq: list[dict[int, Tensor]] = [{} for _ in gms]
     cross: list[dict[int, Tensor]] = [{} for _ in gms]
-    for x, _ in data.batches(batch_size, device):
-        for cap in caps:
-            cap.run(x)
-        rows0 = {s.index: _space_rows(caps[0].values, s) for s in free}
-        for k, cap in enumerate(caps):
+    def add(acc: dict[int, Tensor], i: int, t: Tensor) -> None:
+        acc[i] = t if i not in acc else acc[i] + t
+
+    for batch, _ in data.batches(batch_size, device):
+        for x in batch.split(_CAPTURE_SAMPLES):  # every space activation of these samples is held at once
+            for cap in caps:
+                cap.run(x)
             for s in free:
-                r = rows0[s.index] if k == 0 else _space_rows(cap.values, s)
-                add = (r * r).sum(0)
-                sq[k][s.index] = add if s.index not in sq[k] else sq[k][s.index] + add
-                if k:
-                    c = rows0[s.index].T @ r
-                    cross[k][s.index] = c if s.index not in cross[k] else cross[k][s.index] + c
-        for cap in caps:
-            cap.values.clear()
+                for name, d in s.nodes:
+                    r0 = _node_rows(caps[0].values[name], d)
+                    add(sq[0], s.index, (r0 * r0).sum(0))
+                    for k in range(1, len(gms)):
+                        r = _node_rows(caps[k].values[name], d)
+                        add(sq[k], s.index, (r * r).sum(0))
+                        add(cross[k], s.index, r0.T @ r)
+            for cap in caps:
+                cap.values.clear()
     return [
         {i: (sq[0][i][:, None] + sq[k][i][None, :] - 2.0 * cross[k][i]).clamp_min_(0.0) for i in cross[k]}
         for k in range(1, len(gms))

@@ -392,6 +392,21 @@ def _check_finite(t: Tensor, where: str) -> None:
         raise FxFuseError(f"{where}: {bad} non-finite values (NaN or Inf); check the input data and the model's weights")
 
 
+# elements of one unfolded design chunk (float32: 64 MB); bounds the memory of im2col at any resolution
+_DESIGN_CHUNK = 16 << 20
+
+
+@torch.no_grad()
+def _add_design(stats: GramStats, level: GraphModule, spec, h: Tensor, zr: Tensor) -> None:
+    """Add one batch to the Gram statistics, unfolding a few samples at a time."""
+    rows_per_sample = zr.shape[0] // h.shape[0]
+    fan = level.get_submodule(spec.op).weight[0].numel() + 1
+    step = max(1, _DESIGN_CHUNK // max(1, rows_per_sample * fan))
+    for s in range(0, h.shape[0], step):
+        X = design_rows(level, spec, op_input(level, spec, h[s : s + step]))
+        stats.add(X, zr[s * rows_per_sample : (s + step) * rows_per_sample])
+
+
 def collect(i: int, prep: Prepared, col: Collector, spec, cfg: FuseConfig) -> _LevelData:
     """One pass over the data: base level-i outputs and the fused level's input, reduced to what the solver needs.
 
@@ -414,8 +429,7 @@ def collect(i: int, prep: Prepared, col: Collector, spec, cfg: FuseConfig) -> _L
         zr = torch.cat(zs, 1)
         n_rows += zr.shape[0]
         if stats is not None:
-            with torch.no_grad():
-                stats.add(design_rows(fused, spec, op_input(fused, spec, ins[-1])), zr)
+            _add_design(stats, fused, spec, ins[-1], zr)
         else:
             fit_x.append(ins[-1])
             fit_z.append(zr)

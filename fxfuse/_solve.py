@@ -9,12 +9,11 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.fx import GraphModule, Interpreter, Node
+from torch.fx import GraphModule, Interpreter
 
 from fxfuse.passes._affine import AffineSpec, affine_spec
 
@@ -74,16 +73,19 @@ class GramStats:
         self.K: Tensor | None = None
         self.rows = 0
 
-    def add(self, X: Tensor, Z: Tensor) -> None:
-        X = X.to(torch.float64)
-        Z = Z.to(torch.float64)
-        g, c, k = X.T @ X, X.T @ Z, Z.T @ Z
-        if self.G is None:
-            self.G, self.C, self.K = g, c, k
-        else:
-            self.G += g
-            self.C += c
-            self.K += k
+    def add(self, X: Tensor, Z: Tensor, chunk: int = 8192) -> None:
+        """Add rows X (n_rows, d) and Z (n_rows, n_neurons), in chunks of ``chunk`` rows so that the
+        float64 copies stay small whatever the batch."""
+        for s in range(0, X.shape[0], chunk):
+            x = X[s : s + chunk].to(torch.float64)
+            z = Z[s : s + chunk].to(torch.float64)
+            g, c, k = x.T @ x, x.T @ z, z.T @ z
+            if self.G is None:
+                self.G, self.C, self.K = g, c, k
+            else:
+                self.G += g
+                self.C += c
+                self.K += k
         self.rows += X.shape[0]
 
     def eig(self) -> tuple[Tensor, Tensor]:
