@@ -65,31 +65,42 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_model(spec: str, num_classes: int | None) -> tuple[nn.Module, tuple[int, int, int], str, dict]:
-    """A checkpoint path, or ARCH=STATE_DICT_PATH for a timm architecture with raw weights."""
-    from fxfuse._models import _create_timm, default_input_size, read_checkpoint
+def _load_model(spec: str, args: argparse.Namespace) -> tuple[nn.Module, tuple[int, int, int], str, dict, bool]:
+    """A checkpoint path, or ARCH=STATE_DICT_PATH for a timm architecture with raw weights.
+
+    Returns the model, its input size, arch, model kwargs, and whether the size is
+    known (a checkpoint's, or --input-size) rather than timm's default.
+    """
+    from fxfuse._models import _check_input_size, _create_timm, default_input_size, load_plain, read_checkpoint
 
     if os.path.exists(spec):
-        return read_checkpoint(spec)
+        return (*read_checkpoint(spec), True)
     if "=" in spec:
         arch, path = spec.split("=", 1)
-        if not os.path.exists(path):
-            raise ValueError(f"{spec!r}: weights file {path!r} does not exist")
-        kwargs = {"num_classes": num_classes} if num_classes is not None else {}
-        model = _create_timm(arch, None, kwargs)
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        kwargs = {k: v for k, v in (("num_classes", args.num_classes), ("in_chans", args.in_chans)) if v is not None}
+        size = _check_input_size(args.input_size)
+        if size is not None and args.in_chans is None:
+            kwargs["in_chans"] = size[0]
+        model = _create_timm(arch, size, kwargs)
+        state = load_plain(path, f"{spec!r}: weights file")
         try:
             model.load_state_dict(state.get("state_dict", state) if isinstance(state, dict) else state)
-        except RuntimeError as e:
-            raise ValueError(f"{spec!r}: the weights do not fit timm's {arch!r} ({e}); pass --num-classes") from e
-        return model.eval(), default_input_size(model), arch, kwargs
+        except (RuntimeError, TypeError, AttributeError) as e:
+            raise ValueError(f"{spec!r}: the weights do not fit timm's {arch!r} ({e}); pass --num-classes, "
+                             "--in-chans or --input-size as the model was built") from e
+        known = size is not None
+        if size is None:
+            size = default_input_size(model)
+            size = (kwargs.get("in_chans", size[0]), *size[1:])
+        return model.eval(), size, arch, kwargs, known
     raise ValueError(
         f"{spec!r} is neither a checkpoint path nor ARCH=WEIGHTS (e.g. resnet18=weights.pth); "
         "write checkpoints with fxfuse.save_checkpoint"
     )
 
 
-def _load_data(spec: str, size: tuple[int, int, int], n: int, seed: int):
+def _load_data(spec: str, size: tuple[int, int, int], n: int, seed: int, resize: bool, known: bool = True):
+    from fxfuse._models import load_plain
     from fxfuse.data import load_digits
 
     c, h, w = size
@@ -97,6 +108,8 @@ def _load_data(spec: str, size: tuple[int, int, int], n: int, seed: int):
         if h != w:
             raise ValueError(f"--data digits needs a square input size, the models take {size}")
         x, y = load_digits(size=h, channels=c)
+        if h != 8:
+            print(f"resizing the digits from 8x8 to {h}x{w} (bilinear) for the models' input size")
     elif os.path.isdir(spec):
         from torchvision import datasets, transforms
 
@@ -108,10 +121,11 @@ def _load_data(spec: str, size: tuple[int, int, int], n: int, seed: int):
         ds = datasets.ImageFolder(spec, transform=tf)
         if len(ds) == 0:
             raise ValueError(f"image folder {spec!r} holds no images")
+        print(f"reading {len(ds)} images from {spec!r}, resized to {h}x{w} (bilinear)")
         x = torch.stack([ds[i][0] for i in range(len(ds))])
         y = torch.tensor(ds.targets)
     elif os.path.exists(spec):
-        obj = torch.load(spec, map_location="cpu", weights_only=True)
+        obj = load_plain(spec, "--data tensor file")
         if isinstance(obj, torch.Tensor):
             x, y = obj, None
         elif isinstance(obj, (tuple, list)) and len(obj) == 2:
@@ -120,6 +134,19 @@ def _load_data(spec: str, size: tuple[int, int, int], n: int, seed: int):
             x, y = obj["inputs"], obj.get("labels")
         else:
             raise ValueError(f"{spec!r}: expected a Tensor, an (inputs, labels) pair or a dict with 'inputs'")
+        if not isinstance(x, torch.Tensor) or x.ndim != 4:
+            raise ValueError(f"--data {spec!r}: inputs must be a Tensor of shape (n, C, H, W), got "
+                             f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+        if tuple(x.shape[1:]) != size and not known and x.shape[1] == c:
+            print(f"using the data's own size {x.shape[2]}x{x.shape[3]} (the models' input size is not recorded)")
+        elif tuple(x.shape[1:]) != size:
+            if not resize or x.shape[1] != c:
+                raise ValueError(
+                    f"--data {spec!r}: inputs of shape {tuple(x.shape[1:])} but the models take {size}; "
+                    + ("pass --resize to resize them (bilinear)" if x.shape[1] == c else "the channels differ")
+                )
+            print(f"resizing the inputs from {x.shape[2]}x{x.shape[3]} to {h}x{w} (bilinear, --resize)")
+            x = torch.nn.functional.interpolate(x.float(), size=(h, w), mode="bilinear", align_corners=False)
     else:
         raise ValueError(f"--data {spec!r}: not 'digits', an image folder, or a tensor file")
     if x.shape[0] > n:
@@ -128,18 +155,31 @@ def _load_data(spec: str, size: tuple[int, int, int], n: int, seed: int):
     return (x, y) if y is not None else x
 
 
+def _check_writable(path: str | None, flag: str) -> None:
+    if path is None:
+        return
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise ValueError(f"{flag} {path!r}: directory {parent!r} does not exist")
+    if not os.access(parent, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        raise ValueError(f"{flag} {path!r} is not writable; choose another path")
+
+
 def cmd_fuse(args: argparse.Namespace) -> int:
     from fxfuse import export, fuse, save_checkpoint
     from fxfuse._models import _create_timm
 
-    loaded = [_load_model(spec, args.num_classes) for spec in args.models]
+    for path, flag in ((args.out, "--out"), (args.torchscript, "--torchscript"), (args.export, "--export")):
+        _check_writable(path, flag)  # before any work, not after the fusion
+    loaded = [_load_model(spec, args) for spec in args.models]
     models = [m for m, *_ in loaded]
     size = loaded[0][1]
-    data = _load_data(args.data, size, args.samples, args.seed)
+    data = _load_data(args.data, size, args.samples, args.seed, args.resize, known=all(ld[4] for ld in loaded))
     fused = fuse(models, data, method=args.method, importance=args.importance, device=args.device,
                  seed=args.seed, progress=not args.quiet)
     example = (data[0] if isinstance(data, tuple) else data)[:2].to(next(fused.parameters()).device)
     arch, kwargs = loaded[0][2], loaded[0][3]
+    size = tuple((data[0] if isinstance(data, tuple) else data).shape[1:])
     rebuilt = _create_timm(arch, size, kwargs)
     try:
         rebuilt.load_state_dict({k: v.cpu() for k, v in fused.state_dict().items()})
@@ -167,6 +207,16 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {v}")
+    return v
+
+
 def add_parsers(sub) -> None:
     from ._methods import METHODS
 
@@ -184,11 +234,15 @@ def add_parsers(sub) -> None:
                        "or ARCH=WEIGHTS (a timm name and a state_dict file).")
     f.add_argument("models", nargs="+", metavar="MODEL")
     f.add_argument("--data", default="digits", help="'digits', an image folder, or a tensor file (default digits)")
-    f.add_argument("--samples", type=int, default=400, help="fusion samples to use (default 400)")
+    f.add_argument("--samples", type=_positive_int, default=400, help="fusion samples to use (default 400)")
+    f.add_argument("--resize", action="store_true", help="resize a tensor file's inputs to the models' input size")
     f.add_argument("--method", default="kf-linear", choices=fuse_methods)
     f.add_argument("--importance", default="uniform", choices=["uniform", "conductance", "deeplift"])
     f.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     f.add_argument("--num-classes", type=int, default=None, help="classes of ARCH=WEIGHTS models")
+    f.add_argument("--in-chans", type=int, default=None, help="input channels of ARCH=WEIGHTS models (e.g. 1)")
+    f.add_argument("--input-size", type=int, nargs=3, metavar=("C", "H", "W"), default=None,
+                   help="input size of ARCH=WEIGHTS models (default: the model's)")
     f.add_argument("--seed", type=int, default=0)
     f.add_argument("--out", default="fused.pt", help="fused fxfuse checkpoint (default fused.pt)")
     f.add_argument("--torchscript", default=None, metavar="FILE", help="also save as TorchScript")

@@ -130,8 +130,11 @@ def _check_finite_params(k: int, m: nn.Module) -> None:
 
 
 def _trace_copy(k: Any, m: nn.Module, example: Tensor, dev: torch.device) -> GraphModule:
+    p0 = next((p for p in m.parameters() if p.is_floating_point()), None)
+    if p0 is not None:  # trace on the model's own device and dtype; the copy then computes in float32
+        example = example.to(p0.device, p0.dtype if example.is_floating_point() else example.dtype)
     try:
-        gm = trace(m, example.to(next((p.device for p in m.parameters()), example.device)))
+        gm = trace(m, example)
     except TraceError as e:
         raise TraceError(f"models[{k}] ({type(m).__name__}) on fusion inputs of shape "
                          f"{tuple(example.shape)}: {e}") from e
@@ -220,9 +223,10 @@ def prepare(models: Any, data: Any, cfg: FuseConfig) -> Prepared:
     dev = cfg.device
     gms = [_trace_copy(k, m, data.example, dev) for k, m in enumerate(models)]
     if data.example.dtype in (torch.float16, torch.bfloat16):
-        data.input_dtype = torch.float32
+        data.input_dtype = torch.float32  # the traced copies compute in float32
+        data.example = data.example.float()
     with torch.no_grad():
-        outs = [g(data.example.to(dev, data.input_dtype or data.example.dtype)) for g in gms]
+        outs = [g(data.example.to(dev)) for g in gms]
     shapes = [tuple(o.shape) for o in outs]
     if len(set(shapes)) != 1:
         raise AlignmentError(f"{method.name}: the models' outputs have different shapes {shapes}; fused models must "

@@ -26,7 +26,9 @@ def export(
     rtol: float = 1e-5,
     atol: float = 1e-5,
 ) -> str:
-    """Save a model, reload it, and check that the reloaded model gives the same outputs.
+    """Save a model in eval mode, reload it, and check that the reloaded model gives the same outputs.
+
+    The model is exported in eval mode and gets its own mode back afterwards.
 
     ``format="torchscript"`` scripts the model with ``torch.jit.script`` (TorchScript
     is deprecated upstream but still works; load it with ``torch.jit.load``).
@@ -60,7 +62,15 @@ def export(
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     inputs = as_input_tuple(example_inputs)
     path = os.fspath(path)
+    was_training = model.training
     model.eval()
+    try:
+        return _export(model, path, inputs, format, rtol, atol)
+    finally:
+        model.train(was_training)  # the caller's model keeps its mode
+
+
+def _export(model: nn.Module, path: str, inputs: tuple[Tensor, ...], format: str, rtol: float, atol: float) -> str:
     with torch.no_grad():
         expected = model(*inputs)
     try:

@@ -112,6 +112,26 @@ def save_checkpoint(
     torch.save(payload, os.fspath(path))
 
 
+def load_plain(path: str | os.PathLike, what: str = "file") -> Any:
+    """``torch.load`` with ``weights_only=True``: tensors, dicts, lists and numbers, never pickled code.
+
+    Raises:
+        ValueError: the file does not exist, or is not a plain file of tensors (the
+            message says so, and does not suggest unpickling it).
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ValueError(f"{what} {path!r} does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(
+            f"{what} {path!r} is not a plain PyTorch file of tensors ({type(e).__name__} in a weights-only load): "
+            "fxfuse never unpickles code. Save plain data, e.g. torch.save(model.state_dict(), path), or an "
+            "fxfuse checkpoint with fxfuse.save_checkpoint"
+        ) from e
+
+
 def load_checkpoint(path: str | os.PathLike) -> tuple[nn.Module, tuple[int, int, int]]:
     """Load a model saved in the fxfuse checkpoint format.
 
@@ -130,13 +150,7 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[nn.Module, tuple[int, int,
 def read_checkpoint(path: str | os.PathLike) -> tuple[nn.Module, tuple[int, int, int], str, dict[str, Any]]:
     """Like :func:`load_checkpoint`, also returning the timm arch name and its model kwargs."""
     path = os.fspath(path)
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(
-            f"could not read checkpoint {path!r} ({type(e).__name__}: {e}); fxfuse reads dicts written by "
-            "fxfuse.save_checkpoint: {'arch': ..., 'model_kwargs': ..., 'state_dict': ...}"
-        ) from e
+    payload = load_plain(path, "checkpoint")
     if not isinstance(payload, dict) or "arch" not in payload or "state_dict" not in payload:
         keys = sorted(payload) if isinstance(payload, dict) else type(payload).__name__
         raise ValueError(

@@ -276,6 +276,11 @@ def trace(
             f"This is usually Python control flow that depends on tensor values; {hint}"
         ) from e
     _drop_specialized_placeholders(graph, len(inputs))
+    for node in graph.nodes:
+        if isinstance(node.type, str):
+            # a postponed annotation (`from __future__ import annotations`) reaches the graph as a string,
+            # which the generated code cannot name and TorchScript rejects: resolve Tensor, drop the rest
+            node.type = torch.Tensor if node.type.split(".")[-1] == "Tensor" else None
     gm = GraphModule(root, graph, class_name=type(model).__name__)
     gm.graph.eliminate_dead_code()
     gm.graph.lint()

@@ -84,6 +84,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except FxFuseError as e:
         print(f"fxfuse {args.command}: error: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
+    except Exception as e:  # a command-line user gets one line, not a traceback
+        print(f"fxfuse {args.command}: error: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -16,7 +16,7 @@ import copy
 import math
 import operator
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -623,9 +623,12 @@ def permute(
 
 
 def check_neuron_spaces(
-    gm: GraphModule, example_inputs: Tensor, *, seed: int = 0, rtol: float = 1e-4, atol: float = 1e-5
+    gm: GraphModule, example_inputs: Tensor | Sequence[Tensor], *, seed: int = 0, rtol: float = 1e-4,
+    atol: float = 1e-5,
 ) -> NeuronSpaces:
     """Self-check: permute every free space at random; the output must not change.
+
+    ``example_inputs`` is a Tensor or a tuple of Tensors, as for :func:`fxfuse.trace`.
 
     Returns:
         The spaces (``spaces.coverage`` reports "free / all").
@@ -634,17 +637,20 @@ def check_neuron_spaces(
         FxFuseError: the outputs changed; the message names the first space that
             breaks the function on its own.
     """
+    from fxfuse._trace import as_input_tuple
+
+    inputs = as_input_tuple(example_inputs)
     spaces = neuron_spaces(gm)
     gen = torch.Generator().manual_seed(seed)
     perms = {s.index: torch.randperm(s.size, generator=gen) for s in spaces.free}
     with torch.no_grad():
-        ref = gm(example_inputs)
-        got = permute(gm, spaces, perms)(example_inputs)
+        ref = gm(*inputs)
+        got = permute(gm, spaces, perms)(*inputs)
     if torch.allclose(got, ref, rtol=rtol, atol=atol):
         return spaces
     for idx, perm in perms.items():
         with torch.no_grad():
-            if not torch.allclose(permute(gm, spaces, {idx: perm})(example_inputs), ref, rtol=rtol, atol=atol):
+            if not torch.allclose(permute(gm, spaces, {idx: perm})(*inputs), ref, rtol=rtol, atol=atol):
                 s = spaces[idx]
                 raise FxFuseError(
                     f"neuron space {idx} (size {s.size}; tensors {list(s.tensors)[:6]}) changes the model's output "

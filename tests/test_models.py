@@ -32,7 +32,7 @@ def test_bad_checkpoints(tmp_path):
         fxfuse.load_checkpoint(bad)
     junk = tmp_path / "junk.pt"
     junk.write_text("not a torch file")
-    with pytest.raises(ValueError, match="could not read checkpoint"):
+    with pytest.raises(ValueError, match="is not a plain PyTorch file of tensors"):
         fxfuse.load_checkpoint(junk)
     wrong = tmp_path / "wrong.pt"
     torch.save({"arch": "resnet10t", "state_dict": {"fc.weight": torch.zeros(3, 3)}}, wrong)

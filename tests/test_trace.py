@@ -137,3 +137,23 @@ def test_defaulted_forward_arguments_are_frozen():
     gm = fxfuse.trace(model, x)
     assert [n.name for n in gm.graph.nodes if n.op == "placeholder"] == ["x"]
     torch.testing.assert_close(gm(x), model(x))
+
+
+def test_postponed_annotations_do_not_break_torchscript(tmp_path):
+    # a module whose source has `from __future__ import annotations` (as this test file's models may):
+    # its forward annotation reaches torch.fx as the string "Tensor"
+    ns: dict = {}
+    exec(
+        "from __future__ import annotations\n"
+        "import torch\n"
+        "class Net(torch.nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.fc = torch.nn.Linear(4, 2)\n"
+        "    def forward(self, x: torch.Tensor) -> torch.Tensor:\n"
+        "        return self.fc(x)\n",
+        ns,
+    )
+    x = torch.randn(2, 4)
+    gm = fxfuse.trace(ns["Net"](), x)
+    fxfuse.export(gm, tmp_path / "n.pt", x, format="torchscript")
