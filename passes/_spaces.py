@@ -13,7 +13,6 @@ length > 1, are reported; other axes (conv kernels) are never permuted.
 from __future__ import annotations
 
 import copy
-import math
 import operator
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
@@ -28,6 +27,7 @@ from torch.fx import GraphModule, Node
 from fxfuse._errors import FxFuseError
 
 from ._ops import call_arg, module_of, tensor_shape
+from ._semantics import DimMap, dim_map
 
 __all__ = ["NeuronSpace", "NeuronSpaces", "neuron_spaces", "permute", "check_neuron_spaces"]
 
@@ -149,7 +149,6 @@ _POOL_MODULES = (nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AvgPoolNd, n
                  nn.modules.pooling._AdaptiveMaxPoolNd)
 _POOL_FUNCS = {F.adaptive_avg_pool2d, F.adaptive_max_pool2d, F.avg_pool2d, F.max_pool2d, F.adaptive_avg_pool1d,
                F.avg_pool1d, F.max_pool1d, F.interpolate, F.pad}
-_REDUCE = {"mean", "sum", "amax", "amin", "max", "min", "std", "var"}
 _KNOWN_STATE: dict[type, set[str]] = {
     nn.Linear: {"weight", "bias"},
     nn.modules.conv._ConvNd: {"weight", "bias"},
@@ -311,8 +310,8 @@ class _Builder:
             self.same(x, node)
         elif isinstance(m, _POOL_MODULES):
             self.channels_only(node, x)
-        elif isinstance(m, nn.Flatten):
-            self.flatten(node, x, m.start_dim, m.end_dim)
+        elif isinstance(m, nn.Flatten) and dim_map(self.gm, node) is not None:
+            self.shape_op(node, dim_map(self.gm, node))
         elif isinstance(m, nn.Softmax):
             self.same(x, node)
         else:
@@ -345,42 +344,20 @@ class _Builder:
         self.union(self.ax(x, 1), self.ax(node, 1))
         self.fix_node(node, "spatial positions", range(2, len(so)))
 
-    def flatten(self, node: Node, x: Any, start: int, end: int) -> None:
-        sx, so = tensor_shape(x), tensor_shape(node)
-        if sx is None or so is None:
-            return
-        n = len(sx)
-        start, end = start % n, end % n
-        for d in range(start):
-            self.union(self.ax(x, d), self.ax(node, d))
-        for d in range(end + 1, n):
-            self.union(self.ax(x, d), self.ax(node, d - (end - start)))
-        big = [d for d in range(start, end + 1) if sx[d] != 1]
-        if len(big) <= 1:
-            if big:
-                self.union(self.ax(x, big[0]), self.ax(node, start))
-        else:
-            self.fix_node(x, "flatten mixes axes", range(start, end + 1))
-            self.fix_node(node, "flatten mixes axes", [start])
-
-    def reshape(self, node: Node, x: Any) -> None:
-        sx, so = tensor_shape(x), tensor_shape(node)
-        if sx is None or so is None:
-            return
-        mapped_out = set()
-        for d in range(len(sx)):
-            before = math.prod(sx[:d])
-            hit = None
-            for k in range(len(so)):
-                if math.prod(so[:k]) == before and so[k] == sx[d]:
-                    hit = k
-                    break
-            if hit is not None:
-                self.union(self.ax(x, d), self.ax(node, hit))
-                mapped_out.add(hit)
-            elif sx[d] != 1:
-                self.fix_node(x, "reshape mixes axes", [d])
-        self.fix_node(node, "reshape mixes axes", [k for k in range(len(so)) if k not in mapped_out and so[k] != 1])
+    def shape_op(self, node: Node, m: DimMap) -> None:
+        """Tie or fix dims as the shared table of op semantics says (permute, reshape, indexing...)."""
+        for d, k in enumerate(m.to_out):
+            if k is None:
+                continue
+            if d in m.sliced:
+                self.fix_node(m.source, m.reason, [d])
+                self.fix_node(node, m.reason, [k])
+            elif d not in m.mixed_in:
+                self.union(self.ax(m.source, d), self.ax(node, k))
+        if m.mixed_in:
+            self.fix_node(m.source, m.reason, m.mixed_in)
+        if m.mixed_out:
+            self.fix_node(node, m.reason, m.mixed_out)
 
     def function(self, node: Node) -> None:
         t = node.target
@@ -389,6 +366,12 @@ class _Builder:
         x = args[0] if args else None
         if tensor_shape(node) is None and name not in ("chunk", "split", "unbind", "getitem"):
             return  # shape queries and other non-tensor values
+        if t is operator.getitem and isinstance(x, Node) and tensor_shape(x) is None:
+            self.fix_node(node, "item of a split")  # its source is fixed already
+            return
+        m = dim_map(self.gm, node)
+        if m is not None:
+            return self.shape_op(node, m)
         if t is F.linear:
             w, b = call_arg(node, 1, "weight"), call_arg(node, 2, "bias")
             self.union(self.ax(x, -1), self.ax(w, 1))
@@ -435,35 +418,6 @@ class _Builder:
             self.broadcast(node, [a for a in node.all_input_nodes if tensor_shape(a) is not None])
         elif t in _POOL_FUNCS:
             self.channels_only(node, x)
-        elif name in ("permute",):
-            dims = list(args[1:]) if len(args) > 2 or not isinstance(args[1], (list, tuple)) else list(args[1])
-            n = len(tensor_shape(x))
-            for k, d in enumerate(dims):
-                self.union(self.ax(x, d % n), self.ax(node, k))
-        elif name in ("transpose", "swapaxes"):
-            n = len(tensor_shape(x))
-            d0, d1 = args[1] % n, args[2] % n
-            for d in range(n):
-                self.union(self.ax(x, d), self.ax(node, d1 if d == d0 else d0 if d == d1 else d))
-        elif name == "flatten":
-            self.flatten(node, x, call_arg(node, 1, "start_dim", 0), call_arg(node, 2, "end_dim", -1))
-        elif name in ("reshape", "view", "unflatten", "squeeze", "unsqueeze", "view_as", "reshape_as"):
-            self.reshape(node, x)
-        elif name in _REDUCE:
-            dim = call_arg(node, 1, "dim", None)
-            n = len(tensor_shape(x))
-            keep = bool(call_arg(node, 2, "keepdim", False))
-            dims = [] if dim is None else [d % n for d in (dim if isinstance(dim, (list, tuple)) else [dim])]
-            if dim is None:
-                return
-            k = 0
-            for d in range(n):
-                if d in dims:
-                    if keep:
-                        k += 1
-                    continue
-                self.union(self.ax(x, d), self.ax(node, k))
-                k += 1
         elif name in ("cat", "concat", "concatenate"):
             items = [a for a in args[0] if isinstance(a, Node)]
             n = len(tensor_shape(node))
@@ -488,41 +442,10 @@ class _Builder:
             self.union(self.ax(node, -1), self.ax(v, -1))
             self.union(self.ax(node, -2), self.ax(q, -2))
             self.union(self.ax(k, -2), self.ax(v, -2))
-        elif t is operator.getitem:
-            self.getitem(node)
         elif name in ("chunk", "split", "unbind", "tensor_split"):
             self.fix_node(x, f"{name} splits an axis")
         else:
             self.unknown_op(node, name)
-
-    def getitem(self, node: Node) -> None:
-        base, idx = node.args[0], node.args[1]
-        if not isinstance(base, Node):
-            return
-        sb = tensor_shape(base)
-        if sb is None:  # item of a tuple (chunk/split/unbind): its source is fixed already
-            self.fix_node(node, "item of a split")
-            return
-        index = idx if isinstance(idx, tuple) else (idx,)
-        if any(isinstance(i, (Node, list)) for i in index) or any(i is None for i in index):
-            self.fix_node(base, "advanced indexing")
-            self.fix_node(node, "advanced indexing")
-            return
-        n_consumed = sum(1 for i in index if i is not Ellipsis)
-        full: list[Any] = []
-        for i in index:
-            full.extend([slice(None)] * (len(sb) - n_consumed) if i is Ellipsis else [i])
-        full.extend([slice(None)] * (len(sb) - len(full)))
-        k = 0
-        for d, i in enumerate(full):
-            if isinstance(i, int):
-                continue
-            if i == slice(None):
-                self.union(self.ax(base, d), self.ax(node, k))
-            else:
-                self.fix_node(base, "partial slice", [d])
-                self.fix_node(node, "partial slice", [k])
-            k += 1
 
     def result(self) -> NeuronSpaces:
         order = {n.name: i for i, n in enumerate(self.gm.graph.nodes)}
