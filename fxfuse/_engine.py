@@ -401,14 +401,21 @@ _DESIGN_CHUNK = 16 << 20
 
 
 @torch.no_grad()
-def _add_design(stats: GramStats, level: GraphModule, spec, h: Tensor, zr: Tensor) -> None:
-    """Add one batch to the Gram statistics, unfolding a few samples at a time."""
-    rows_per_sample = zr.shape[0] // h.shape[0]
+def _add_design(stats: GramStats, level: GraphModule, spec, h: Tensor, zs: list[Tensor], axes: list[int]) -> int:
+    """Add one batch to the Gram statistics, a few samples at a time (their unfolded inputs and output rows).
+
+    Returns the number of rows added.
+    """
+    rows_per_sample = max(1, zs[0].numel() // (zs[0].shape[0] * zs[0].shape[axes[0]]))
     fan = level.get_submodule(spec.op).weight[0].numel() + 1
-    step = max(1, _DESIGN_CHUNK // max(1, rows_per_sample * fan))
+    step = max(1, _DESIGN_CHUNK // (rows_per_sample * (fan + sum(z.shape[a] for z, a in zip(zs, axes)))))
+    n = 0
     for s in range(0, h.shape[0], step):
         X = design_rows(level, spec, op_input(level, spec, h[s : s + step]))
-        stats.add(X, zr[s * rows_per_sample : (s + step) * rows_per_sample])
+        zr = torch.cat([to_rows(z[s : s + step], a) for z, a in zip(zs, axes)], 1)
+        stats.add(X, zr)
+        n += zr.shape[0]
+    return n
 
 
 def collect(i: int, prep: Prepared, col: Collector, spec, cfg: FuseConfig) -> _LevelData:
@@ -422,6 +429,7 @@ def collect(i: int, prep: Prepared, col: Collector, spec, cfg: FuseConfig) -> _L
     stats = GramStats() if spec is not None else None
     fit_x, fit_z = [], []
     n_rows = 0
+    axes = [p[i].neuron_axis for p in prep.plans]
     for b, ins, _ in col.inputs(i):
         zs = []
         for k, (lv, h) in enumerate(zip(base, ins[:-1])):
@@ -429,14 +437,13 @@ def collect(i: int, prep: Prepared, col: Collector, spec, cfg: FuseConfig) -> _L
                 z = lv(h)
             _check_finite(z, f"level {i} (`{prep.plans[k][i].name}`) of models[{k}]")
             col.store(k, i, b, z)
-            zs.append(to_rows(z, prep.plans[k][i].neuron_axis))
-        zr = torch.cat(zs, 1)
-        n_rows += zr.shape[0]
+            zs.append(z)
         if stats is not None:
-            _add_design(stats, fused, spec, ins[-1], zr)
+            n_rows += _add_design(stats, fused, spec, ins[-1], zs, axes)
         else:
             fit_x.append(ins[-1])
-            fit_z.append(zr)
+            fit_z.append(torch.cat([to_rows(z, a) for z, a in zip(zs, axes)], 1))
+            n_rows += fit_z[-1].shape[0]
     if stats is not None:
         lam, V = stats.eig()
         return _LevelData(stats, (lam, V), stats.projected(lam, V).T, None, None, n_rows, stats.G.shape[0])
