@@ -285,11 +285,8 @@ def score_neurons(prep: Prepared, cfg: FuseConfig) -> list[list[Tensor]]:
     """Per model, per level: the importance score of every neuron (Tensor of shape (width,), float64)."""
     from ._importance import level_scores
 
-    return [
-        level_scores(p.split(), [lv.neuron_axis for lv in p], prep.data, cfg.importance,
-                     n_steps=cfg.importance_steps, device=cfg.device)
-        for p in prep.plans
-    ]
+    return [level_scores(p, prep.data, cfg.importance, n_steps=cfg.importance_steps, device=cfg.device)
+            for p in prep.plans]
 
 
 # --- 4. per level: grouping strategies --------------------------------------------------------

@@ -24,60 +24,20 @@ __all__ = ["IMPORTANCES", "level_scores", "node_scores"]
 IMPORTANCES = ("uniform", "conductance", "deeplift")
 
 
-class _Marked(nn.Module):
-    """The chain of level modules with an Identity marker after level ``i`` for captum to attribute."""
-
-    def __init__(self, levels: Sequence[GraphModule], i: int):
-        super().__init__()
-        self.prefix = nn.ModuleList(levels[: i + 1])
-        self.mark = nn.Identity()
-        self.suffix = nn.ModuleList(levels[i + 1 :])
-
-    def forward(self, x: Tensor) -> Tensor:
-        for m in self.prefix:
-            x = m(x)
-        x = self.mark(x)
-        for m in self.suffix:
-            x = m(x)
-        return x
-
-
-def level_scores(
-    levels: Sequence[GraphModule],
-    axes: Sequence[int],
-    data: Any,
-    importance: str,
-    *,
-    n_steps: int = 20,
-    batch_size: int = 128,
-    device: torch.device | str | None = None,
-) -> list[Tensor]:
-    """Importance score of every neuron of every level of one model.
+def level_scores(plan: Any, data: Any, importance: str, **kwargs: Any) -> list[Tensor]:
+    """Importance score of every neuron of every level of one model: :func:`node_scores` at the level outputs.
 
     Args:
-        levels: The model's level modules (``LevelPlan.split()``).
-        axes: The neuron axis of each level output.
+        plan: The model's :class:`fxfuse.passes.LevelPlan`.
         data: Labelled fusion data: a :class:`fxfuse._collect.FusionData` or any
             form it accepts, e.g. ``(inputs, labels)``; streamed batch by batch.
         importance: ``"uniform"``, ``"conductance"`` or ``"deeplift"``.
+        **kwargs: ``n_steps``, ``batch_size``, ``device`` as for :func:`node_scores`.
 
     Returns:
         One Tensor of shape (width,) per level, float64, positive.
     """
-    data = _as_data(data)
-    widths = []
-    with torch.no_grad():
-        y = data.example[:1].to(device) if device is not None else data.example[:1]
-        for m, ax in zip(levels, axes):
-            y = m(y)
-            widths.append(y.shape[ax])
-    if importance == "uniform":
-        return [torch.ones(w, dtype=torch.float64, device=y.device) for w in widths]
-    out = []
-    for i, ax in enumerate(axes):
-        model = _Marked(levels, i)
-        out.append(_attribute(model, model.mark, ax, widths[i], data, importance, n_steps, batch_size, device))
-    return out
+    return node_scores(plan.gm, [(lv.output, lv.neuron_axis) for lv in plan], data, importance, **kwargs)
 
 
 def _as_data(data: Any):

@@ -144,7 +144,7 @@ def test_importance_scores_run_end_to_end(importance):
     a, b = seeded(ConvBN, 0), seeded(ConvBN, 1)
     x, y = _data((3, 8, 8), 48), torch.randint(0, 4, (48,))
     plan = partition_levels(fxfuse.trace(a, x[:2]))
-    scores = level_scores(plan.split(), [lv.neuron_axis for lv in plan], (x, y), importance)
+    scores = level_scores(plan, (x, y), importance)
     assert [s.shape[0] for s in scores] == [lv.width for lv in plan]
     assert all(bool((s > 0).all()) for s in scores)
     assert not torch.allclose(scores[0], scores[0].mean().expand_as(scores[0]))  # not uniform
