@@ -5,10 +5,10 @@
 Settings: non-IID Dirichlet splits (appendix D.1, min_max_ratio 0.2) into 2 and 4
 models, and a sharded split (D.2) into 2 models. Rows: the base models (sorted
 by accuracy per seed, then averaged, as in the paper), then every method of
-``fxfuse.fuse``: the baselines (vanilla averaging, the ensemble, last-layer KD,
-git-rebasin and otfusion with uniform and conductance scores, np-merge and its
-level-wise variant) and hf-linear, kf-linear, kf-gradient with uniform,
-conductance and deeplift importance. Cells are test accuracy (%) mean ± std
+``fxfuse.fuse`` from its registry (``--methods``): the baselines (vanilla
+averaging, the ensemble, last-layer KD, git-rebasin and otfusion with uniform and
+conductance scores, np-merge and its level-wise variant) and hf-linear,
+kf-linear, kf-gradient with uniform, conductance and deeplift importance. Cells are test accuracy (%) mean ± std
 over seeds, and the mean seconds per fusion. Fusion uses 400 samples of the
 first model's split (with their labels; only np-merge and the importance
 scores use them).
@@ -24,22 +24,32 @@ import torch
 
 import fxfuse
 from fxfuse._experiments import make_setting
+from fxfuse._methods import METHODS
 from fxfuse._train import accuracy
 
-# (row label, method, importance) of the baselines, in table order
-BASELINES = (
-    ("vanilla averaging", "vanilla", "uniform"),
-    ("ensemble", "ensemble", "uniform"),
-    ("last-layer-kd", "last-layer-kd", "uniform"),
-    ("git-rebasin (uniform)", "git-rebasin", "uniform"),
-    ("git-rebasin (conductance)", "git-rebasin", "conductance"),
-    ("otfusion (uniform)", "otfusion", "uniform"),
-    ("otfusion (conductance)", "otfusion", "conductance"),
-    ("np-merge", "np-merge", "uniform"),
-    ("np-merge-levelwise", "np-merge-levelwise", "uniform"),
-)
-METHODS = ("hf-linear", "kf-linear", "kf-gradient")
+# rows come from the registry of methods: each method with uniform scores, and the methods that use
+# importance scores also with the others. hf-gradient is left out by default (hf-linear's grouping,
+# kf-gradient's fitting).
 IMPORTANCES = ("uniform", "conductance", "deeplift")
+DEFAULT_METHODS = [m for m in METHODS if m != "hf-gradient"]
+# the paper's table scores its baselines with uniform and conductance scores only
+_BASELINE_IMPORTANCES = ("uniform", "conductance")
+
+
+def _rows(methods: list[str], importances: list[str], n_models: int) -> list[tuple[str, str, str]]:
+    out = []
+    # baselines first, then the fusions, as in the paper's tables
+    for name in sorted(methods, key=lambda n: METHODS[n].levelwise and METHODS[n].grouping != "aligned"):
+        m = METHODS[name]
+        if m.n_models is not None and m.n_models != n_models:
+            continue
+        imps = [i for i in importances if m.uses_importance and (m.levelwise or i in _BASELINE_IMPORTANCES)]
+        if m.pairwise or not m.uses_importance:
+            imps = ["uniform"]
+        for imp in imps or ["uniform"]:
+            label = name if len(imps) <= 1 and not (m.levelwise and m.grouping != "aligned") else f"{name} ({imp})"
+            out.append((label, name, imp))
+    return out
 
 
 def _fmt(vals: list[float], secs: list[float] | None = None) -> str:
@@ -59,6 +69,7 @@ def main() -> None:
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--settings", nargs="+", default=["dirichlet-2", "dirichlet-4", "shard-2"])
     p.add_argument("--importances", nargs="+", default=list(IMPORTANCES))
+    p.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, choices=list(METHODS))
     p.add_argument("--rows", nargs="+", default=None, help="only these row labels (and the base models)")
     args = p.parse_args()
 
@@ -80,13 +91,7 @@ def main() -> None:
             xt, yt = s.test
             for rank, acc in enumerate(sorted((accuracy(m, xt, yt) for m in s.models), reverse=True)):
                 add(f"base model {rank + 1}", setting, acc)
-            runs = list(BASELINES) + [
-                (f"{method} ({imp})", method, imp)
-                for method in METHODS
-                if not (method.startswith("hf") and n_models != 2)  # Hungarian fusion matches exactly two models
-                for imp in args.importances
-            ]
-            for row, method, imp in runs:
+            for row, method, imp in _rows(args.methods, args.importances, n_models):
                 if args.rows is not None and row not in args.rows:
                     continue
                 t0 = time.perf_counter()

@@ -49,8 +49,11 @@ def _check_inputs(x: Any, where: str) -> Tensor:
             f"{where}: inputs of shape {tuple(x.shape)} have no batch dimension; inputs are (n_samples, ...), "
             "e.g. x.unsqueeze(0) for a single sample"
         )
-    if x.is_floating_point() and not bool(torch.isfinite(x).all()):
-        raise ValueError(f"{where}: inputs contain NaN or Inf values; clean the inputs before fusing")
+    if x.is_floating_point():
+        for s in range(0, x.shape[0], 1024):  # in slices: no mask as large as the data
+            if not bool(torch.isfinite(x[s : s + 1024]).all()):
+                raise ValueError(f"{where}: inputs contain NaN or Inf values (near sample {s}); clean the inputs "
+                                 "before fusing")
     return x
 
 
@@ -80,7 +83,8 @@ class FusionData:
 
     A Tensor, an ``(inputs, labels)`` tuple or a dict is sliced into batches; a
     DataLoader or other re-iterable is iterated again on every pass and never
-    held whole; a one-shot iterator (a generator) is read once and kept.
+    held whole (only its first batch is read up front; the others are checked as
+    they stream); a one-shot iterator (a generator) is read once and kept.
 
     Args:
         data: See :data:`LABEL_RULES`.
@@ -115,19 +119,15 @@ class FusionData:
         if iter(data) is data:  # one-shot iterator: read it once
             data = list(data)
         self._source = data
-        n, labelled, example = 0, None, None
-        for i, item in enumerate(data):  # one pass to count and check the batch forms
-            x, y = _split_item(item, f"{what}: batch {i}")
-            if labelled is None:
-                labelled, example = y is not None, x[:2]
-            elif labelled != (y is not None):
-                raise ValueError(f"{what}: some batches have labels and some do not (batch {i})")
-            n += x.shape[0]
-        if n == 0:
+        # only the first batch is read here: the rest is checked as it streams
+        first = next(iter(data), None)
+        if first is None:
             raise ValueError(f"{what} is empty: fusion needs at least one input sample")
-        self.has_labels = bool(labelled)
-        self.n_samples = n
-        self.example = example
+        x, y = _split_item(first, f"{what}: batch 0")
+        self.has_labels = y is not None
+        self.example = x[:2]
+        dataset = getattr(data, "dataset", None)
+        self.n_samples = len(dataset) if hasattr(dataset, "__len__") else None  # None: not known before a pass
 
     def batches(self, batch_size: int = 256, device: torch.device | str | None = None) -> Iterator[tuple[Tensor, Tensor | None]]:
         """Yield ``(inputs, labels or None)`` on ``device``; a DataLoader keeps its own batch size."""
@@ -139,8 +139,12 @@ class FusionData:
         seen = 0
         for i, item in enumerate(self._source):
             x, y = _split_item(item, f"{self.what}: batch {i}")
+            if (y is not None) != self.has_labels:
+                raise ValueError(f"{self.what}: some batches have labels and some do not (batch {i})")
             yield self._to(x, y, device, seen)
             seen += x.shape[0]
+        if seen == 0:
+            raise ValueError(f"{self.what} is empty: fusion needs at least one input sample")
 
     def _to(self, x: Tensor, y: Tensor | None, device, start: int) -> tuple[Tensor, Tensor | None]:
         if y is not None and self.n_classes is not None and y.numel():

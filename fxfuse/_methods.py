@@ -65,8 +65,6 @@ _ALL = [
            takes_target=True),
     Method("hf-gradient", "hf", "gradient", "Hungarian matching, every level fitted with Adam",
            n_models=2, equal_widths=True, takes_target=True),
-    Method("np-merge-levelwise", "aligned", "np", "label-free NP Merge: α fitted level by level to the level targets",
-           defaults={"lr": 1e-2}, equal_widths=True, pairwise=True),
     Method("vanilla", None, "vanilla", "plain parameter averaging", uses_importance=False, same_parameters=True),
     Method("ensemble", None, "ensemble", "one module averaging the models' logits (n× the cost)",
            uses_importance=False, one_model=False),
@@ -78,6 +76,8 @@ _ALL = [
     Method("np-merge", None, "np_merge_models", "align, then learn per-parameter α on the task loss (needs labels)",
            defaults={"lr": 1e-2, "epochs": 10, "weight_decay": 0.0, "val_split": 0.0}, needs_labels=True,
            same_parameters=True, equal_widths=True, pairwise=True),
+    Method("np-merge-levelwise", "aligned", "np", "label-free NP Merge: α fitted level by level to the level targets",
+           defaults={"lr": 1e-2}, equal_widths=True, pairwise=True),
 ]
 
 METHODS: dict[str, Method] = {m.name: m for m in _ALL}

@@ -1,5 +1,6 @@
 """The one collector: data streamed batch by batch, level outputs cached within a budget."""
 
+import pytest
 import torch
 from torch import nn
 
@@ -28,7 +29,7 @@ def test_a_reiterable_source_is_streamed_not_materialised():
     src = CountingData(x, y, 16)
     fused = fxfuse.fuse([a, b], src, method="kf-linear", progress=False)
     n_levels = len(fused.meta["fxfuse"]["levels"])
-    # one pass to check the forms, then per level one to collect and one to run the solved level
+    # the first batch read up front, then per level one pass to collect and one to run the solved level
     assert src.passes == 1 + 2 * n_levels
     ref = fxfuse.fuse([a, b], (x, y), method="kf-linear", progress=False)
     torch.testing.assert_close(fused(x), ref(x), rtol=1e-4, atol=1e-5)
@@ -65,3 +66,12 @@ def test_collector_cache_stays_within_its_budget():
         expect = chain[1](chain[0](data.materialise()[0]))
     got = torch.cat([ins[0] for _, ins, _ in col.inputs(2)])
     torch.testing.assert_close(got, expect)
+
+
+def test_batches_that_mix_labelled_and_unlabelled_are_refused():
+    x = torch.randn(32, 16)
+    mixed = [(x[:16], torch.zeros(16, dtype=torch.long)), x[16:]]
+    with pytest.raises(ValueError, match=r"some batches have labels and some do not \(batch 1\)"):
+        fxfuse.fuse([mlp(), mlp(seed=1)], mixed, method="kf-linear", progress=False)
+    with pytest.raises(ValueError, match="empty"):
+        fxfuse.fuse([mlp(), mlp(seed=1)], [], method="kf-linear", progress=False)
