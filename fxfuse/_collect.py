@@ -220,7 +220,7 @@ class Collector:
     """
 
     def __init__(self, data: FusionData, chains: Sequence[Sequence[nn.Module]], *, batch_size: int = 256,
-                 device=None, budget: int = 512 << 20):
+                 device=None, budget: int = 256 << 20):
         self.data = data
         self.chains = chains
         self.batch_size = batch_size

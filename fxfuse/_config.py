@@ -82,7 +82,7 @@ OPTION_DEFAULTS: dict[str, Any] = {
     "target": None,  # nn.Module with the fused architecture; default: models[0]
     "max_rows": 50_000,  # rows (samples × positions) kept for grouping non-closed-form levels and alignment
     "batch_size": 256,  # inference batch
-    "memory_budget": 512 << 20,  # bytes of level outputs cached between levels; beyond it they are recomputed
+    "memory_budget": 256 << 20,  # bytes of level outputs cached between levels; beyond it they are recomputed
     "n_init": 5,  # k-means restarts
     "importance_steps": 20,  # conductance integration steps
     "train_batch_size": 32,

@@ -72,7 +72,7 @@ def fuse(
         **options: ``target`` (a model whose architecture the fused model takes;
             default ``models[0]``), ``reset_bn``, ``class_weights``, ``max_rows``,
             ``batch_size``, ``memory_budget`` (bytes of level outputs cached between
-            levels, default 1 GiB; beyond it they are recomputed), ``n_init``,
+            levels, default 256 MiB; beyond it they are recomputed), ``n_init``,
             ``importance_steps``, and the gradient settings ``epochs``, ``lr``,
             ``weight_decay``, ``train_batch_size``, ``val_split``, ``patience``,
             ``noise`` (Table 5, Setting 1; np-merge: lr 0.01 for 10 epochs).
