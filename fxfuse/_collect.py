@@ -21,7 +21,8 @@ Data forms: a Tensor of inputs (n_samples, ...); a tuple (inputs, labels) of two
 Tensors; a dict {"inputs": ..., "labels": ...}; or an iterable (a list, a
 DataLoader) whose items are Tensors, (inputs, labels) pairs or such dicts. A
 tuple of two Tensors is always (inputs, labels); a list is always a sequence of
-batches. Labels are class indices: an integer Tensor of shape (n_samples,)
+batches. A batch from an iterable may also be (inputs,) or (inputs, labels,
+extras...), as DataLoaders over datasets yield; extras are ignored. Labels are class indices: an integer Tensor of shape (n_samples,)
 (int32 and other integer types are converted to int64), each in
 [0, n_classes)."""
 
@@ -70,9 +71,10 @@ def _split_item(item: Any, where: str) -> tuple[Tensor, Tensor | None]:
         x = _check_inputs(item["inputs"], where)
         y = item.get("labels")
         return x, (None if y is None else _check_labels(y, x.shape[0], where))
-    if isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[0], Tensor):
+    if isinstance(item, (tuple, list)) and len(item) >= 1 and isinstance(item[0], Tensor):
         x = _check_inputs(item[0], where)
-        return x, (None if item[1] is None else _check_labels(item[1], x.shape[0], where))
+        y = item[1] if len(item) > 1 else None  # (inputs,), (inputs, labels), (inputs, labels, extras...)
+        return x, (None if y is None else _check_labels(y, x.shape[0], where))
     raise TypeError(
         f"{where} is a {type(item).__name__}; expected a Tensor, an (inputs, labels) pair or a dict. {LABEL_RULES}"
     )
@@ -116,6 +118,11 @@ class FusionData:
         if not isinstance(data, Iterable) or isinstance(data, (str, bytes)):
             raise TypeError(f"{what} must be a Tensor, a tuple, a dict, or an iterable of batches; got "
                             f"{type(data).__name__}. {LABEL_RULES}")
+        if isinstance(getattr(data, "sampler", None), torch.utils.data.RandomSampler):
+            raise ValueError(
+                f"{what} is a DataLoader with shuffle=True; fusion reads the data several times and pairs the "
+                "passes batch by batch, so it needs the same order each time: pass shuffle=False"
+            )
         if iter(data) is data:  # one-shot iterator: read it once
             data = list(data)
         self._source = data
@@ -177,18 +184,24 @@ class FusionData:
         return torch.cat(xs), (torch.cat(ys) if ys else None)
 
     def with_labels(self, make: Callable[[Tensor], Tensor]) -> FusionData:
-        """A view whose unlabelled batches get ``make(inputs)`` as labels (e.g. the ensemble's argmax)."""
+        """A view whose unlabelled batches get ``make(inputs)`` as labels (e.g. the ensemble's argmax).
+
+        The labels are computed once per batch and kept (n_samples integers).
+        """
         if self.has_labels:
             return self
         view = object.__new__(FusionData)
         view.__dict__.update(self.__dict__)
         view.has_labels = True
         base = self.batches
+        made: dict[tuple[int, int], Tensor] = {}
 
         def batches(batch_size: int = 256, device=None):
-            for x, _ in base(batch_size, device):
-                with torch.no_grad():
-                    yield x, make(x)
+            for b, (x, _) in enumerate(base(batch_size, device)):
+                if (batch_size, b) not in made:
+                    with torch.no_grad():
+                        made[(batch_size, b)] = make(x)
+                yield x, made[(batch_size, b)]
 
         view.batches = batches  # type: ignore[method-assign]
         return view
@@ -229,6 +242,7 @@ class Collector:
         self._cache: list[dict[int, tuple[int, Tensor]]] = [{} for _ in chains]
         self._bytes = 0
         self.peak_bytes = 0
+        self._fingerprints: dict[int, tuple] = {}
 
     def inputs(self, i: int, which: Sequence[int] | None = None) -> Iterator[tuple[int, list[Tensor], Tensor | None]]:
         """Yield ``(batch index, [input of level i of each chain in which], labels)`` batch by batch.
@@ -237,7 +251,20 @@ class Collector:
         """
         which = range(len(self.chains)) if which is None else which
         for b, (x, y) in enumerate(self.data.batches(self.batch_size, self.device)):
+            self._check_same(b, x)
             yield b, [self._input(c, i, b, x) for c in which], y
+
+    def _check_same(self, b: int, x: Tensor) -> None:
+        """Every pass must serve the same samples as batch ``b`` (cached outputs are paired by batch)."""
+        xd = x.detach().to(torch.float64)
+        fp = (tuple(x.shape), float(xd.sum()), float((xd * xd).sum()))
+        seen = self._fingerprints.setdefault(b, fp)
+        if seen[0] != fp[0] or any(abs(u - v) > 1e-6 * max(1.0, abs(u)) for u, v in zip(seen[1:], fp[1:])):
+            raise ValueError(
+                f"{self.data.what}: batch {b} differs from one pass to the next (shuffling or random "
+                "augmentation?); fusion reads the data several times and needs the same samples in the same order "
+                "each time: turn shuffling and random transforms off"
+            )
 
     @torch.no_grad()
     def _input(self, c: int, i: int, b: int, x: Tensor) -> Tensor:

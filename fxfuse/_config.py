@@ -126,13 +126,6 @@ class FuseConfig:
     importance_steps: int
     train: TrainConfig
 
-    def options(self) -> dict[str, Any]:
-        """The keyword options, as :func:`fxfuse.fuse` takes them (for pairwise merges and records)."""
-        out = {k: getattr(self, k) for k in OPTION_DEFAULTS if hasattr(self, k)}
-        out.update({k: getattr(self.train, k) for k in _TRAIN_FIELDS})
-        out["train_batch_size"] = self.train.batch_size
-        return out
-
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
     """``device`` as a torch.device; None means CUDA when available, else the CPU."""

@@ -254,7 +254,7 @@ def prepare(models: Any, data: Any, cfg: FuseConfig) -> Prepared:
     plans = [partition_levels(g) for g in gms]
     fused_gm = _trace_copy("target" if cfg.target is not None else 0, target, data.example, dev)
     fused_plan = partition_levels(fused_gm)
-    names = [f"models[{k}]" for k in range(len(gms))] + ["target"]
+    names = [f"models[{k}]" for k in range(len(gms))] + ["target" if cfg.target is not None else "models[0]"]
     _check_structure(plans + [fused_plan], names)
     for k, p in enumerate(plans + [fused_plan]):
         _check_tied(p, names[k])

@@ -10,7 +10,6 @@ classes (D.2).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -113,35 +112,18 @@ def shard_split(labels: Tensor, n_splits: int, *, seed: int = 0) -> list[Tensor]
 
 
 def as_tensors(data: Any, what: str = "data") -> tuple[Tensor, Tensor | None]:
-    """Collect fusion data into (inputs, labels or None).
+    """Collect fusion data into whole Tensors: (inputs, labels or None).
 
-    Accepts a Tensor of inputs, a ``(inputs, labels)`` tuple of Tensors, an
-    iterable of Tensors, an iterable of ``(inputs, labels)`` pairs, or a DataLoader.
+    Accepts every form :func:`fxfuse.fuse` takes (see :data:`fxfuse._collect.LABEL_RULES`),
+    with the same checks.
+
+    Example:
+        >>> import torch
+        >>> from fxfuse.data import as_tensors
+        >>> x, y = as_tensors([(torch.zeros(2, 3), torch.tensor([0, 1])), (torch.ones(1, 3), torch.tensor([2]))])
+        >>> tuple(x.shape), y.tolist()
+        ((3, 3), [0, 1, 2])
     """
-    if isinstance(data, Tensor):
-        return data, None
-    if isinstance(data, tuple) and len(data) == 2 and all(isinstance(t, Tensor) for t in data) and data[0].shape[0] == data[1].shape[0] and data[1].ndim == 1:
-        return data[0], data[1]
-    if not isinstance(data, Iterable):
-        raise TypeError(
-            f"{what} must be a Tensor, an iterable of Tensors or of (inputs, labels) pairs, or a DataLoader; "
-            f"got {type(data).__name__}"
-        )
-    xs: list[Tensor] = []
-    ys: list[Tensor] = []
-    for i, batch in enumerate(data):
-        if isinstance(batch, Tensor):
-            xs.append(batch)
-        elif isinstance(batch, (tuple, list)) and len(batch) >= 1 and isinstance(batch[0], Tensor):
-            xs.append(batch[0])
-            if len(batch) > 1 and isinstance(batch[1], Tensor):
-                ys.append(batch[1])
-        else:
-            raise TypeError(f"{what}: batch {i} is a {type(batch).__name__}; expected a Tensor or an (inputs, labels) pair")
-    if not xs:
-        raise ValueError(f"{what} is empty: fusion needs at least one input sample")
-    if ys and len(ys) != len(xs):
-        raise ValueError(f"{what}: some batches have labels and some do not")
-    x = torch.cat([b if b.ndim > 0 else b.unsqueeze(0) for b in xs])
-    y = torch.cat(ys) if ys else None
-    return x, y
+    from ._collect import FusionData
+
+    return FusionData(data, what).materialise()

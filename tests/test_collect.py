@@ -75,3 +75,36 @@ def test_batches_that_mix_labelled_and_unlabelled_are_refused():
         fxfuse.fuse([mlp(), mlp(seed=1)], mixed, method="kf-linear", progress=False)
     with pytest.raises(ValueError, match="empty"):
         fxfuse.fuse([mlp(), mlp(seed=1)], [], method="kf-linear", progress=False)
+
+
+class Augmented:
+    """A source whose inputs change on every pass, like random augmentation."""
+
+    def __init__(self):
+        self.passes = 0
+
+    def __iter__(self):
+        self.passes += 1
+        g = torch.Generator().manual_seed(self.passes)
+        for _ in range(4):
+            yield torch.randn(8, 16, generator=g)
+
+
+def test_data_that_changes_between_passes_is_refused():
+    from torch.utils.data import DataLoader, TensorDataset
+
+    x = torch.randn(32, 16)
+    with pytest.raises(ValueError, match="shuffle=True.*shuffle=False"):
+        fxfuse.fuse([mlp(), mlp(seed=1)], DataLoader(TensorDataset(x), batch_size=8, shuffle=True), progress=False)
+    with pytest.raises(ValueError, match=r"batch 0 differs from one pass to the next"):
+        fxfuse.fuse([mlp(), mlp(seed=1)], Augmented(), method="kf-linear", progress=False)
+
+
+def test_dataloader_batches_of_one_tensor_or_with_extras():
+    from torch.utils.data import DataLoader, TensorDataset
+
+    x, y = torch.randn(32, 16), torch.arange(32) % 3
+    ref = fxfuse.fuse([mlp(), mlp(seed=1)], x, method="kf-linear", progress=False)
+    for loader in (DataLoader(TensorDataset(x), batch_size=8), DataLoader(TensorDataset(x, y, y * 0), batch_size=8)):
+        got = fxfuse.fuse([mlp(), mlp(seed=1)], loader, method="kf-linear", progress=False)
+        torch.testing.assert_close(got(x), ref(x))
