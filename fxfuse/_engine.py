@@ -453,7 +453,24 @@ def collect(i: int, prep: Prepared, col: Collector, spec, cfg: FuseConfig) -> _L
     return _LevelData(None, None, rows.T.to(torch.float64), torch.cat(fit_x), Z, n_rows, n_params)
 
 
-def _solve_closed_form(i, prep, col, spec, data: _LevelData, grouping: Grouping, cfg) -> tuple[dict, float, str]:
+@dataclass(frozen=True, eq=False)
+class Solution:
+    """What a solver found for one level.
+
+    Attributes:
+        params: Qualname -> new value, for :func:`fxfuse.passes.rewrite_params`.
+        how: How the level was solved, for the report.
+        error: Relative error against the targets, when the solver knows it (closed form).
+        targets: The targets, when the error is measured on the solved level's outputs (gradient fits).
+    """
+
+    params: dict[str, Tensor]
+    how: str
+    error: float | None = None
+    targets: Tensor | None = None
+
+
+def _solve_closed_form(i, prep, col, spec, data: _LevelData, grouping: Grouping, cfg) -> Solution:
     # start: the fused level's current weights (models[0]'s, or target's); the data fixes every direction it spans
     level = col.chains[-1][i]
     lam, V = data.eig
@@ -461,7 +478,7 @@ def _solve_closed_form(i, prep, col, spec, data: _LevelData, grouping: Grouping,
     A = grouping.matrix
     t2 = float(torch.einsum("ij,ik,kj->", A, data.stats.K, A))
     err = data.stats.residual(lam, V, A) / max(t2, 1e-300)
-    return affine_params(level, spec, W), err, "closed form"
+    return Solution(affine_params(level, spec, W), "closed form", error=err)
 
 
 def _targets(prep, i: int, data: _LevelData, grouping: Grouping, dtype) -> Tensor:
@@ -479,7 +496,7 @@ def _solve_gradient(i, prep, col, spec, data, grouping, cfg, *, fallback: bool =
     fit_gradient(work, data.fit_inputs, T, cfg.train.replace(seed=cfg.seed + i), progress=bar)
     if bar is not None:
         bar.close()
-    return dict(work.state_dict()), T, "gradient" + (" (fallback: not affine)" if fallback else "")
+    return Solution(dict(work.state_dict()), "gradient" + (" (fallback: not affine)" if fallback else ""), targets=T)
 
 
 def _solve_np(i, prep, col, spec, data, grouping, cfg):
@@ -501,7 +518,7 @@ def _solve_np(i, prep, col, spec, data, grouping, cfg):
     if bar is not None:
         bar.close()
     mix.apply()
-    return dict(work.state_dict()), T, "np interpolation"
+    return Solution(dict(work.state_dict()), "np interpolation", targets=T)
 
 
 def _solve_linear(i, prep, col, spec, data, grouping, cfg):
@@ -530,9 +547,9 @@ def fuse_level(i: int, prep: Prepared, scores: list[list[Tensor]], col: Collecto
     grouping = group(data.points, s, widths, lv.width, is_head=lv.is_head, strategy=method.grouping,
                      seed=cfg.seed + i, cfg=cfg)
     # c. solve
-    params, err_or_T, how = SOLVERS[method.solver](i, prep, col, spec, data, grouping, cfg)
+    sol: Solution = SOLVERS[method.solver](i, prep, col, spec, data, grouping, cfg)
     # d. write: the fused model's parameters, which the level module shares
-    rewrite_params(prep.fused_plan.gm, params, in_place=True)
+    rewrite_params(prep.fused_plan.gm, sol.params, in_place=True)
     # e. run the solved level once, for the next level's input (and the error of a gradient fit)
     sq_err = sq_t = 0.0
     offset = 0
@@ -542,13 +559,13 @@ def fuse_level(i: int, prep: Prepared, scores: list[list[Tensor]], col: Collecto
             out = level(h)
         _check_finite(out, f"level {i} (`{lv.name}`) of the fused model")
         col.store(last, i, b, out)
-        if isinstance(err_or_T, Tensor):
-            t = err_or_T[offset : offset + out.shape[0]]
+        if sol.targets is not None:
+            t = sol.targets[offset : offset + out.shape[0]]
             sq_err += float(((out - t) ** 2).sum())
             sq_t += float((t**2).sum())
         offset += out.shape[0]
-    err = sq_err / max(sq_t, 1e-300) if isinstance(err_or_T, Tensor) else err_or_T
-    return LevelRecord(i, lv.name, lv.kind, grouping.how, how, grouping.cost, err, time.perf_counter() - t0,
+    err = sol.error if sol.error is not None else sq_err / max(sq_t, 1e-300)
+    return LevelRecord(i, lv.name, lv.kind, grouping.how, sol.how, grouping.cost, err, time.perf_counter() - t0,
                        data.rows, data.columns)
 
 
