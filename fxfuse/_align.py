@@ -19,7 +19,7 @@ from ._collect import FusionData
 from ._errors import AlignmentError
 from ._grouping import hungarian_pairs
 
-__all__ = ["SpaceAlignment", "align", "matched_spaces", "reset_batchnorm", "space_distances", "space_scores"]
+__all__ = ["SpaceAlignment", "align", "align_with", "matched_spaces", "reset_batchnorm", "space_distances", "space_scores"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -142,10 +142,14 @@ class _Capture(Interpreter):
         return out
 
 
-def _node_rows(value: Tensor, dim: int) -> Tensor:
-    """One node's activations, neurons last: Tensor of shape (n_rows, width), float64."""
+def _rows(value: Tensor, dim: int, keep: Tensor | None) -> Tensor:
+    """One node's activations as rows, neurons last, float64: Tensor of shape (n_rows, width).
+
+    ``keep`` selects rows (the same in every model), or None for all.
+    """
     v = value.movedim(dim, -1)
-    return v.reshape(-1, v.shape[-1]).to(torch.float64)
+    v = v.reshape(-1, v.shape[-1])
+    return (v if keep is None else v[keep]).to(torch.float64)
 
 
 # samples whose activations at every space node are held at once while streaming alignment statistics
@@ -154,12 +158,14 @@ _CAPTURE_SAMPLES = 32
 
 @torch.no_grad()
 def space_distances(gms: Sequence[GraphModule], spaces, data: FusionData, *, batch_size: int = 256,
-                    device=None) -> list[dict[int, Tensor]]:
+                    max_rows: int = 50_000, seed: int = 0, device=None) -> list[dict[int, Tensor]]:
     """Squared L2 distances between the neurons of ``gms[0]`` and of each other model, per free space.
 
-    Streams the data once: per batch it adds Σ a_j², Σ b_k² and Σ a_j b_k over the
-    space's activations (every node of the space, every position), so memory is
-    O(width²) per space whatever the number of samples.
+    Streams the data once: per slice of samples it adds, in float64, Σ a_j², Σ b_k²
+    and Σ a_j b_k over the space's activations (every node of the space). Each node
+    contributes about ``max_rows`` rows (samples × positions), a seeded random
+    subset that is the same in every model, so work and memory are bounded by
+    ``max_rows`` and the widths whatever the number of samples.
 
     Returns:
         For each model k ≥ 1 (index k − 1): free space index -> Tensor of shape
@@ -173,18 +179,26 @@ def space_distances(gms: Sequence[GraphModule], spaces, data: FusionData, *, bat
     def add(acc: dict[int, Tensor], i: int, t: Tensor) -> None:
         acc[i] = t if i not in acc else acc[i] + t
 
+    gen = torch.Generator().manual_seed(seed)
+    n_samples = data.n_samples
     for batch, _ in data.batches(batch_size, device):
         for x in batch.split(_CAPTURE_SAMPLES):  # every space activation of these samples is held at once
             for cap in caps:
                 cap.run(x)
             for s in free:
                 for name, d in s.nodes:
-                    r0 = _node_rows(caps[0].values[name], d)
-                    add(sq[0], s.index, (r0 * r0).sum(0))
+                    value = caps[0].values[name]
+                    rows = value.numel() // value.shape[d]
+                    keep = None
+                    if n_samples is not None and rows * n_samples > max_rows * x.shape[0]:
+                        m = max(1, round(max_rows * x.shape[0] / n_samples))  # this slice's share of max_rows
+                        keep = torch.randperm(rows, generator=gen)[:m].to(x.device)
+                    a = _rows(caps[0].values[name], d, keep)
+                    add(sq[0], s.index, (a * a).sum(0))
                     for k in range(1, len(gms)):
-                        r = _node_rows(caps[k].values[name], d)
-                        add(sq[k], s.index, (r * r).sum(0))
-                        add(cross[k], s.index, r0.T @ r)
+                        b = _rows(caps[k].values[name], d, keep)
+                        add(sq[k], s.index, (b * b).sum(0))
+                        add(cross[k], s.index, a.T @ b)
             for cap in caps:
                 cap.values.clear()
     return [
@@ -199,6 +213,8 @@ def align(
     *,
     importance: str = "uniform",
     batch_size: int = 256,
+    max_rows: int = 50_000,
+    seed: int = 0,
     n_steps: int = 20,
     method: str = "git-rebasin",
     device=None,
@@ -219,6 +235,8 @@ def align(
             accepts); labelled for non-uniform importance.
         importance: ``"uniform"``, ``"conductance"`` or ``"deeplift"`` (per space,
             see :func:`space_scores`).
+        max_rows: Rows (samples × positions) of each activation that the matching
+            costs are summed over; a seeded random subset beyond it.
         method: The calling method's name, for error messages.
 
     Returns:
@@ -250,7 +268,7 @@ def align(
     data = data if isinstance(data, FusionData) else FusionData(data)
     spaces = matched_spaces(gms, method, same_widths=True)
     scores = [space_scores(g, sp, data, importance, n_steps=n_steps, device=device) for g, sp in zip(gms, spaces)]
-    dists = space_distances(gms, spaces, data, batch_size=batch_size, device=device)
+    dists = space_distances(gms, spaces, data, batch_size=batch_size, max_rows=max_rows, seed=seed, device=device)
     perms: list[dict[int, Tensor]] = [{} for _ in gms]
     for k in range(1, len(gms)):
         for i, d in dists[k - 1].items():
@@ -260,3 +278,9 @@ def align(
         {i: scores[k][i][p.to(scores[k][i].device)] for i, p in perms[k].items()} for k in range(1, len(gms))
     ]
     return SpaceAlignment(out, spaces[0], out_scores)
+
+
+def align_with(gms: Sequence[GraphModule], data, cfg) -> SpaceAlignment:
+    """:func:`align` with the settings of a fusion (a :class:`fxfuse._config.FuseConfig`)."""
+    return align(gms, data, importance=cfg.importance, batch_size=cfg.batch_size, max_rows=cfg.max_rows,
+                 seed=cfg.seed, n_steps=cfg.importance_steps, method=cfg.method, device=cfg.device)

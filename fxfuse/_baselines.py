@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.fx import GraphModule
 
-from ._align import align, matched_spaces, space_distances, space_scores
+from ._align import align_with, matched_spaces, space_distances, space_scores
 from ._errors import AlignmentError
 from ._grouping import hungarian_pairs
 from ._trace import trace
@@ -171,7 +171,8 @@ def otfusion(prep, cfg) -> GraphModule:
     spaces = matched_spaces(gms, "otfusion", same_widths=False)
     scores = [space_scores(g, sp, data, cfg.importance, n_steps=cfg.importance_steps, device=cfg.device)
               for g, sp in zip(gms, spaces)]
-    dists = space_distances(gms, spaces, data, batch_size=cfg.batch_size, device=cfg.device)
+    dists = space_distances(gms, spaces, data, batch_size=cfg.batch_size, max_rows=cfg.max_rows, seed=cfg.seed,
+                            device=cfg.device)
     maps: list[dict[int, Tensor]] = [{} for _ in gms]
     for k in range(1, len(gms)):
         for i, d in dists[k - 1].items():
@@ -193,8 +194,7 @@ def vanilla(prep, cfg) -> GraphModule:
 def git_rebasin(prep, cfg) -> GraphModule:
     """Align ``models[1:]`` to ``models[0]`` by activation matching (:func:`fxfuse._align.align`), then average
     each neuron's parameters weighted by its importance score (appendix C)."""
-    aligned = align(prep.models, prep.data, importance=cfg.importance, batch_size=cfg.batch_size,
-                    n_steps=cfg.importance_steps, method=cfg.method, device=cfg.device)
+    aligned = align_with(prep.models, prep.data, cfg)
     return average(aligned.models, aligned.spaces, aligned.scores)
 
 
@@ -241,8 +241,7 @@ def np_merge_models(prep, cfg) -> GraphModule:
     x, y = prep.data.materialise(device=cfg.device)  # every labelled sample trains α
 
     def merge(a: GraphModule, b: GraphModule) -> GraphModule:
-        pair = align([a, b], prep.data, importance=cfg.importance, batch_size=cfg.batch_size,
-                     n_steps=cfg.importance_steps, method=cfg.method, device=cfg.device).models
+        pair = align_with([a, b], prep.data, cfg).models
         bar = progress_bar(cfg.train.epochs, "np-merge", cfg.progress)
         out = np_merge(*pair, x, y, cfg.train, progress=bar)
         if bar is not None:

@@ -134,7 +134,10 @@ class FusionData:
         self.has_labels = y is not None
         self.example = x[:2]
         dataset = getattr(data, "dataset", None)
-        self.n_samples = len(dataset) if hasattr(dataset, "__len__") else None  # None: not known before a pass
+        if isinstance(data, (list, tuple)):  # batches in memory: count them now
+            self.n_samples = sum(_split_item(item, f"{what}: batch {i}")[0].shape[0] for i, item in enumerate(data))
+        else:  # None: not known before a pass
+            self.n_samples = len(dataset) if hasattr(dataset, "__len__") else None
 
     def batches(self, batch_size: int = 256, device: torch.device | str | None = None) -> Iterator[tuple[Tensor, Tensor | None]]:
         """Yield ``(inputs, labels or None)`` on ``device``; a DataLoader keeps its own batch size."""

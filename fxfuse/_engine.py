@@ -342,10 +342,9 @@ class AlignedGrouping:
     how = "aligned"
 
     def prepare(self, gms: list[GraphModule], data: FusionData, cfg: FuseConfig) -> list[GraphModule]:
-        from ._align import align
+        from ._align import align_with
 
-        return align(gms, data, importance=cfg.importance, batch_size=cfg.batch_size, n_steps=cfg.importance_steps,
-                     method=cfg.method, device=cfg.device).models
+        return align_with(gms, data, cfg).models
 
     def fit(self, points: Tensor, scores: Tensor, widths: list[int], k: int, seed: int, cfg: FuseConfig) -> Tensor:
         return torch.cat([torch.arange(w, device=points.device) for w in widths])
