@@ -218,6 +218,7 @@ def _positive_int(text: str) -> int:
 
 
 def add_parsers(sub) -> None:
+    from ._importance import IMPORTANCES
     from ._methods import METHODS
 
     # an ensemble keeps every model, so it is no checkpoint of one architecture
@@ -237,7 +238,7 @@ def add_parsers(sub) -> None:
     f.add_argument("--samples", type=_positive_int, default=400, help="fusion samples to use (default 400)")
     f.add_argument("--resize", action="store_true", help="resize a tensor file's inputs to the models' input size")
     f.add_argument("--method", default="kf-linear", choices=fuse_methods)
-    f.add_argument("--importance", default="uniform", choices=["uniform", "conductance", "deeplift"])
+    f.add_argument("--importance", default="uniform", choices=list(IMPORTANCES))
     f.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     f.add_argument("--num-classes", type=int, default=None, help="classes of ARCH=WEIGHTS models")
     f.add_argument("--in-chans", type=int, default=None, help="input channels of ARCH=WEIGHTS models (e.g. 1)")
