@@ -392,8 +392,8 @@ def _check_finite(t: Tensor, where: str) -> None:
         raise FxFuseError(f"{where}: {bad} non-finite values (NaN or Inf); check the input data and the model's weights")
 
 
-# elements of one unfolded design chunk (float32: 64 MB); bounds the memory of im2col at any resolution
-_DESIGN_CHUNK = 16 << 20
+# elements of one unfolded design chunk (float32: 32 MB); bounds the memory of im2col at any resolution
+_DESIGN_CHUNK = 8 << 20
 
 
 @torch.no_grad()
