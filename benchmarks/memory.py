@@ -8,7 +8,8 @@ from the kernel's high-water mark, reset once the data is built), the RSS at
 that point (the Python process with torch loaded and the data: 20,000 inputs of
 3×32×32 are 234 MB), and the wall time. The
 model is a small conv net (3 conv-BatchNorm-ReLU blocks of 32, 64, 64 channels,
-pooling, a Linear head) at 32×32; the inputs are the embedded digits upsampled
+pooling, a Linear head) at 32×32, or a timm model at its own widths (``--model resnet18``,
+``pretrained=False``, 10 classes); the inputs are the embedded digits upsampled
 to 3×32×32 and repeated with noise up to ``--samples``.
 """
 
@@ -22,27 +23,24 @@ import sys
 import time
 
 
-def _peak_rss_mb() -> float:
+def _status_mb(key: str) -> float:
+    """A memory line of /proc/self/status (VmHWM: peak RSS, VmRSS: current RSS), in MB."""
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmHWM:"):
+            if line.startswith(key + ":"):
                 return int(line.split()[1]) / 1024
     return float("nan")
 
 
-def _rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def _net(seed: int):
+def _net(seed: int, model: str = "small"):
     import torch
     from torch import nn
 
     torch.manual_seed(seed)
+    if model != "small":
+        import timm
+
+        return timm.create_model(model, pretrained=False, num_classes=10).eval()
 
     def block(i, o):
         return [nn.Conv2d(i, o, 3, padding=1), nn.BatchNorm2d(o), nn.ReLU()]
@@ -51,7 +49,7 @@ def _net(seed: int):
                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10)).eval()
 
 
-def child(method: str, form: str, n: int, budget: int | None) -> None:
+def child(method: str, form: str, n: int, budget: int | None, model: str) -> None:
     import torch
 
     import fxfuse
@@ -66,8 +64,8 @@ def child(method: str, form: str, n: int, budget: int | None) -> None:
     gc.collect()
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset the peak RSS: building the data's temporaries is not the fusion's memory
-    base_rss = _rss_mb()
-    models = [_net(0), _net(1)]
+    base_rss = _status_mb("VmRSS")
+    models = [_net(0, model), _net(1, model)]
     if form == "tensor":
         data = (x, y)
     else:
@@ -76,7 +74,7 @@ def child(method: str, form: str, n: int, budget: int | None) -> None:
     t0 = time.perf_counter()
     fxfuse.fuse(models, data, method=method, progress=False, device="cpu", **opts)
     secs = time.perf_counter() - t0
-    print(json.dumps({"peak_mb": _peak_rss_mb(), "data_mb": base_rss, "seconds": secs}))
+    print(json.dumps({"peak_mb": _status_mb("VmHWM"), "data_mb": base_rss, "seconds": secs}))
 
 
 def main() -> None:
@@ -85,17 +83,18 @@ def main() -> None:
     p.add_argument("--methods", nargs="+", default=["kf-linear", "git-rebasin"])
     p.add_argument("--forms", nargs="+", default=["tensor", "dataloader"], choices=["tensor", "dataloader"])
     p.add_argument("--budget", type=int, default=None, help="memory_budget option in bytes (default: fxfuse's)")
+    p.add_argument("--model", default="small", help="'small' (the conv net above) or a timm model name, e.g. resnet18")
     p.add_argument("--child", nargs=3, metavar=("METHOD", "FORM", "N"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
-        child(args.child[0], args.child[1], int(args.child[2]), args.budget)
+        child(args.child[0], args.child[1], int(args.child[2]), args.budget, args.model)
         return
     print("| method | data | samples | peak RSS MB | RSS before fusing MB | s |")
     print("|---|---|---|---|---|---|")
     for n in args.samples:
         for method in args.methods:
             for form in args.forms:
-                cmd = [sys.executable, __file__, "--child", method, form, str(n)]
+                cmd = [sys.executable, __file__, "--child", method, form, str(n), "--model", args.model]
                 if args.budget is not None:
                     cmd += ["--budget", str(args.budget)]
                 res = subprocess.run(cmd, capture_output=True, text=True)
