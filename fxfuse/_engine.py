@@ -29,7 +29,7 @@ from ._trace import trace
 
 __all__ = [
     "Prepared", "Grouping", "LevelRecord", "GROUPINGS", "SOLVERS", "prepare", "align_depth",
-    "fuse_level", "emit", "progress_bar", "score_neurons",
+    "fuse_level", "emit", "progress_bar", "score_neurons", "as_model_list",
 ]
 
 
@@ -102,7 +102,8 @@ def progress_bar(total: int, desc: str, enabled: bool, leave: bool = True):
 # --- 1. prepare ------------------------------------------------------------------------
 
 
-def _as_model_list(models: Any) -> list[nn.Module]:
+def as_model_list(models: Any) -> list[nn.Module]:
+    """``models`` as a list of modules (a list, a tuple or an ``nn.ModuleList``), checked."""
     if isinstance(models, nn.ModuleList):
         return list(models)
     if isinstance(models, nn.Module):
@@ -201,7 +202,7 @@ def prepare(models: Any, data: Any, cfg: FuseConfig) -> Prepared:
     from fxfuse.passes import partition_levels
 
     method = get_method(cfg.method)
-    models = _as_model_list(models)
+    models = as_model_list(models)
     if len(models) < 2:
         raise ValueError(f"fuse needs at least two models, got {len(models)}")
     if method.n_models is not None and len(models) != method.n_models:

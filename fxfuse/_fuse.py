@@ -13,7 +13,7 @@ from torch.fx import GraphModule
 from . import _baselines
 from ._collect import Collector, FusionData
 from ._config import make_config
-from ._engine import align_depth, emit, format_report, fuse_level, prepare, progress_bar, score_neurons
+from ._engine import align_depth, as_model_list, emit, format_report, fuse_level, prepare, progress_bar, score_neurons
 from ._methods import BASELINES, LEVELWISE, METHODS, get_method
 
 __all__ = ["fuse", "format_report", "METHODS", "LEVELWISE", "BASELINES"]
@@ -104,8 +104,8 @@ def fuse(
     cfg = make_config(method, importance, device, seed, progress, **options)
     spec = get_method(cfg.method)
     data = data if isinstance(data, FusionData) else FusionData(data)
-    model_list = list(models) if not isinstance(models, nn.Module) or isinstance(models, nn.ModuleList) else models
-    if spec.pairwise and isinstance(model_list, list) and len(model_list) > 2:
+    model_list = as_model_list(models)
+    if spec.pairwise and len(model_list) > 2:
         # NP Merge, section III-C: successive pairwise merges
         from ._npmerge import pairwise
 

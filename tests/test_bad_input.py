@@ -271,3 +271,8 @@ def test_cli_unexpected_errors_are_one_line(cnn_ckpts, monkeypatch, capsys):
     assert main(["fuse", *cnn_ckpts, "--samples", "20", "--quiet", "--out", "/tmp/never.pt"]) == 1
     err = capsys.readouterr().err
     assert err.strip() == "fxfuse fuse: error: RuntimeError: something deep broke"
+
+
+def test_models_that_are_not_a_sequence():
+    with pytest.raises(TypeError, match="models must be a sequence of torch.nn.Module, got int"):
+        fxfuse.fuse(3, _x((16,)))
