@@ -237,7 +237,8 @@ def add_parsers(sub) -> None:
     f.add_argument("--data", default="digits", help="'digits', an image folder, or a tensor file (default digits)")
     f.add_argument("--samples", type=_positive_int, default=400, help="fusion samples to use (default 400)")
     f.add_argument("--resize", action="store_true", help="resize a tensor file's inputs to the models' input size")
-    f.add_argument("--method", default="kf-linear", choices=fuse_methods)
+    f.add_argument("--method", default="kf-linear", choices=fuse_methods, metavar="METHOD",
+                   help="; ".join(f"{n}: {METHODS[n].summary}" for n in fuse_methods) + " (default kf-linear)")
     f.add_argument("--importance", default="uniform", choices=list(IMPORTANCES))
     f.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     f.add_argument("--num-classes", type=int, default=None, help="classes of ARCH=WEIGHTS models")

@@ -289,8 +289,3 @@ class Collector:
             self._cache[c][b] = (i, out.detach())
             self._bytes += size
             self.peak_bytes = max(self.peak_bytes, self._bytes)
-
-    def clear(self) -> None:
-        """Drop every cached output."""
-        self._cache = [{} for _ in self.chains]
-        self._bytes = 0

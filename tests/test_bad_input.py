@@ -276,3 +276,33 @@ def test_cli_unexpected_errors_are_one_line(cnn_ckpts, monkeypatch, capsys):
 def test_models_that_are_not_a_sequence():
     with pytest.raises(TypeError, match="models must be a sequence of torch.nn.Module, got int"):
         fxfuse.fuse(3, _x((16,)))
+
+
+def test_rewrite_params_names_bad_keys_and_shapes():
+    from fxfuse.passes import rewrite_params
+
+    gm = fxfuse.trace(nn.Linear(2, 1), torch.randn(1, 2))
+    with pytest.raises(KeyError, match="`nope` is not a parameter or buffer"):
+        rewrite_params(gm, {"nope": torch.zeros(1)})
+    with pytest.raises(ValueError, match=r"`bias` has shape \(1,\), got \(2,\)"):
+        rewrite_params(gm, {"bias": torch.zeros(2)})
+
+
+def test_option_types_and_input_types_are_named():
+    x = _x((16,))
+    with pytest.raises(TypeError, match="progress must be True or False"):
+        fxfuse.fuse([mlp(), mlp(seed=1)], x, progress="yes")
+    with pytest.raises(TypeError, match="option reset_bn must be True or False"):
+        fxfuse.fuse([mlp(), mlp(seed=1)], x, method="vanilla", reset_bn=1)
+    with pytest.raises(TypeError, match="inputs must be a Tensor, got ndarray"):
+        fxfuse.fuse([mlp(), mlp(seed=1)], {"inputs": x.numpy()})
+    with pytest.raises(TypeError, match="batch 0 is a ndarray; expected a Tensor"):
+        fxfuse.fuse([mlp(), mlp(seed=1)], (x.numpy(), torch.zeros(64, dtype=torch.long)))
+
+
+def test_fit_gradient_without_trainable_parameters():
+    from fxfuse._solve import fit_gradient
+
+    lin = nn.Linear(2, 2).requires_grad_(False)
+    with pytest.raises(ValueError, match="Linear has no trainable parameter"):
+        fit_gradient(lin, torch.randn(8, 2), torch.randn(8, 2))
