@@ -13,7 +13,7 @@ Example:
 
 from ._export import export
 from ._fuse import fuse
-from ._errors import AlignmentError, DumpError, FxFuseError, PartitionError, TraceError
+from ._errors import AlignmentError, DumpError, FxFuseError, LabelSkewWarning, PartitionError, TraceError
 from ._models import build_model, load_checkpoint, save_checkpoint
 from ._trace import trace
 
@@ -23,6 +23,7 @@ __all__ = [
     "AlignmentError",
     "DumpError",
     "FxFuseError",
+    "LabelSkewWarning",
     "PartitionError",
     "TraceError",
     "__version__",

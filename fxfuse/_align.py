@@ -156,26 +156,55 @@ def _rows(value: Tensor, dim: int, keep: Tensor | None) -> Tensor:
 _CAPTURE_SAMPLES = 32
 
 
+def _distances(sq_a: Tensor, sq_b: Tensor, cross: Tensor, sum_a: Tensor, sum_b: Tensor, n: int, match: str) -> Tensor:
+    """Pairwise matching costs (width a, width b) from the streamed sums of one space (see :func:`space_distances`)."""
+    if match == "inner":
+        return (sq_a[:, None] + sq_b[None, :] - 2.0 * cross).clamp_min_(0.0)
+    mean_a, mean_b = sum_a / n, sum_b / n
+    var_a = (sq_a / n - mean_a**2).clamp_min(0.0)
+    var_b = (sq_b / n - mean_b**2).clamp_min(0.0)
+    live_a = var_a > 1e-12 * (sq_a / n)  # a constant neuron has no correlation with anything
+    live_b = var_b > 1e-12 * (sq_b / n)
+    cov = cross / n - mean_a[:, None] * mean_b[None, :]
+    std = (var_a.sqrt()[:, None] * var_b.sqrt()[None, :]).clamp_min(1e-300)
+    corr = torch.where(live_a[:, None] & live_b[None, :], cov / std, torch.zeros_like(cov)).clamp(-1.0, 1.0)
+    return (live_a.double()[:, None] + live_b.double()[None, :] - 2.0 * corr).clamp_min_(0.0)
+
+
 @torch.no_grad()
 def space_distances(gms: Sequence[GraphModule], spaces, data: FusionData, *, batch_size: int = 256,
-                    max_rows: int = 50_000, seed: int = 0, device=None) -> list[dict[int, Tensor]]:
-    """Squared L2 distances between the neurons of ``gms[0]`` and of each other model, per free space.
+                    max_rows: int = 50_000, seed: int = 0, match: str = "correlation",
+                    device=None) -> list[dict[int, Tensor]]:
+    """Matching costs between the neurons of ``gms[0]`` and of each other model, per free space.
 
-    Streams the data once: per slice of samples it adds, in float64, Σ a_j², Σ b_k²
-    and Σ a_j b_k over the space's activations (every node of the space). Each node
-    contributes about ``max_rows`` rows (samples × positions), a seeded random
-    subset that is the same in every model, so work and memory are bounded by
-    ``max_rows`` and the widths whatever the number of samples.
+    Streams the data once: per slice of samples it adds, in float64, Σ a_j, Σ a_j²,
+    Σ b_k, Σ b_k² and Σ a_j b_k over the space's activations (every node of the
+    space). Each node contributes about ``max_rows`` rows (samples × positions), a
+    seeded random subset that is the same in every model, so work and memory are
+    bounded by ``max_rows`` and the widths whatever the number of samples.
+
+    ``match="inner"``: the squared L2 distance ‖a_j − b_k‖² = Σa_j² + Σb_k² − 2Σa_j b_k,
+    which over a permutation is the same as maximising raw inner products.
+    ``match="correlation"`` (the default): the squared distance of the
+    standardised activations per row, 2 − 2 corr(a_j, b_k) (Pearson correlation,
+    as in Git Re-Basin's activation matching and NP Merge's Permute step); a
+    constant neuron counts as the zero vector (distance 1 to any other neuron, 0
+    to another constant one).
 
     Returns:
         For each model k ≥ 1 (index k − 1): free space index -> Tensor of shape
         (width in gms[0], width in gms[k]), float64.
     """
+    if match not in ("correlation", "inner"):
+        raise ValueError(f"match must be 'correlation' or 'inner', got {match!r}")
     free = spaces[0].free
     names = list(dict.fromkeys(name for s in free for name, _ in s.nodes))
     caps = [_Capture(g, names) for g in gms]
     sq: list[dict[int, Tensor]] = [{} for _ in gms]
+    sums: list[dict[int, Tensor]] = [{} for _ in gms]
     cross: list[dict[int, Tensor]] = [{} for _ in gms]
+    count: dict[int, int] = {}
+
     def add(acc: dict[int, Tensor], i: int, t: Tensor) -> None:
         acc[i] = t if i not in acc else acc[i] + t
 
@@ -194,15 +223,18 @@ def space_distances(gms: Sequence[GraphModule], spaces, data: FusionData, *, bat
                         m = max(1, round(max_rows * x.shape[0] / n_samples))  # this slice's share of max_rows
                         keep = torch.randperm(rows, generator=gen)[:m].to(x.device)
                     a = _rows(caps[0].values[name], d, keep)
+                    count[s.index] = count.get(s.index, 0) + a.shape[0]
                     add(sq[0], s.index, (a * a).sum(0))
+                    add(sums[0], s.index, a.sum(0))
                     for k in range(1, len(gms)):
                         b = _rows(caps[k].values[name], d, keep)
                         add(sq[k], s.index, (b * b).sum(0))
+                        add(sums[k], s.index, b.sum(0))
                         add(cross[k], s.index, a.T @ b)
             for cap in caps:
                 cap.values.clear()
     return [
-        {i: (sq[0][i][:, None] + sq[k][i][None, :] - 2.0 * cross[k][i]).clamp_min_(0.0) for i in cross[k]}
+        {i: _distances(sq[0][i], sq[k][i], cross[k][i], sums[0][i], sums[k][i], count[i], match) for i in cross[k]}
         for k in range(1, len(gms))
     ]
 
@@ -216,6 +248,7 @@ def align(
     max_rows: int = 50_000,
     seed: int = 0,
     n_steps: int = 20,
+    match: str = "correlation",
     method: str = "git-rebasin",
     device=None,
 ) -> SpaceAlignment:
@@ -225,9 +258,10 @@ def align(
     with neuron k of another is the importance-weighted grouping error of the
     pair, s_j s_k / (s_j + s_k) · ‖a_j − b_k‖², where a_j, b_k are the neurons'
     activations on the data (over every activation of the space, from streamed
-    sums: :func:`space_distances`); with uniform scores this is the squared L2
-    distance of activation-based Git Re-Basin. ``linear_sum_assignment`` solves
-    it. Every model keeps its function.
+    sums: :func:`space_distances`), standardised by default (``match="correlation"``,
+    so the cost is 2 − 2 corr(a_j, b_k) as in Git Re-Basin's activation matching)
+    or raw (``match="inner"``). ``linear_sum_assignment`` solves it. Every model
+    keeps its function.
 
     Args:
         gms: Traced models of one architecture and equal widths.
@@ -237,6 +271,7 @@ def align(
             see :func:`space_scores`).
         max_rows: Rows (samples × positions) of each activation that the matching
             costs are summed over; a seeded random subset beyond it.
+        match: ``"correlation"`` or ``"inner"`` (see :func:`space_distances`).
         method: The calling method's name, for error messages.
 
     Returns:
@@ -268,7 +303,8 @@ def align(
     data = data if isinstance(data, FusionData) else FusionData(data)
     spaces = matched_spaces(gms, method, same_widths=True)
     scores = [space_scores(g, sp, data, importance, n_steps=n_steps, device=device) for g, sp in zip(gms, spaces)]
-    dists = space_distances(gms, spaces, data, batch_size=batch_size, max_rows=max_rows, seed=seed, device=device)
+    dists = space_distances(gms, spaces, data, batch_size=batch_size, max_rows=max_rows, seed=seed, match=match,
+                            device=device)
     perms: list[dict[int, Tensor]] = [{} for _ in gms]
     for k in range(1, len(gms)):
         for i, d in dists[k - 1].items():
@@ -283,4 +319,4 @@ def align(
 def align_with(gms: Sequence[GraphModule], data, cfg) -> SpaceAlignment:
     """:func:`align` with the settings of a fusion (a :class:`fxfuse._config.FuseConfig`)."""
     return align(gms, data, importance=cfg.importance, batch_size=cfg.batch_size, max_rows=cfg.max_rows,
-                 seed=cfg.seed, n_steps=cfg.importance_steps, method=cfg.method, device=cfg.device)
+                 seed=cfg.seed, n_steps=cfg.importance_steps, match=cfg.match, method=cfg.method, device=cfg.device)

@@ -153,8 +153,9 @@ def otfusion(prep, cfg) -> GraphModule:
     """Activation-based OTFusion onto ``models[0]``'s architecture, then averaging.
 
     For each free neuron space, the ground cost between neuron i of model k and
-    neuron j of the first model is the squared L2 distance of their activations
-    on the data (from streamed sums, :func:`fxfuse._align.space_distances`); the
+    neuron j of the first model is the squared distance of their activations on
+    the data, standardised by default (``match``; from streamed sums,
+    :func:`fxfuse._align.space_distances`); the
     marginals are the neurons' importance scores, normalised (uniform by default).
     The exact plan T (network simplex) gives the barycentric map diag(1/β) Tᵀ,
     applied along every axis of the space (Singh and Jaggi, 2020). With equal
@@ -172,7 +173,7 @@ def otfusion(prep, cfg) -> GraphModule:
     scores = [space_scores(g, sp, data, cfg.importance, n_steps=cfg.importance_steps, device=cfg.device)
               for g, sp in zip(gms, spaces)]
     dists = space_distances(gms, spaces, data, batch_size=cfg.batch_size, max_rows=cfg.max_rows, seed=cfg.seed,
-                            device=cfg.device)
+                            match=cfg.match, device=cfg.device)
     maps: list[dict[int, Tensor]] = [{} for _ in gms]
     for k in range(1, len(gms)):
         for i, d in dists[k - 1].items():
@@ -234,16 +235,27 @@ def last_layer_kd(prep, cfg) -> GraphModule:
 
 
 def np_merge_models(prep, cfg) -> GraphModule:
-    """NP Merge (section III): align each pair, learn α on the task loss, reset BatchNorm; pairwise for > 2."""
-    from ._engine import progress_bar
-    from ._npmerge import np_merge, pairwise
+    """NP Merge (section III): align each pair, learn α, reset BatchNorm; pairwise for > 2 models.
 
-    x, y = prep.data.materialise(device=cfg.device)  # every labelled sample trains α
+    ``cfg.objective``: ``"distill"`` (default) learns α on the KL divergence from
+    the mean softmax of *all* base models (the ensemble), so intermediate merges
+    of more than two models keep aiming at the whole ensemble; ``"ce"`` is the
+    paper's cross-entropy on the fusion labels.
+    """
+    from ._engine import progress_bar
+    from ._npmerge import np_merge, pairwise, teacher_probs
+
+    x, y = prep.data.materialise(device=cfg.device)  # every sample trains α
+    if cfg.objective == "distill":
+        targets = teacher_probs(prep.models, x, cfg.temperature, cfg.batch_size)
+    else:
+        targets = y
 
     def merge(a: GraphModule, b: GraphModule) -> GraphModule:
         pair = align_with([a, b], prep.data, cfg).models
-        bar = progress_bar(cfg.train.epochs, "np-merge", cfg.progress)
-        out = np_merge(*pair, x, y, cfg.train, progress=bar)
+        bar = progress_bar(cfg.train.epochs, f"np-merge ({cfg.objective})", cfg.progress)
+        out = np_merge(*pair, x, targets, cfg.train, objective=cfg.objective, temperature=cfg.temperature,
+                       progress=bar)
         if bar is not None:
             bar.close()
         return out

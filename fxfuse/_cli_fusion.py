@@ -175,8 +175,18 @@ def cmd_fuse(args: argparse.Namespace) -> int:
     models = [m for m, *_ in loaded]
     size = loaded[0][1]
     data = _load_data(args.data, size, args.samples, args.seed, args.resize, known=all(ld[4] for ld in loaded))
+    from ._methods import METHODS
+
+    spec = METHODS[args.method]
+    opts = {"objective": args.objective} if args.objective is not None and spec.uses_objective else {}
+    if args.match is not None and spec.uses_match:
+        opts["match"] = args.match
+    for flag, value, used in (("--objective", args.objective, spec.uses_objective),
+                              ("--match", args.match, spec.uses_match)):
+        if value is not None and not used:
+            raise ValueError(f"{flag} does not apply to --method {args.method}; remove it")
     fused = fuse(models, data, method=args.method, importance=args.importance, device=args.device,
-                 seed=args.seed, progress=not args.quiet)
+                 seed=args.seed, progress=not args.quiet, **opts)
     example = (data[0] if isinstance(data, tuple) else data)[:2].to(next(fused.parameters()).device)
     arch, kwargs = loaded[0][2], loaded[0][3]
     size = tuple((data[0] if isinstance(data, tuple) else data).shape[1:])
@@ -218,6 +228,7 @@ def _positive_int(text: str) -> int:
 
 
 def add_parsers(sub) -> None:
+    from ._config import MATCHES, OBJECTIVES
     from ._importance import IMPORTANCES
     from ._methods import METHODS
 
@@ -240,6 +251,10 @@ def add_parsers(sub) -> None:
     f.add_argument("--method", default="kf-linear", choices=fuse_methods, metavar="METHOD",
                    help="; ".join(f"{n}: {METHODS[n].summary}" for n in fuse_methods) + " (default kf-linear)")
     f.add_argument("--importance", default="uniform", choices=list(IMPORTANCES))
+    f.add_argument("--objective", default=None, choices=list(OBJECTIVES),
+                   help="np-merge's loss: distill (KL to the ensemble's softmax, no labels; default) or ce (labels)")
+    f.add_argument("--match", default=None, choices=list(MATCHES),
+                   help="activation matching of git-rebasin, otfusion and np-merge: correlation (default) or inner")
     f.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     f.add_argument("--num-classes", type=int, default=None, help="classes of ARCH=WEIGHTS models")
     f.add_argument("--in-chans", type=int, default=None, help="input channels of ARCH=WEIGHTS models (e.g. 1)")

@@ -186,6 +186,14 @@ class FusionData:
                 break
         return torch.cat(xs), (torch.cat(ys) if ys else None)
 
+    def label_counts(self, n_classes: int) -> Tensor:
+        """How many samples carry each label: Tensor of shape (n_classes,), int64 (one pass over the data)."""
+        counts = torch.zeros(n_classes, dtype=torch.int64)
+        for _, y in self.batches(256):
+            if y is not None:
+                counts += torch.bincount(y.reshape(-1).long().cpu(), minlength=n_classes)[:n_classes]
+        return counts
+
     def with_labels(self, make: Callable[[Tensor], Tensor]) -> FusionData:
         """A view whose unlabelled batches get ``make(inputs)`` as labels (e.g. the ensemble's argmax).
 
@@ -289,3 +297,52 @@ class Collector:
             self._cache[c][b] = (i, out.detach())
             self._bytes += size
             self.peak_bytes = max(self.peak_bytes, self._bytes)
+
+
+# total variation distance from the uniform class distribution at which labels count as skewed
+SKEW_TV = 0.3
+
+
+def label_skew(counts: Tensor) -> tuple[list[int], float]:
+    """The classes absent from ``counts`` and the total variation distance of the label distribution from uniform.
+
+    Example:
+        >>> import torch
+        >>> from fxfuse._collect import label_skew
+        >>> label_skew(torch.tensor([10, 10, 0, 20]))
+        ([2], 0.25)
+    """
+    total = int(counts.sum())
+    if total == 0:
+        return list(range(len(counts))), 1.0
+    p = counts.double() / total
+    return [int(c) for c in torch.nonzero(counts == 0).flatten()], round(float((p - 1 / len(p)).abs().sum() / 2), 6)
+
+
+def warn_label_skew(counts: Tensor, uses: str, fix: str) -> bool:
+    """Warn once (:class:`~fxfuse.LabelSkewWarning`) when labels miss classes or are far from uniform.
+
+    Args:
+        counts: Samples per class, Tensor of shape (n_classes,).
+        uses: What reads the labels, for the message (e.g. ``"np-merge with objective='ce'"``).
+        fix: The label-free alternative to suggest.
+
+    Returns:
+        Whether it warned.
+    """
+    import warnings
+
+    from ._errors import LabelSkewWarning
+
+    missing, tv = label_skew(counts)
+    if not missing and tv < SKEW_TV:
+        return False
+    shown = ", ".join(map(str, missing[:20])) + (", ..." if len(missing) > 20 else "")
+    what = f"miss class(es) {shown} of the models' {len(counts)}" if missing else "are far from uniform"
+    warnings.warn(
+        f"the fusion labels {what} (total variation from uniform {tv:.2f}; counts {counts.tolist()[:20]}"
+        f"{' ...' if len(counts) > 20 else ''}); {uses} read(s) them, so the result leans towards this "
+        f"sample's classes. {fix}",
+        LabelSkewWarning, stacklevel=3,
+    )
+    return True

@@ -14,7 +14,10 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["TrainConfig", "FuseConfig", "make_config", "OPTION_DEFAULTS"]
+__all__ = ["TrainConfig", "FuseConfig", "make_config", "OPTION_DEFAULTS", "OBJECTIVES", "MATCHES"]
+
+OBJECTIVES = ("distill", "ce")
+MATCHES = ("correlation", "inner")
 
 
 @dataclass(frozen=True)
@@ -85,6 +88,9 @@ OPTION_DEFAULTS: dict[str, Any] = {
     "memory_budget": 256 << 20,  # bytes of level outputs cached between levels; beyond it they are recomputed
     "n_init": 5,  # k-means restarts
     "importance_steps": 20,  # conductance integration steps
+    "objective": "distill",  # np-merge: "distill" (KL to the ensemble's mean softmax, no labels) or "ce" (labels)
+    "temperature": 1.0,  # np-merge distill: softmax temperature of teacher and student
+    "match": "correlation",  # activation matching cost: "correlation" (standardised) or "inner" (raw L2)
     "train_batch_size": 32,
     **{name: getattr(TrainConfig(), name) for name in _TRAIN_FIELDS},
 }
@@ -108,6 +114,9 @@ class FuseConfig:
         memory_budget: Bytes of level outputs the collector may cache.
         n_init: k-means restarts.
         importance_steps: Integration steps of conductance.
+        objective: NP Merge's loss: ``"distill"`` or ``"ce"``.
+        temperature: Softmax temperature of the ``"distill"`` objective.
+        match: Activation-matching cost of the permutation methods: ``"correlation"`` or ``"inner"``.
         train: Settings of gradient fits.
     """
 
@@ -124,7 +133,18 @@ class FuseConfig:
     memory_budget: int
     n_init: int
     importance_steps: int
+    objective: str
+    temperature: float
+    match: str
     train: TrainConfig
+
+    @property
+    def uses_labels(self) -> bool:
+        """Whether this fusion reads the data's labels (NP Merge's ``"ce"`` objective, non-uniform importance)."""
+        from ._methods import get_method
+
+        spec = get_method(self.method)
+        return (spec.uses_objective and self.objective == "ce") or self.importance != "uniform"
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -165,7 +185,7 @@ def make_config(
         0.01
     """
     from ._importance import IMPORTANCES
-    from ._methods import get_method
+    from ._methods import METHODS, get_method
 
     spec = get_method(method)
     if importance not in IMPORTANCES:
@@ -181,6 +201,15 @@ def make_config(
         _check_int(name, opts[name], lo)
     if opts["target"] is not None and not isinstance(opts["target"], nn.Module):
         raise TypeError(f"option target must be an nn.Module, got {type(opts['target']).__name__}")
+    for name, valid in (("objective", OBJECTIVES), ("match", MATCHES)):
+        if opts[name] not in valid:
+            raise ValueError(f"option {name} must be one of {', '.join(map(repr, valid))}, got {opts[name]!r}")
+        if name in options and not getattr(spec, f"uses_{name}"):
+            users = ", ".join(m.name for m in METHODS.values() if getattr(m, f"uses_{name}"))
+            raise ValueError(f"{method} has no {name} option (it applies to {users}); remove it")
+    t = opts["temperature"]
+    if isinstance(t, bool) or not isinstance(t, (int, float)) or not t > 0:
+        raise ValueError(f"option temperature must be a positive number, got {t!r}")
     if not isinstance(opts["reset_bn"], bool):
         raise TypeError(f"option reset_bn must be True or False, got {opts['reset_bn']!r}")
     train = TrainConfig(batch_size=opts["train_batch_size"], seed=seed, **{k: opts[k] for k in _TRAIN_FIELDS})
@@ -188,5 +217,6 @@ def make_config(
         method=method, importance=importance, device=resolve_device(device), seed=seed, progress=progress,
         target=opts["target"], reset_bn=opts["reset_bn"], class_weights=opts["class_weights"],
         max_rows=opts["max_rows"], batch_size=opts["batch_size"], memory_budget=opts["memory_budget"],
-        n_init=opts["n_init"], importance_steps=opts["importance_steps"], train=train,
+        n_init=opts["n_init"], importance_steps=opts["importance_steps"], objective=opts["objective"],
+        temperature=float(t), match=opts["match"], train=train,
     )

@@ -216,10 +216,10 @@ def prepare(models: Any, data: Any, cfg: FuseConfig) -> Prepared:
     for k, m in enumerate(models):
         _check_finite_params(k, m)
     data = data if isinstance(data, FusionData) else FusionData(data)
-    if method.needs_labels and not data.has_labels:
+    if method.uses_objective and cfg.objective == "ce" and not data.has_labels:
         raise ValueError(
-            f"{method.name} learns on the task loss and needs labels: pass data as (inputs, labels); "
-            "for label-free merging use method='np-merge-levelwise' or 'kf-linear'"
+            f"{method.name} with objective='ce' learns on the labels: pass data as (inputs, labels), or use the "
+            "default objective='distill', which needs none"
         )
     dev = cfg.device
     gms = [_trace_copy(k, m, data.example, dev) for k, m in enumerate(models)]
@@ -243,6 +243,8 @@ def prepare(models: Any, data: Any, cfg: FuseConfig) -> Prepared:
                     f"models[{k}] differs from models[0]. Use method='otfusion' or 'kf-linear' for models of "
                     "different widths."
                 )
+    if cfg.uses_labels and data.has_labels and data.n_classes:
+        _warn_skew(data, method, cfg)
     if cfg.importance != "uniform" and not data.has_labels:
         data = data.with_labels(lambda x: sum(g(x).softmax(-1) for g in gms).argmax(-1))
     target = cfg.target if cfg.target is not None else models[0]
@@ -269,6 +271,20 @@ def prepare(models: Any, data: Any, cfg: FuseConfig) -> Prepared:
                     "use method='kf-linear'"
                 )
     return Prepared(gms, data, plans, fused_plan, dtype, flags)
+
+
+def _warn_skew(data: FusionData, method: Method, cfg: FuseConfig) -> None:
+    """Warn once when the labels this fusion reads miss classes or are far from uniform."""
+    from ._collect import warn_label_skew
+
+    uses, fixes = [], []
+    if method.uses_objective and cfg.objective == "ce":
+        uses.append(f"{method.name} with objective='ce'")
+        fixes.append("objective='distill' (the default) learns from the ensemble's softmax and needs no labels")
+    if cfg.importance != "uniform":
+        uses.append(f"importance={cfg.importance!r} (scores for the labelled class)")
+        fixes.append("importance='uniform' reads no labels")
+    warn_label_skew(data.label_counts(data.n_classes), " and ".join(uses), "Label-free choice: " + "; ".join(fixes) + ".")
 
 
 # --- 2. depth alignment (cross-layer alignment fills this slot) ---------------------------

@@ -7,7 +7,7 @@ where (node, module path, level), what was received, and how to fix it.
 
 from __future__ import annotations
 
-__all__ = ["FxFuseError", "TraceError", "PartitionError", "AlignmentError", "DumpError"]
+__all__ = ["FxFuseError", "TraceError", "PartitionError", "AlignmentError", "DumpError", "LabelSkewWarning"]
 
 
 class FxFuseError(RuntimeError):
@@ -28,3 +28,11 @@ class AlignmentError(FxFuseError):
 
 class DumpError(FxFuseError):
     """A level plan could not be rendered in the requested format."""
+
+
+class LabelSkewWarning(UserWarning):
+    """The fusion labels miss classes of the models' output or are far from uniform.
+
+    Methods that learn from labels then learn the sample's class prior; the
+    message names the missing classes and the label-free choice.
+    """

@@ -105,8 +105,8 @@ def fuse(
     spec = get_method(cfg.method)
     data = data if isinstance(data, FusionData) else FusionData(data)
     model_list = as_model_list(models)
-    if spec.pairwise and len(model_list) > 2:
-        # NP Merge, section III-C: successive pairwise merges
+    if spec.pairwise and spec.levelwise and len(model_list) > 2:
+        # NP Merge, section III-C: successive pairwise merges (whole-model np-merge pairs up on its own)
         from ._npmerge import pairwise
 
         return pairwise(model_list, lambda a, b: fuse([a, b], data, method=method, importance=importance,

@@ -27,7 +27,6 @@ class Method:
         summary: One line for ``--help`` and the docs.
         defaults: Options whose defaults differ for this method (from its paper).
         uses_importance: Whether importance scores change the result.
-        needs_labels: Whether the method cannot run on unlabelled data.
         n_models: Exactly this many models (None: two or more).
         equal_widths: The models must have equal widths in every level (or space).
         same_parameters: The models must have identical parameter shapes.
@@ -35,6 +34,8 @@ class Method:
         one_model: Whether the result is one model of the base architecture (the
             ensemble is not: the CLI cannot save it as a checkpoint).
         pairwise: More than two models are merged in successive pairs.
+        uses_objective: Takes the ``objective`` option (NP Merge's loss; ``"ce"`` needs labels).
+        uses_match: Aligns neurons by activation matching (takes the ``match`` option).
     """
 
     name: str
@@ -43,13 +44,14 @@ class Method:
     summary: str
     defaults: dict[str, Any] = field(default_factory=dict)
     uses_importance: bool = True
-    needs_labels: bool = False
     n_models: int | None = None
     equal_widths: bool = False
     same_parameters: bool = False
     takes_target: bool = False
     one_model: bool = True
     pairwise: bool = False
+    uses_objective: bool = False
+    uses_match: bool = False
 
     @property
     def levelwise(self) -> bool:
@@ -71,13 +73,15 @@ _ALL = [
     Method("last-layer-kd", None, "last_layer_kd", "models[0] with its head distilled from the mean softmax",
            uses_importance=False),
     Method("git-rebasin", None, "git_rebasin", "activation matching per neuron space, then averaging",
-           same_parameters=True, equal_widths=True),
-    Method("otfusion", None, "otfusion", "exact optimal transport per neuron space, then averaging"),
-    Method("np-merge", None, "np_merge_models", "align, then learn per-parameter α on the task loss (needs labels)",
-           defaults={"lr": 1e-2, "epochs": 10, "weight_decay": 0.0, "val_split": 0.0}, needs_labels=True,
-           same_parameters=True, equal_widths=True, pairwise=True),
+           same_parameters=True, equal_widths=True, uses_match=True),
+    Method("otfusion", None, "otfusion", "exact optimal transport per neuron space, then averaging",
+           uses_match=True),
+    Method("np-merge", None, "np_merge_models",
+           "align, then learn per-parameter α (default: distil the ensemble, no labels; objective='ce': labels)",
+           defaults={"lr": 1e-2, "epochs": 10, "weight_decay": 0.0, "val_split": 0.0},
+           same_parameters=True, equal_widths=True, pairwise=True, uses_objective=True, uses_match=True),
     Method("np-merge-levelwise", "aligned", "np", "label-free NP Merge: α fitted level by level to the level targets",
-           defaults={"lr": 1e-2}, equal_widths=True, pairwise=True),
+           defaults={"lr": 1e-2}, equal_widths=True, pairwise=True, uses_match=True),
 ]
 
 METHODS: dict[str, Method] = {m.name: m for m in _ALL}

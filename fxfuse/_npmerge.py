@@ -7,6 +7,10 @@ after permutation alignment, every parameter of the merged model is
 
 and α_pre is learned with Adam (lr 0.01, 10 epochs in the paper) on the task
 loss; BatchNorm statistics are then recomputed on the data (REPAIR's reset).
+fxfuse's default loss is distillation from the ensemble's mean softmax instead
+of the paper's cross-entropy on labels: it needs no labels, and on a small
+skewed sample (one party's data, classes missing) cross-entropy teaches the
+merged model that sample's class prior (see the README's skewed-data table).
 More than two models are merged by successive pairwise merges (III-C).
 
 The level-wise, label-free variant (``method="np-merge-levelwise"``) lives in the
@@ -26,7 +30,7 @@ from torch import Tensor, nn
 
 from ._config import TrainConfig
 
-__all__ = ["Interpolation", "np_merge", "pairwise"]
+__all__ = ["Interpolation", "distill_loss", "np_merge", "pairwise", "teacher_probs"]
 
 M = TypeVar("M")
 
@@ -111,26 +115,62 @@ def pairwise(items: Sequence[M], merge: Callable[[M, M], M]) -> M:
     return items[0]
 
 
-def np_merge(a: nn.Module, b: nn.Module, x: Tensor, labels: Tensor, train: TrainConfig | None = None, *,
-             progress=None) -> nn.Module:
+def distill_loss(temperature: float = 1.0) -> Callable[[Tensor, Tensor], Tensor]:
+    """KL(teacher ‖ softmax(logits / T)) · T², the teacher given as probabilities at temperature T (Hinton et al.)."""
+
+    def loss(logits: Tensor, probs: Tensor) -> Tensor:
+        return F.kl_div(F.log_softmax(logits / temperature, -1), probs, reduction="batchmean") * temperature**2
+
+    return loss
+
+
+@torch.no_grad()
+def teacher_probs(models: Sequence[nn.Module], x: Tensor, temperature: float = 1.0, batch_size: int = 256) -> Tensor:
+    """The ensemble's mean softmax at temperature T: Tensor of shape (n_samples, n_classes), float32."""
+    out = []
+    for s in range(0, x.shape[0], batch_size):
+        xb = x[s : s + batch_size]
+        out.append(sum((m(xb).float() / temperature).softmax(-1) for m in models) / len(models))
+    return torch.cat(out)
+
+
+def np_merge(a: nn.Module, b: nn.Module, x: Tensor, targets: Tensor, train: TrainConfig | None = None, *,
+             objective: str = "ce", temperature: float = 1.0, progress=None) -> nn.Module:
     """Merge ``b`` (already aligned to ``a``) into a copy of ``a`` with learned per-parameter α.
 
-    BatchNorm buffers start at the average, the model trains in train mode on the
-    cross-entropy of ``labels`` (only α_pre is updated), and BatchNorm statistics
-    are recomputed on ``x`` afterwards.
+    BatchNorm buffers start at the average, the model trains in train mode (only
+    α_pre is updated), and BatchNorm statistics are recomputed on ``x`` afterwards.
+    The loss is the paper's cross-entropy on labels (``objective="ce"``) or, with
+    ``objective="distill"``, the KL divergence from a teacher's probabilities at
+    temperature T (:func:`distill_loss`; :func:`teacher_probs` gives the ensemble's),
+    which needs no labels and does not learn the class prior of a skewed sample.
 
     Args:
         a, b: Models of one architecture; ``b``'s neurons aligned to ``a``'s.
-        x: Inputs, Tensor of shape (n_samples, ...); labels: Tensor of shape (n_samples,).
+        x: Inputs, Tensor of shape (n_samples, ...).
+        targets: ``"ce"``: labels, Tensor of shape (n_samples,); ``"distill"``:
+            probabilities, Tensor of shape (n_samples, n_classes).
         train: Adam settings; default the paper's (lr 0.01, 10 epochs, batch 32, no
             weight decay, no validation split).
 
     Returns:
         A copy of ``a`` holding the merged parameters, in eval mode.
+
+    Example:
+        >>> import torch
+        >>> from fxfuse._config import TrainConfig
+        >>> from fxfuse._npmerge import np_merge, teacher_probs
+        >>> a, b, x = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2), torch.randn(32, 3)
+        >>> m = np_merge(a, b, x, teacher_probs([a, b], x), TrainConfig(epochs=2), objective="distill")
+        >>> m(x).shape
+        torch.Size([32, 2])
     """
     from ._align import reset_batchnorm
     from ._solve import fit_gradient
 
+    if objective not in ("ce", "distill"):
+        raise ValueError(f"np_merge: objective must be 'ce' or 'distill', got {objective!r}")
+    loss_fn = F.cross_entropy if objective == "ce" else distill_loss(temperature)
     train = train if train is not None else TrainConfig(lr=1e-2, epochs=10, weight_decay=0.0, val_split=0.0)
     merged = copy.deepcopy(a)
     with torch.no_grad():
@@ -141,7 +181,7 @@ def np_merge(a: nn.Module, b: nn.Module, x: Tensor, labels: Tensor, train: Train
     mix = Interpolation(merged, b)
     mix.train()
     try:
-        fit_gradient(mix, x, labels, train, progress=progress, loss_fn=F.cross_entropy)
+        fit_gradient(mix, x, targets, train, progress=progress, loss_fn=loss_fn)
     finally:
         mix.eval()
     mix.apply()

@@ -49,10 +49,11 @@ def test_ensemble_averages_logits_and_weights_classes():
         fxfuse.fuse([a, b], x, method="ensemble", class_weights=-w, progress=False)
 
 
-@pytest.mark.parametrize("importance", ["uniform", "conductance"])
+@pytest.mark.parametrize("importance,match", [("uniform", "correlation"), ("uniform", "inner"),
+                                              ("conductance", "correlation")])
 @pytest.mark.parametrize("method", ["git-rebasin", "otfusion"])
 @pytest.mark.parametrize("kind", ["mlp", "convbn", "resnet"])
-def test_alignment_methods_recover_a_permuted_copy(kind, method, importance):
+def test_alignment_methods_recover_a_permuted_copy(kind, method, importance, match):
     if kind == "mlp":
         a = mlp(hidden=(12, 10))
         b, x = permuted_mlp(a), _data((16,), 256)
@@ -66,11 +67,37 @@ def test_alignment_methods_recover_a_permuted_copy(kind, method, importance):
     vanilla = fxfuse.fuse([a, b], x, method="vanilla", progress=False)
     # conductance needs targets: the data's labels (here the model's own predictions)
     data = (x, a(x).argmax(-1)) if importance != "uniform" else x
-    fused = fxfuse.fuse([a, b], data, method=method, importance=importance, progress=False)
+    fused = fxfuse.fuse([a, b], data, method=method, importance=importance, match=match, progress=False)
     test = x[:16] + 0.1
     assert not torch.allclose(vanilla(test), a(test), atol=1e-3)  # the permutation matters
     # otfusion with importance marginals goes through the exact transport plan, not Hungarian
     torch.testing.assert_close(fused(test), a(test), rtol=1e-5, atol=1e-5)
+
+
+def test_correlation_costs_are_distances_of_standardised_activations():
+    from fxfuse._align import _distances
+
+    g = torch.Generator().manual_seed(0)
+    n = 500
+    a = torch.randn(n, 5, generator=g, dtype=torch.float64) * torch.tensor([1.0, 3.0, 0.1, 2.0, 1.0]) + 4.0
+    b = torch.randn(n, 4, generator=g, dtype=torch.float64) * 5.0 - 1.0
+    b[:, 1] = 2.0 * a[:, 1] + 7.0  # perfectly correlated, other scale and offset: cost 0
+    a[:, 4] = 3.0  # a constant neuron: the zero vector after standardising
+    b[:, 3] = 0.0
+    sums = (a.pow(2).sum(0), b.pow(2).sum(0), a.T @ b, a.sum(0), b.sum(0))
+
+    def standardise(v):
+        std = v.std(0, unbiased=False)
+        return torch.where(std > 0, (v - v.mean(0)) / std.clamp_min(1e-300), torch.zeros_like(v))
+
+    za, zb = standardise(a), standardise(b)
+    explicit = ((za[:, :, None] - zb[:, None, :]) ** 2).mean(0)
+    got = _distances(*sums, n, "correlation")
+    torch.testing.assert_close(got, explicit)
+    assert float(got[1, 1]) < 1e-9 and float(got[4, 3]) == 0.0 and abs(float(got[4, 0]) - 1.0) < 1e-12
+    torch.testing.assert_close(_distances(*sums, n, "inner"), ((a[:, :, None] - b[:, None, :]) ** 2).sum(0))
+    # the two costs rank pairs differently: raw L2 prefers the neuron of similar scale
+    assert int(_distances(*sums, n, "inner")[1].argmin()) != 1
 
 
 def test_otfusion_equals_git_rebasin_for_equal_widths_and_uniform_scores():
@@ -198,10 +225,19 @@ def test_alignment_names_the_unknown_op_that_fixed_every_space(method):
         fxfuse.fuse([_Cumsum(), _Cumsum()], _data((4,)), method=method, progress=False)
 
 
-def test_np_merge_needs_labels():
+def test_np_merge_runs_on_inputs_alone_and_its_ce_objective_asks_for_labels():
     a, b = mlp(seed=0), mlp(seed=1)
-    with pytest.raises(ValueError, match="np-merge .*needs labels.*np-merge-levelwise"):
-        fxfuse.fuse([a, b], _data((16,)), method="np-merge", progress=False)
+    x = _data((16,))
+    fused = fxfuse.fuse([a, b], x, method="np-merge", epochs=2, progress=False)  # default: distil the ensemble
+    assert fused(x).shape == a(x).shape
+    with pytest.raises(ValueError, match="np-merge with objective='ce' learns on the labels.*objective='distill'"):
+        fxfuse.fuse([a, b], x, method="np-merge", objective="ce", progress=False)
+    with pytest.raises(ValueError, match="option objective must be one of 'distill', 'ce', got 'kl'"):
+        fxfuse.fuse([a, b], x, method="np-merge", objective="kl", progress=False)
+    with pytest.raises(ValueError, match="kf-linear has no objective option \\(it applies to np-merge\\)"):
+        fxfuse.fuse([a, b], x, method="kf-linear", objective="ce", progress=False)
+    with pytest.raises(ValueError, match="kf-linear has no match option .*git-rebasin"):
+        fxfuse.fuse([a, b], x, method="kf-linear", match="inner", progress=False)
 
 
 @pytest.mark.parametrize("method", ["np-merge", "np-merge-levelwise"])
@@ -249,6 +285,28 @@ def test_np_merge_learns_interpolation_weights_that_lower_the_task_loss():
         for (n, p), pa, pb in zip(merged.named_parameters(), gms[0].parameters(), gms[1].parameters()):
             lo, hi = torch.minimum(pa, pb), torch.maximum(pa, pb)
             assert bool(((p >= lo - 1e-6) & (p <= hi + 1e-6)).all()), n
+
+
+def test_skewed_fusion_labels_warn_once_naming_the_missing_classes():
+    import warnings
+
+    a, b = mlp(seed=0, d_out=4), mlp(seed=1, d_out=4)
+    x = _data((16,), 120)
+    skewed = torch.tensor([0, 1, 3]).repeat(40)  # class 2 of the models' 4 is absent
+    balanced = torch.arange(120) % 4
+    with pytest.warns(fxfuse.LabelSkewWarning, match="miss class\\(es\\) 2 of the models' 4.*objective='distill'") as rec:
+        fxfuse.fuse([a, b], (x, skewed), method="np-merge", objective="ce", epochs=1, progress=False)
+    assert len([w for w in rec if issubclass(w.category, fxfuse.LabelSkewWarning)]) == 1
+    with pytest.warns(fxfuse.LabelSkewWarning, match="importance='conductance'.*importance='uniform'"):
+        fxfuse.fuse([a, b], (x, skewed), method="kf-linear", importance="conductance", progress=False)
+    far = torch.cat([torch.zeros(100, dtype=torch.long), torch.arange(20) % 4])  # no class absent, 85% one class
+    with pytest.warns(fxfuse.LabelSkewWarning, match="far from uniform"):
+        fxfuse.fuse([a, b], (x, far), method="np-merge", objective="ce", epochs=1, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", fxfuse.LabelSkewWarning)
+        fxfuse.fuse([a, b], (x, balanced), method="np-merge", objective="ce", epochs=1, progress=False)
+        # labels that nothing reads are not checked: the default objective distils the ensemble
+        fxfuse.fuse([a, b], (x, skewed), method="np-merge", epochs=1, progress=False)
 
 
 def test_pairwise_merges_in_rounds():

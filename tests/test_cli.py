@@ -126,8 +126,13 @@ def test_fuse_command_np_merge_uses_the_digit_labels(tmp_path, capsys):
     bases = [fxfuse.load_checkpoint(p)[0] for p in paths]
     w = fused.state_dict()["fc.weight"]
     assert not any(torch.equal(w, b.state_dict()["fc.weight"]) for b in bases)
-    # a tensor file without labels: np-merge cannot learn its interpolation
+    # a tensor file without labels: the default objective distils the ensemble, the paper's needs labels
     torch.save(torch.randn(40, 1, 16, 16), tmp_path / "x.pt")
     assert main(["fuse", *paths, "--data", str(tmp_path / "x.pt"), "--method", "np-merge", "--quiet",
-                 "--out", str(tmp_path / "no.pt")]) == 2
-    assert "needs labels" in capsys.readouterr().err
+                 "--out", str(tmp_path / "distill.pt")]) == 0
+    assert main(["fuse", *paths, "--data", str(tmp_path / "x.pt"), "--method", "np-merge", "--objective", "ce",
+                 "--quiet", "--out", str(tmp_path / "no.pt")]) == 2
+    assert "objective='ce' learns on the labels" in capsys.readouterr().err
+    assert main(["fuse", *paths, "--data", "digits", "--samples", "64", "--method", "kf-linear", "--objective",
+                 "ce", "--quiet", "--out", str(tmp_path / "no.pt")]) == 2
+    assert "--objective does not apply to --method kf-linear" in capsys.readouterr().err
