@@ -16,6 +16,7 @@ the fusion labels (bases: each model's own).
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import time
 import warnings
@@ -47,7 +48,7 @@ def _acc(model, x, y, classes=None) -> float:
 
 
 def _fmt(vals: list[float]) -> str:
-    vals = [v for v in vals if v == v]
+    vals = [v for v in vals if not math.isnan(v)]
     if not vals:
         return "n/a"
     return f"{statistics.mean(vals):.1f} ± {statistics.pstdev(vals) if len(vals) > 1 else 0.0:.1f}"

@@ -86,7 +86,7 @@ OPTION_DEFAULTS: dict[str, Any] = {
     "max_rows": 50_000,  # rows (samples × positions) kept for grouping non-closed-form levels and alignment
     "batch_size": 256,  # inference batch
     "memory_budget": 256 << 20,  # bytes of level outputs cached between levels; beyond it they are recomputed
-    "n_init": 5,  # k-means restarts
+    "n_init": 5,  # k-means restarts (greedy k-means++ seeding, kernel form)
     "importance_steps": 20,  # conductance integration steps
     "objective": "distill",  # np-merge: "distill" (KL to the ensemble's mean softmax, no labels) or "ce" (labels)
     "temperature": 1.0,  # np-merge distill: softmax temperature of teacher and student

@@ -73,7 +73,10 @@ def fuse(
             default ``models[0]``), ``reset_bn``, ``class_weights``, ``max_rows``,
             ``batch_size``, ``memory_budget`` (bytes of level outputs cached between
             levels, default 256 MiB; beyond it they are recomputed), ``n_init``,
-            ``importance_steps``, and the gradient settings ``epochs``, ``lr``,
+            ``importance_steps``, ``match`` (alignment methods: ``"correlation"``,
+            default, or ``"inner"``), ``objective`` (np-merge: ``"distill"``, default,
+            needs no labels; ``"ce"``, the paper's, needs labels) and ``temperature``,
+            and the gradient settings ``epochs``, ``lr``,
             ``weight_decay``, ``train_batch_size``, ``val_split``, ``patience``,
             ``noise`` (Table 5, Setting 1; np-merge: lr 0.01 for 10 epochs).
 

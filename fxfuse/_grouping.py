@@ -1,8 +1,10 @@
 """Grouping neurons: Hungarian matching (HF) and importance-weighted k-means (KF).
 
 Neurons are the points: a neuron's features are the values it takes over the
-fusion samples (or their coordinates in the span of the fused level's input,
-for closed-form levels). Reference: "Model Fusion via Neuron Interpolation",
+fusion samples (or, for closed-form levels, the values the fused level can
+reproduce from its input). Every grouping here needs only the neurons' Gram
+matrix g_jk = ⟨p_j, p_k⟩, which is streamed batch by batch, so its cost is
+O(n_neurons²) per step, whatever the number of samples and positions. Reference: "Model Fusion via Neuron Interpolation",
 section 4.3.1 and appendix B.1.
 """
 
@@ -16,7 +18,8 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
-__all__ = ["Grouping", "weighted_kmeans", "hungarian_pairs", "harmonic_weights", "pair_costs"]
+__all__ = ["Grouping", "gram_sq_dists", "kernel_kmeans", "kernel_inertia", "weighted_kmeans",
+           "hungarian_pairs", "harmonic_weights", "pair_costs", "gram_pair_costs"]
 
 
 @dataclass(frozen=True)
@@ -37,63 +40,148 @@ def _sq_dists(points: Tensor, centers: Tensor) -> Tensor:
     return d.clamp_min_(0.0)
 
 
-def _kmeans_pp(points: Tensor, weights: Tensor, k: int, gen: torch.Generator) -> Tensor:
-    """Importance-weighted greedy k-means++ seeding.
+def gram_sq_dists(gram: Tensor, rows: Tensor | slice = slice(None), cols: Tensor | slice = slice(None)) -> Tensor:
+    """Squared distances ‖p_j − p_k‖² = g_jj + g_kk − 2 g_jk between points known only by their Gram matrix."""
+    diag = gram.diagonal()
+    return (diag[rows][:, None] + diag[cols][None, :] - 2.0 * gram[rows][:, cols]).clamp_min_(0.0)
 
-    Each step samples 2 + ⌊ln k⌋ candidates ∝ s_j · D(z_j)² and keeps the one that
+
+def _center_terms(gram: Tensor, weights: Tensor, labels: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """For weighted centroids μ_c = Σ_{i∈c} s_i p_i / S_c: (⟨p_j, μ_c⟩ of shape (n, k), ‖μ_c‖² of shape (k,), S_c).
+
+    O(n²): the Gram columns are summed per cluster with one index_add.
+    """
+    n = gram.shape[0]
+    wsum = torch.zeros(k, dtype=gram.dtype, device=gram.device).index_add_(0, labels, weights)
+    inv = torch.where(wsum > 0, 1.0 / wsum.clamp_min(1e-300), torch.zeros_like(wsum))
+    cross = torch.zeros(n, k, dtype=gram.dtype, device=gram.device).index_add_(1, labels, gram * weights[None, :])
+    cross = cross * inv[None, :]  # ⟨p_j, μ_c⟩
+    sq = torch.zeros(k, dtype=gram.dtype, device=gram.device).index_add_(0, labels, weights * cross[torch.arange(n), labels])
+    return cross, sq * inv, wsum
+
+
+def kernel_inertia(gram: Tensor, weights: Tensor, labels: Tensor, k: int) -> float:
+    """Σ_j s_j ‖p_j − μ_{c_j}‖² from the Gram matrix (the weighted k-means objective, Eq. 4)."""
+    cross, sq, _ = _center_terms(gram, weights, labels, k)
+    n = gram.shape[0]
+    d = gram.diagonal() - 2.0 * cross[torch.arange(n), labels] + sq[labels]
+    return float((weights * d.clamp_min(0.0)).sum())
+
+
+def _kernel_lloyd(gram: Tensor, weights: Tensor, labels: Tensor, k: int, max_iter: int) -> tuple[Tensor, float]:
+    """Weighted Lloyd iterations on a Gram matrix, from initial labels.
+
+    Keeps R[c, j] = Σ_{i∈c} s_i g_ij (so ⟨p_j, μ_c⟩ = R[c, j] / S_c) and updates it
+    only for the points that moved: the first step costs O(n²), later ones
+    O(n k + n · moved).
+    """
+    n = gram.shape[0]
+    rng = torch.arange(n, device=gram.device)
+    R = torch.zeros(k, n, dtype=gram.dtype, device=gram.device).index_add_(0, labels, gram * weights[:, None])
+    wsum = torch.zeros(k, dtype=gram.dtype, device=gram.device).index_add_(0, labels, weights)
+    for _ in range(max_iter):
+        inv = torch.where(wsum > 0, 1.0 / wsum.clamp_min(1e-300), torch.zeros_like(wsum))
+        sq = torch.zeros(k, dtype=gram.dtype, device=gram.device).index_add_(0, labels, weights * R[labels, rng])
+        # ‖p_j − μ_c‖² − g_jj = ‖μ_c‖² − 2⟨p_j, μ_c⟩, in (k, n) layout
+        score = R * (-2.0 * inv[:, None])
+        score += (sq * inv * inv)[:, None]
+        score[wsum <= 0] = float("inf")  # an empty cluster has no centre
+        new = score.argmin(0)
+        # empty clusters take the point that currently costs most
+        counts = torch.bincount(new, minlength=k)
+        if bool((counts == 0).any()):
+            cost = weights * (gram.diagonal() + score[new, rng])
+            for c in torch.nonzero(counts == 0).flatten().tolist():
+                j = int(cost.argmax())
+                new[j] = c
+                cost[j] = -float("inf")
+        moved = torch.nonzero(new != labels).flatten()
+        if moved.numel() == 0:
+            break
+        rows = gram[moved] * weights[moved, None]
+        R.index_add_(0, labels[moved], -rows).index_add_(0, new[moved], rows)
+        wsum.index_add_(0, labels[moved], -weights[moved]).index_add_(0, new[moved], weights[moved])
+        labels = new
+    return labels, kernel_inertia(gram, weights, labels, k)
+
+
+def _kernel_kmeans_pp(gram: Tensor, weights: Tensor, k: int, gen: torch.Generator) -> Tensor:
+    """Importance-weighted greedy k-means++ seeding on a Gram matrix; returns initial labels.
+
+    Each step samples 2 + ⌊ln k⌋ candidates ∝ s_j · D(p_j)² and keeps the one that
     lowers the weighted potential most (the greedy variant scikit-learn uses).
     """
-    n = points.shape[0]
+    n = gram.shape[0]
     trials = 2 + int(math.log(k))
-    first = torch.multinomial(weights / weights.sum(), 1, generator=gen)
-    idx = [int(first)]
-    closest = _sq_dists(points, points[idx]).squeeze(1)
+    diag = gram.diagonal()
+    first = int(torch.multinomial(weights / weights.sum(), 1, generator=gen))
+    idx = [first]
+    closest = (diag[first] + diag - 2.0 * gram[first]).clamp_min_(0.0)
     for _ in range(1, k):
         p = weights * closest
-        if float(p.sum()) <= 0.0:  # every point coincides with a center: pick unused points
-            remaining = torch.ones(n, dtype=torch.bool, device=points.device)
+        total = float(p.sum())
+        if total <= 0.0:  # every point coincides with a center: pick unused points
+            remaining = torch.ones(n, dtype=torch.bool, device=gram.device)
             remaining[idx] = False
-            p = remaining.to(points.dtype)
-        cand = torch.multinomial(p / p.sum(), min(trials, int((p > 0).sum())), generator=gen)
-        new_closest = torch.minimum(closest[None, :], _sq_dists(points[cand], points))
+            p, total = remaining.to(gram.dtype), float(n - len(idx))
+        cand = torch.multinomial(p, min(trials, int((p > 0).sum())), generator=gen)
+        new_closest = torch.minimum(closest[None, :], (diag[cand, None] + diag[None, :] - 2.0 * gram[cand]).clamp_min_(0.0))
         best = int((new_closest * weights[None, :]).sum(1).argmin())
         idx.append(int(cand[best]))
         closest = new_closest[best]
-    return points[idx].clone()
+    return gram_sq_dists(gram, slice(None), torch.tensor(idx, device=gram.device)).argmin(1)
 
 
-def _lloyd(points: Tensor, weights: Tensor, centers: Tensor, max_iter: int, tol: float) -> tuple[Tensor, Tensor, float]:
-    k = centers.shape[0]
-    labels = None
-    for _ in range(max_iter):
-        d = _sq_dists(points, centers)
-        new_labels = d.argmin(1)
-        # empty clusters take the point that currently costs most
-        counts = torch.bincount(new_labels, minlength=k)
-        if bool((counts == 0).any()):
-            cost = weights * d.gather(1, new_labels[:, None]).squeeze(1)
-            for c in torch.nonzero(counts == 0).flatten().tolist():
-                j = int(cost.argmax())
-                new_labels[j] = c
-                cost[j] = -1.0
-        wsum = torch.zeros(k, dtype=points.dtype, device=points.device).index_add_(0, new_labels, weights)
-        new_centers = torch.zeros_like(centers).index_add_(0, new_labels, points * weights[:, None]) / wsum[:, None]
-        shift = float(((new_centers - centers) ** 2).sum())
-        centers = new_centers
-        if labels is not None and torch.equal(labels, new_labels):
-            break
-        labels = new_labels
-        if shift <= tol:
-            break
-    d = _sq_dists(points, centers)
-    labels = d.argmin(1)
-    wsum = torch.zeros(k, dtype=points.dtype, device=points.device).index_add_(0, labels, weights)
-    nonempty = wsum > 0
-    centers[nonempty] = (
-        torch.zeros_like(centers).index_add_(0, labels, points * weights[:, None])[nonempty] / wsum[nonempty, None]
-    )
-    inertia = float((weights * ((points - centers[labels]) ** 2).sum(1)).sum())
-    return labels, centers, inertia
+def kernel_kmeans(
+    gram: Tensor,
+    weights: Tensor,
+    k: int,
+    *,
+    init: Tensor | None = None,
+    n_init: int = 1,
+    max_iter: int = 300,
+    seed: int = 0,
+) -> tuple[Tensor, float]:
+    """Importance-weighted k-means of points given by their Gram matrix (kernel k-means).
+
+    Minimises Σ_j s_j ‖p_j − μ_{c_j}‖² with μ_c the s-weighted mean of cluster c,
+    using only g_jk = ⟨p_j, p_k⟩: each Lloyd step costs O(n²) whatever the points'
+    dimension (rows of the fusion data). The first run starts from ``init`` (labels)
+    when given, the others from greedy k-means++; the best of ``n_init`` runs is kept.
+
+    Args:
+        gram: Tensor of shape (n, n), symmetric positive semi-definite.
+        weights: Tensor of shape (n,), non-negative, not all zero.
+        k: Number of clusters, 1 ≤ k ≤ n.
+
+    Returns:
+        labels (Tensor of shape (n,)) and the weighted inertia.
+
+    Example:
+        >>> import torch
+        >>> from fxfuse._grouping import kernel_kmeans
+        >>> pts = torch.tensor([[0.0], [0.1], [5.0], [5.2]], dtype=torch.float64)
+        >>> labels, _ = kernel_kmeans(pts @ pts.T, torch.ones(4, dtype=torch.float64), 2)
+        >>> bool(labels[0] == labels[1]) and bool(labels[2] == labels[3]) and bool(labels[0] != labels[2])
+        True
+    """
+    n = gram.shape[0]
+    if not 1 <= k <= n:
+        raise ValueError(f"k must be between 1 and the number of points ({n}), got {k}")
+    if weights.shape != (n,) or bool((weights < 0).any()) or float(weights.sum()) <= 0:
+        raise ValueError("weights must be a non-negative Tensor of shape (n_points,) with a positive sum")
+    gram = gram.to(torch.float64)
+    weights = weights.to(device=gram.device, dtype=torch.float64)
+    if k == n:
+        return torch.arange(n, device=gram.device), 0.0
+    gen = torch.Generator(device=gram.device).manual_seed(seed)
+    best = None
+    for run in range(max(1, n_init)):
+        start = init.to(gram.device) if (run == 0 and init is not None) else _kernel_kmeans_pp(gram, weights, k, gen)
+        labels, inertia = _kernel_lloyd(gram, weights, start, k, max_iter)
+        if best is None or inertia < best[1] - 1e-12 * abs(best[1]):
+            best = (labels, inertia)
+    return best
 
 
 def weighted_kmeans(
@@ -103,13 +191,9 @@ def weighted_kmeans(
     *,
     n_init: int = 5,
     max_iter: int = 300,
-    tol: float = 1e-10,
     seed: int = 0,
 ) -> tuple[Tensor, Tensor, float]:
-    """Importance-weighted Lloyd k-means with k-means++ seeding and restarts.
-
-    Minimises Σ_j s_j ‖p_j − c_{k_j}‖² and keeps the best of ``n_init`` runs. Runs
-    on the points' device in batched ops; deterministic for a given seed.
+    """Importance-weighted k-means of explicit points: :func:`kernel_kmeans` on their Gram matrix.
 
     Args:
         points: Tensor of shape (n_points, n_features).
@@ -128,23 +212,13 @@ def weighted_kmeans(
         >>> bool(labels[0] == labels[1]) and bool(labels[2] == labels[3]) and bool(labels[0] != labels[2])
         True
     """
-    n = points.shape[0]
-    if not 1 <= k <= n:
-        raise ValueError(f"k must be between 1 and the number of points ({n}), got {k}")
-    if weights.shape != (n,) or bool((weights < 0).any()) or float(weights.sum()) <= 0:
-        raise ValueError("weights must be a non-negative Tensor of shape (n_points,) with a positive sum")
     points = points.to(torch.float64)
-    weights = weights.to(device=points.device, dtype=torch.float64)
-    if k == n:
-        return torch.arange(n, device=points.device), points.clone(), 0.0
-    gen = torch.Generator(device=points.device).manual_seed(seed)
-    best = None
-    for _ in range(max(1, n_init)):
-        centers = _kmeans_pp(points, weights, k, gen)
-        labels, centers, inertia = _lloyd(points, weights, centers, max_iter, tol)
-        if best is None or inertia < best[2] - 1e-12 * abs(best[2]):
-            best = (labels, centers, inertia)
-    return best
+    labels, inertia = kernel_kmeans(points @ points.T, weights, k, n_init=n_init, max_iter=max_iter, seed=seed)
+    w = weights.to(device=points.device, dtype=torch.float64)
+    wsum = torch.zeros(k, dtype=torch.float64, device=points.device).index_add_(0, labels, w)
+    centers = torch.zeros(k, points.shape[1], dtype=torch.float64, device=points.device)
+    centers.index_add_(0, labels, points * w[:, None])
+    return labels, centers / wsum.clamp_min(1e-300)[:, None], inertia
 
 
 def harmonic_weights(sa: Tensor, sb: Tensor) -> Tensor:
@@ -167,6 +241,13 @@ def pair_costs(a: Tensor, b: Tensor, sa: Tensor, sb: Tensor) -> Tensor:
         Tensor of shape (n, m).
     """
     return harmonic_weights(sa, sb).to(a.device) * _sq_dists(a.to(torch.float64), b.to(torch.float64))
+
+
+def gram_pair_costs(gram: Tensor, sa: Tensor, sb: Tensor) -> Tensor:
+    """:func:`pair_costs` between the first ``len(sa)`` points and the next ``len(sb)``, from their Gram matrix."""
+    wa = len(sa)
+    d = gram_sq_dists(gram, slice(0, wa), slice(wa, wa + len(sb)))
+    return harmonic_weights(sa, sb).to(d.device) * d
 
 
 def hungarian_pairs(cost: Tensor) -> Tensor:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -19,12 +20,71 @@ from fxfuse.passes._affine import AffineSpec, affine_spec
 
 from ._config import TrainConfig
 
-__all__ = ["AffineSpec", "affine_spec", "read_affine", "affine_params", "GramStats", "EIG_RTOL", "fit_gradient", "to_rows", "from_rows"]
+__all__ = ["AffineSpec", "affine_spec", "read_affine", "affine_params", "GramStats", "EIG_RTOL", "Ridge", "choose_ridge",
+           "fit_gradient", "to_rows", "from_rows"]
 
-# Eigenvalues of XᵀX below EIG_RTOL · λ_max are treated as zero: the pseudo-inverse
-# and the projector onto span(X) use only the eigenvectors above the cut-off. In
-# float64 this drops directions whose singular values are < 1e-6 · σ_max.
+# Eigenvalues of XᵀX below EIG_RTOL · λ_max are numerically zero (float64 rounding of
+# the accumulated Gram): their directions are not determined by the data at all.
 EIG_RTOL = 1e-12
+
+# candidate ridges μ / λ_max of the generalised cross-validation search (4 per decade)
+RIDGE_GRID = tuple(10.0 ** (e / 4) for e in range(-48, 5))
+
+
+@dataclass(frozen=True)
+class Ridge:
+    """The ridge chosen for one least-squares problem by generalised cross-validation.
+
+    Attributes:
+        mu: The ridge μ added to XᵀX (0: none).
+        relative: μ / λ_max.
+        dof: Effective degrees of freedom tr H(μ) = Σ λ_i / (λ_i + μ) (per output).
+        rss: Residual sum of squares of the ridge fit on the fusion rows.
+    """
+
+    mu: float
+    relative: float
+    dof: float
+    rss: float
+
+
+def choose_ridge(lam: Tensor, q: Tensor, r_perp: float, n: int) -> Ridge:
+    """Ridge μ minimising the generalised cross-validation score of Golub, Heath and Wahba (1979).
+
+    For the least-squares problem min ‖R₀ − XΔ‖² + μ‖Δ‖² (Δ = W − W₀, R₀ = T − XW₀)
+    with XᵀX = V diag(λ) Vᵀ (only λ_i > 0), q_i = ‖(VᵀXᵀR₀)_i‖² summed over outputs and
+    r_perp = ‖R₀‖² − Σ q_i / λ_i (the unregularised residual):
+
+        RSS(μ) = r_perp + Σ_i (μ / (λ_i + μ))² q_i / λ_i
+        GCV(μ) = RSS(μ) / (n − Σ_i λ_i / (λ_i + μ))²
+
+    which are sums of positive terms (no cancellation). μ is searched over
+    λ_max · 10^(−12 … 1), four values per decade. GCV approximates leave-one-out
+    error from the eigen-decomposition alone; it needs no extra pass over the data.
+
+    Args:
+        lam: Positive eigenvalues of XᵀX, Tensor of shape (r,).
+        q: Tensor of shape (r,).
+        r_perp: The unregularised residual (clamped at 0).
+        n: Rows of X.
+
+    Example:
+        >>> import torch
+        >>> from fxfuse._solve import choose_ridge
+        >>> r = choose_ridge(torch.tensor([4.0, 1.0, 1e-6], dtype=torch.float64),
+        ...                  torch.tensor([16.0, 1.0, 1e-6], dtype=torch.float64), 5.0, 50)
+        >>> 0 < r.relative < 1
+        True
+    """
+    lam = lam.to(torch.float64)
+    lmax = float(lam.max()) if lam.numel() else 1.0
+    mus = torch.tensor(RIDGE_GRID, dtype=torch.float64, device=lam.device) * lmax
+    frac = mus[:, None] / (lam[None, :] + mus[:, None])  # μ / (λ_i + μ)
+    rss = max(r_perp, 0.0) + (frac**2 * (q / lam)[None, :]).sum(1)
+    resid_dof = (n - lam.numel()) + frac.sum(1)  # n − Σ λ_i / (λ_i + μ)
+    gcv = torch.where(resid_dof > 0.5, rss / resid_dof.clamp_min(1e-300) ** 2, torch.full_like(rss, float("inf")))
+    b = int(gcv.argmin())
+    return Ridge(float(mus[b]), float(RIDGE_GRID[b]), float(lam.numel() - frac[b].sum()), float(rss[b]))
 
 
 def to_rows(z: Tensor, axis: int) -> Tensor:
@@ -67,60 +127,111 @@ class GramStats:
     so the unfolded conv input is never held whole (DESIGN.md, "Numerics").
     """
 
-    def __init__(self) -> None:
+    def __init__(self, keep_rows_bytes: int = 512 << 20) -> None:
         self.G: Tensor | None = None
         self.C: Tensor | None = None
         self.K: Tensor | None = None
         self.rows = 0
+        self.X: Tensor | None = None  # the design rows themselves, while there are fewer than columns
+        self._keep_bytes = keep_rows_bytes
+
+    @property
+    def d(self) -> int:
+        """Columns of X."""
+        return (self.X if self.X is not None else self.G).shape[1]
 
     def add(self, X: Tensor, Z: Tensor, chunk: int = 8192) -> None:
         """Add rows X (n_rows, d) and Z (n_rows, n_neurons), in chunks of ``chunk`` rows so that the
-        float64 copies stay small whatever the batch."""
+        float64 copies stay small whatever the batch.
+
+        While the rows are fewer than the columns (and fit in ``keep_rows_bytes``), X
+        itself is kept instead of G: the eigen-decomposition then works on the
+        smaller XXᵀ (the dual form). Past that, G is formed and rows are dropped.
+        """
         for s in range(0, X.shape[0], chunk):
             x = X[s : s + chunk].to(torch.float64)
             z = Z[s : s + chunk].to(torch.float64)
-            g, c, k = x.T @ x, x.T @ z, z.T @ z
-            if self.G is None:
-                self.G, self.C, self.K = g, c, k
+            c, k = x.T @ z, z.T @ z
+            if self.C is None:
+                self.C, self.K = c, k
+                if x.shape[0] < x.shape[1] and x.numel() * 8 <= self._keep_bytes:
+                    self.X = x.clone()
+                else:
+                    self.G = x.T @ x
             else:
-                self.G += g
                 self.C += c
                 self.K += k
+                if self.X is not None:
+                    self.X = torch.cat([self.X, x])
+                    if self.X.shape[0] >= self.X.shape[1] or self.X.numel() * 8 > self._keep_bytes:
+                        self.G, self.X = self.X.T @ self.X, None
+                else:
+                    self.G += x.T @ x
         self.rows += X.shape[0]
 
+    def gram_times(self, W: Tensor) -> Tensor:
+        """G W = XᵀX W."""
+        return self.X.T @ (self.X @ W) if self.X is not None else self.G @ W
+
     def eig(self) -> tuple[Tensor, Tensor]:
-        """Eigenpairs of G above the cut-off: (λ of shape (r,), V of shape (d, r))."""
+        """Eigenpairs of G above the numerical-zero cut-off: (λ of shape (r,), V of shape (d, r)).
+
+        In the dual form (rows n < columns d kept), from XXᵀ = UΛUᵀ (n × n): V = XᵀUΛ^{-1/2}.
+        """
+        if self.X is not None:
+            lam, U = torch.linalg.eigh(self.X @ self.X.T)
+            keep = lam > EIG_RTOL * lam.max().clamp_min(1e-300)
+            lam, U = lam[keep], U[:, keep]
+            return lam, (self.X.T @ U) / lam.sqrt()[None, :]
         lam, V = torch.linalg.eigh(self.G)
         keep = lam > EIG_RTOL * lam.max().clamp_min(1e-300)
         return lam[keep], V[:, keep]
 
-    def projected(self, lam: Tensor, V: Tensor) -> Tensor:
-        """Neuron coordinates in an orthonormal basis Q of span(X): QᵀZ, Tensor of shape (r, n_neurons).
+    def grouping_gram(self, lam: Tensor, V: Tensor) -> tuple[Tensor, Ridge]:
+        """Gram matrix of what a ridge fit from X reproduces of each neuron: Tensor of shape (n_neurons, n_neurons).
 
-        With G = VΛVᵀ, Q = XVΛ^{-1/2}, so QᵀZ = Λ^{-1/2}VᵀXᵀZ and distances between
-        columns equal the distances between the projected neuron outputs P z_j.
+        With H_μ = X(XᵀX + μ)⁻¹Xᵀ, ⟨H_μ z_j, H_μ z_k⟩ = Σ_i λ_i/(λ_i + μ)² u_ij u_ik where
+        u = VᵀXᵀZ; μ is chosen by :func:`choose_ridge` for predicting every neuron
+        from X. With μ = 0 it is ZᵀPZ (P the projector onto span(X)), whose
+        distances are those between the projected neuron outputs.
         """
-        return (V.T @ self.C) / lam.sqrt()[:, None]
+        U = V.T @ self.C  # (r, n_neurons)
+        q = (U * U).sum(1)
+        ridge = choose_ridge(lam, q, float(self.K.trace()) - float((q / lam).sum()), self.rows)
+        scale = lam / (lam + ridge.mu) ** 2
+        return U.T @ (U * scale[:, None]), ridge
 
-    def solve(self, lam: Tensor, V: Tensor, A: Tensor, W0: Tensor | None = None) -> Tensor:
-        """Least squares for targets T = Z A: Tensor of shape (d, n_fused).
+    def solve(self, lam: Tensor, V: Tensor, A: Tensor, W0: Tensor | None = None,
+              ridge: bool = True) -> tuple[Tensor, Ridge]:
+        """Least squares for targets T = Z A, regularised towards ``W0``: (W of shape (d, n_fused), the ridge).
 
-        Without ``W0`` this is the minimum-norm solution W = G⁺XᵀT (appendix B.2).
-        With ``W0`` it is the least-squares solution closest to W0,
-        W = W0 + G⁺(XᵀT − G W0): the same fit on the data, but directions the data
-        does not determine (e.g. inputs of neurons that never fire on it) keep W0.
+        W = W₀ + (XᵀX + μ)⁻¹ Xᵀ(T − XW₀), μ chosen by generalised cross-validation
+        (:func:`choose_ridge`), so the amount of regularisation comes from the data:
+        directions the data determines well are fitted, noisy ones are shrunk
+        towards ``W0`` (the fused level's start weights), and directions it does not
+        determine at all keep ``W0``. With ``ridge=False`` (μ = 0) this is the
+        least-squares solution closest to ``W0``; without ``W0`` also the
+        minimum-norm one, G⁺XᵀT (appendix B.2).
         """
-        W = V @ ((V.T @ (self.C @ A)) / lam[:, None])
-        if W0 is not None:
-            W = W + W0 - V @ (V.T @ W0)
-        return W
-
-    def residual(self, lam: Tensor, V: Tensor, A: Tensor) -> float:
-        """‖XW − T‖² = ‖T‖² − ‖QᵀT‖² for the solution of :meth:`solve`."""
+        CA = self.C @ A
         t2 = float(torch.einsum("ij,ik,kj->", A, self.K, A))
-        qt = self.projected(lam, V) @ A
-        return max(t2 - float((qt * qt).sum()), 0.0)
-
+        if W0 is None:
+            b, r0 = CA, t2
+        else:
+            GW0 = self.gram_times(W0)
+            b = CA - GW0
+            r0 = t2 - 2.0 * float((W0 * CA).sum()) + float((W0 * GW0).sum())
+        u = V.T @ b
+        q = (u * u).sum(1)
+        r_perp = r0 - float((q / lam).sum())
+        if ridge:
+            rd = choose_ridge(lam, q, r_perp, self.rows)
+        else:
+            rd = Ridge(0.0, 0.0, float(lam.numel()), max(r_perp, 0.0))
+        W = V @ (u / (lam + rd.mu)[:, None])
+        if W0 is not None:
+            W = W + W0
+        return W, rd
 
 def read_affine(level: GraphModule, spec: AffineSpec) -> Tensor:
     """The level's current map in design-column layout, with the BatchNorm folded in: (d, n_out), float64."""

@@ -19,17 +19,22 @@ def _gen(seed):
 def test_closed_form_matches_lstsq(seed):
     g = _gen(seed)
     X = torch.randn(300, 20, generator=g, dtype=torch.float64)
-    Z = torch.randn(300, 9, generator=g, dtype=torch.float64)
+    Z = X @ torch.randn(20, 9, generator=g, dtype=torch.float64) + 0.05 * torch.randn(300, 9, generator=g, dtype=torch.float64)
     A = torch.rand(9, 4, generator=g, dtype=torch.float64)
     stats = GramStats()
     for s in range(0, 300, 64):  # batch-by-batch accumulation
         stats.add(X[s : s + 64], Z[s : s + 64])
     lam, V = stats.eig()
-    W = stats.solve(lam, V, A)
     ref = torch.linalg.lstsq(X, Z @ A).solution
+    resid = float(((X @ ref - Z @ A) ** 2).sum())
+    W, ridge = stats.solve(lam, V, A, ridge=False)  # no ridge: exactly least squares
     torch.testing.assert_close(W, ref, rtol=1e-9, atol=1e-10)
-    resid = ((X @ ref - Z @ A) ** 2).sum()
-    assert stats.residual(lam, V, A) == pytest.approx(float(resid), rel=1e-8)
+    assert ridge.rss == pytest.approx(resid, rel=1e-8)
+    # a well-conditioned problem with signal: cross-validation picks a negligible ridge
+    W, ridge = stats.solve(lam, V, A)
+    assert ridge.relative < 1e-3
+    torch.testing.assert_close(W, ref, rtol=1e-3, atol=1e-4)
+    assert ridge.rss == pytest.approx(float(((X @ W - Z @ A) ** 2).sum()), rel=1e-8)
 
 
 def test_closed_form_rank_deficient_matches_pinv():
@@ -41,21 +46,98 @@ def test_closed_form_rank_deficient_matches_pinv():
     stats.add(X, T)
     lam, V = stats.eig()
     assert lam.shape[0] == 6
-    W = stats.solve(lam, V, torch.eye(3, dtype=torch.float64))
+    W, _ = stats.solve(lam, V, torch.eye(3, dtype=torch.float64), ridge=False)
     torch.testing.assert_close(W, torch.linalg.pinv(X) @ T, rtol=1e-8, atol=1e-9)
 
 
-def test_projected_distances_equal_distances_of_projections():
+def _explicit_gcv(X, R0, mu):
+    H = X @ torch.linalg.solve(X.T @ X + mu * torch.eye(X.shape[1], dtype=X.dtype), X.T)
+    rss = float(((R0 - H @ R0) ** 2).sum())
+    return rss / (X.shape[0] - float(H.trace())) ** 2
+
+
+def test_ridge_is_the_generalised_cross_validation_minimum():
+    from fxfuse._solve import RIDGE_GRID
+
+    g = _gen(2)
+    X = torch.randn(40, 12, generator=g, dtype=torch.float64) * torch.logspace(0, -3, 12, dtype=torch.float64)
+    T = X @ torch.randn(12, 2, generator=g, dtype=torch.float64) + 0.1 * torch.randn(40, 2, generator=g, dtype=torch.float64)
+    stats = GramStats()
+    stats.add(X, T)
+    lam, V = stats.eig()
+    _, ridge = stats.solve(lam, V, torch.eye(2, dtype=torch.float64))
+    lmax = float(lam.max())
+    scores = [_explicit_gcv(X, T, r * lmax) for r in RIDGE_GRID]
+    assert ridge.relative == RIDGE_GRID[min(range(len(scores)), key=scores.__getitem__)]
+    assert 1e-9 < ridge.relative < 1  # noise in the small directions: a real ridge
+
+
+def test_regularised_solve_beats_the_cut_off_on_held_out_rows():
+    # underdetermined, as deep conv levels are (400 samples x 2 x 2 positions for 4,609 columns): activations
+    # with a decaying spectrum, targets that depend on them plus noise
+    g = _gen(11)
+    d, n_fit, n_test = 120, 80, 400
+    basis = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))[0]
+    spectrum = torch.logspace(0, -4, d, dtype=torch.float64)
+
+    def rows(n):
+        return (torch.randn(n, d, generator=g, dtype=torch.float64) * spectrum) @ basis.T
+
+    W_true = torch.randn(d, 5, generator=g, dtype=torch.float64)
+    X, Xt = rows(n_fit), rows(n_test)
+    T = X @ W_true + 0.02 * torch.randn(n_fit, 5, generator=g, dtype=torch.float64)
+    stats = GramStats()
+    stats.add(X, T)
+    lam, V = stats.eig()
+    eye = torch.eye(5, dtype=torch.float64)
+    W_cut, _ = stats.solve(lam, V, eye, ridge=False)  # the old solve: pseudo-inverse with the 1e-12 cut-off
+    W_gcv, ridge = stats.solve(lam, V, eye)
+    err_cut = float(((Xt @ W_cut - Xt @ W_true) ** 2).sum())
+    err_gcv = float(((Xt @ W_gcv - Xt @ W_true) ** 2).sum())
+    assert ridge.relative > 1e-12
+    assert err_gcv < 0.5 * err_cut
+
+
+def test_grouping_gram_is_the_gram_of_the_ridge_fitted_neurons():
     g = _gen(1)
     X = torch.randn(100, 7, generator=g, dtype=torch.float64)
-    Z = torch.randn(100, 5, generator=g, dtype=torch.float64)
+    Z = X @ torch.randn(7, 5, generator=g, dtype=torch.float64) + torch.randn(100, 5, generator=g, dtype=torch.float64)
     stats = GramStats()
     stats.add(X, Z)
     lam, V = stats.eig()
-    coords = stats.projected(lam, V)  # (r, n_neurons)
-    P = X @ torch.linalg.pinv(X)
-    PZ = P @ Z
-    torch.testing.assert_close(torch.cdist(coords.T, coords.T), torch.cdist(PZ.T, PZ.T), rtol=1e-8, atol=1e-9)
+    gram, ridge = stats.grouping_gram(lam, V)
+    HZ = X @ torch.linalg.solve(X.T @ X + ridge.mu * torch.eye(7, dtype=torch.float64), X.T @ Z)
+    torch.testing.assert_close(gram, HZ.T @ HZ, rtol=1e-8, atol=1e-9)
+
+
+def test_hf_costs_from_the_gram_matrix_equal_the_explicit_pair_costs():
+    from fxfuse._grouping import gram_pair_costs
+
+    g = _gen(3)
+    a, b = torch.randn(5, 30, generator=g, dtype=torch.float64), torch.randn(6, 30, generator=g, dtype=torch.float64)
+    sa, sb = torch.rand(5, generator=g, dtype=torch.float64) + 0.1, torch.rand(6, generator=g, dtype=torch.float64) + 0.1
+    P = torch.cat([a, b])
+    torch.testing.assert_close(gram_pair_costs(P @ P.T, sa, sb), pair_costs(a, b, sa, sb), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_kernel_kmeans_equals_lloyd_on_the_explicit_points(seed):
+    from fxfuse._grouping import kernel_kmeans
+
+    rng = np.random.default_rng(seed)
+    pts = np.concatenate([c + rng.normal(size=(15, 40)) for c in rng.normal(scale=2.0, size=(5, 40))])
+    w = rng.uniform(0.05, 3.0, size=len(pts))
+    # a start with a fifth of the points in a wrong cluster (a random start makes near-equal centres, where
+    # floating-point ties, not the algorithm, decide)
+    init = np.repeat(np.arange(5), 15)
+    wrong = rng.random(len(pts)) < 0.2
+    init[wrong] = rng.integers(0, 5, size=int(wrong.sum()))
+    centers = np.stack([np.average(pts[init == c], axis=0, weights=w[init == c]) for c in range(5)])
+    ref = KMeans(n_clusters=5, init=centers, n_init=1, tol=0.0, max_iter=300, algorithm="lloyd").fit(pts, sample_weight=w)
+    P = torch.tensor(pts)
+    labels, inertia = kernel_kmeans(P @ P.T, torch.tensor(w), 5, init=torch.tensor(init))
+    assert torch.equal(labels, torch.tensor(ref.labels_, dtype=torch.long))
+    assert inertia == pytest.approx(ref.inertia_, rel=1e-9)
 
 
 @pytest.mark.parametrize("n", [2, 3, 4, 5, 6])
@@ -117,10 +199,14 @@ def test_closed_form_with_start_weights_fits_the_same_and_keeps_undetermined_dir
     stats.add(X, T)
     lam, V = stats.eig()
     eye = torch.eye(3, dtype=torch.float64)
-    W_min, W_start = stats.solve(lam, V, eye), stats.solve(lam, V, eye, W0=W0)
+    (W_min, _), (W_start, _) = stats.solve(lam, V, eye, ridge=False), stats.solve(lam, V, eye, W0=W0, ridge=False)
     torch.testing.assert_close(X @ W_start, X @ W_min)  # the same fit on the data
     torch.testing.assert_close(W_start[5:], W0[5:])  # unseen inputs keep the start
     torch.testing.assert_close(W_min[5:], torch.zeros(2, 3, dtype=torch.float64))
+    # with the cross-validated ridge (here large: T is noise) the unseen inputs still keep the start
+    W_ridge, ridge = stats.solve(lam, V, eye, W0=W0)
+    assert ridge.relative > 1e-3
+    torch.testing.assert_close(W_ridge[5:], W0[5:])
 
 
 def test_read_affine_matches_the_level_output():
@@ -138,3 +224,26 @@ def test_read_affine_matches_the_level_output():
         y = to_rows(level(x), lv.neuron_axis)
         torch.testing.assert_close(design_rows(level, spec, op_input(level, spec, x)) @ read_affine(level, spec), y)
         x = level(x)
+
+
+def test_dual_form_with_fewer_rows_than_columns_equals_the_gram_form():
+    g = _gen(4)
+    X = torch.randn(30, 50, generator=g, dtype=torch.float64) * torch.logspace(0, -2, 50, dtype=torch.float64)
+    Z = X @ torch.randn(50, 6, generator=g, dtype=torch.float64) + 0.1 * torch.randn(30, 6, generator=g, dtype=torch.float64)
+    A = torch.rand(6, 3, generator=g, dtype=torch.float64)
+    W0 = torch.randn(50, 3, generator=g, dtype=torch.float64)
+    dual, primal = GramStats(), GramStats(keep_rows_bytes=0)
+    for s in range(0, 30, 8):
+        dual.add(X[s : s + 8], Z[s : s + 8])
+        primal.add(X[s : s + 8], Z[s : s + 8])
+    assert dual.X is not None and dual.G is None and primal.G is not None  # rows kept only in the dual form
+    (ld, Vd), (lp, Vp) = dual.eig(), primal.eig()
+    torch.testing.assert_close(ld, lp, rtol=1e-9, atol=1e-12)
+    Wd, rd = dual.solve(ld, Vd, A, W0=W0)
+    Wp, rp = primal.solve(lp, Vp, A, W0=W0)
+    torch.testing.assert_close(Wd, Wp, rtol=1e-7, atol=1e-9)
+    assert rd.relative == rp.relative
+    torch.testing.assert_close(dual.grouping_gram(ld, Vd)[0], primal.grouping_gram(lp, Vp)[0], rtol=1e-7, atol=1e-9)
+    # past as many rows as columns the rows are dropped for G
+    dual.add(X, Z)
+    assert dual.X is None and dual.G is not None
