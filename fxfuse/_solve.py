@@ -151,22 +151,21 @@ class GramStats:
         for s in range(0, X.shape[0], chunk):
             x = X[s : s + chunk].to(torch.float64)
             z = Z[s : s + chunk].to(torch.float64)
-            c, k = x.T @ z, z.T @ z
             if self.C is None:
-                self.C, self.K = c, k
+                self.C, self.K = x.T @ z, z.T @ z
                 if x.shape[0] < x.shape[1] and x.numel() * 8 <= self._keep_bytes:
                     self.X = x.clone()
                 else:
                     self.G = x.T @ x
             else:
-                self.C += c
-                self.K += k
+                self.C.addmm_(x.T, z)
+                self.K.addmm_(z.T, z)
                 if self.X is not None:
                     self.X = torch.cat([self.X, x])
                     if self.X.shape[0] >= self.X.shape[1] or self.X.numel() * 8 > self._keep_bytes:
                         self.G, self.X = self.X.T @ self.X, None
                 else:
-                    self.G += x.T @ x
+                    self.G.addmm_(x.T, x)
         self.rows += X.shape[0]
 
     def gram_times(self, W: Tensor) -> Tensor:
