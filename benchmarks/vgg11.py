@@ -24,6 +24,7 @@ runs with other fusion settings skip training.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import statistics
 import sys
@@ -64,8 +65,8 @@ def _reference(ref_dir: str | None):
     if not ref_dir:
         return None
     sys.path.insert(0, ref_dir)
-    from fusion_algorithms.hf_kf import LSFusion  # noqa: PLC0415 (the user's checkout)
-    from models.vgg import VGG  # noqa: PLC0415
+    from fusion_algorithms.hf_kf import LSFusion  # the user's checkout
+    from models.vgg import VGG
 
     return LSFusion, VGG
 
@@ -146,7 +147,7 @@ def main() -> None:
     print("|---|---|---|---|")
     for label, vals in rows.items():
         accs = [a for a, _ in vals]
-        secs = [s for _, s in vals if s == s]
+        secs = [s for _, s in vals if not math.isnan(s)]
         acc = f"{statistics.mean(accs):.1f}" + (f" ± {statistics.pstdev(accs):.1f}" if len(accs) > 1 else "")
         t = f"{statistics.mean(secs):.1f}" if secs else ""
         ratio = ""

@@ -83,7 +83,7 @@ OPTION_DEFAULTS: dict[str, Any] = {
     "reset_bn": False,  # vanilla / git-rebasin / otfusion: recompute BatchNorm statistics on the fusion data
     "class_weights": None,  # ensemble: per-class weights of each model, (n_models, n_classes)
     "target": None,  # nn.Module with the fused architecture; default: models[0]
-    "max_rows": 50_000,  # rows (samples × positions) kept for grouping non-closed-form levels and alignment
+    "max_rows": 50_000,  # rows (samples × positions) per activation that alignment costs are summed over
     "batch_size": 256,  # inference batch
     "memory_budget": 256 << 20,  # bytes of level outputs cached between levels; beyond it they are recomputed
     "n_init": 5,  # k-means restarts (greedy k-means++ seeding, kernel form)
@@ -109,7 +109,7 @@ class FuseConfig:
         target: A model whose architecture the fused model takes, or None (``models[0]``).
         reset_bn: Recompute BatchNorm statistics after vanilla, git-rebasin or otfusion.
         class_weights: Per-class weights of the ensemble, or None.
-        max_rows: Rows kept for grouping where statistics are not enough.
+        max_rows: Rows per activation that permutation alignment sums its costs over.
         batch_size: Inference batch.
         memory_budget: Bytes of level outputs the collector may cache.
         n_init: k-means restarts.

@@ -28,8 +28,18 @@ from ._solve import GramStats, affine_params, design_rows, fit_gradient, from_ro
 from ._trace import trace
 
 __all__ = [
-    "Prepared", "Grouping", "LevelRecord", "GROUPINGS", "SOLVERS", "prepare", "align_depth",
-    "fuse_level", "emit", "progress_bar", "score_neurons", "as_model_list",
+    "GROUPINGS",
+    "SOLVERS",
+    "Grouping",
+    "LevelRecord",
+    "Prepared",
+    "align_depth",
+    "as_model_list",
+    "emit",
+    "fuse_level",
+    "prepare",
+    "progress_bar",
+    "score_neurons",
 ]
 
 

@@ -18,8 +18,17 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
-__all__ = ["Grouping", "gram_sq_dists", "kernel_kmeans", "kernel_inertia", "weighted_kmeans",
-           "hungarian_pairs", "harmonic_weights", "pair_costs", "gram_pair_costs"]
+__all__ = [
+    "Grouping",
+    "gram_pair_costs",
+    "gram_sq_dists",
+    "harmonic_weights",
+    "hungarian_pairs",
+    "kernel_inertia",
+    "kernel_kmeans",
+    "pair_costs",
+    "weighted_kmeans",
+]
 
 
 @dataclass(frozen=True)

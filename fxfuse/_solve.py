@@ -20,8 +20,19 @@ from fxfuse.passes._affine import AffineSpec, affine_spec
 
 from ._config import TrainConfig
 
-__all__ = ["AffineSpec", "affine_spec", "read_affine", "affine_params", "GramStats", "EIG_RTOL", "Ridge", "choose_ridge",
-           "fit_gradient", "to_rows", "from_rows"]
+__all__ = [
+    "EIG_RTOL",
+    "AffineSpec",
+    "GramStats",
+    "Ridge",
+    "affine_params",
+    "affine_spec",
+    "choose_ridge",
+    "fit_gradient",
+    "from_rows",
+    "read_affine",
+    "to_rows",
+]
 
 # Eigenvalues of XᵀX below EIG_RTOL · λ_max are numerically zero (float64 rounding of
 # the accumulated Gram): their directions are not determined by the data at all.
@@ -123,8 +134,21 @@ def design_rows(level: GraphModule, spec: AffineSpec, op_in: Tensor) -> Tensor:
 class GramStats:
     """Batch-by-batch float64 accumulation of G = XᵀX, C = XᵀZ and K = ZᵀZ.
 
-    Everything HF and KF need for a closed-form level follows from these three,
-    so the unfolded conv input is never held whole (DESIGN.md, "Numerics").
+    Everything HF and KF need for a closed-form level follows from these three
+    (grouping Gram, cross-validated ridge, solution and residual), so the unfolded
+    conv input is never held whole (DESIGN.md, "Numerics"). While rows are fewer
+    than columns, X is kept instead of G (the dual form).
+
+    Example:
+        >>> import torch
+        >>> from fxfuse._solve import GramStats
+        >>> X = torch.randn(200, 5, dtype=torch.float64)
+        >>> stats = GramStats()
+        >>> stats.add(X, X @ torch.ones(5, 2, dtype=torch.float64))
+        >>> lam, V = stats.eig()
+        >>> W, ridge = stats.solve(lam, V, torch.eye(2, dtype=torch.float64))
+        >>> torch.allclose(W, torch.ones(5, 2, dtype=torch.float64), atol=1e-6), ridge.relative < 1e-6
+        (True, True)
     """
 
     def __init__(self, keep_rows_bytes: int = 512 << 20) -> None:
