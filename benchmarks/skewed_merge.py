@@ -25,6 +25,7 @@ import torch
 
 import fxfuse
 from fxfuse._experiments import make_setting
+from fxfuse._train import accuracy
 
 ROWS = (
     ("ensemble", "ensemble", {}),
@@ -38,13 +39,10 @@ ROWS = (
 )
 
 
-@torch.no_grad()
 def _acc(model, x, y, classes=None) -> float:
-    pred = torch.cat([model(x[s : s + 256]).argmax(-1) for s in range(0, len(x), 256)])
+    """Test accuracy %, on the samples of ``classes`` only when given (nan if there are none)."""
     keep = torch.ones_like(y, dtype=torch.bool) if classes is None else torch.isin(y, classes)
-    if not bool(keep.any()):
-        return float("nan")
-    return 100.0 * float((pred[keep] == y[keep]).double().mean())
+    return accuracy(model, x[keep], y[keep]) if bool(keep.any()) else float("nan")
 
 
 def _fmt(vals: list[float]) -> str:

@@ -55,26 +55,27 @@ def gram_sq_dists(gram: Tensor, rows: Tensor | slice = slice(None), cols: Tensor
     return (diag[rows][:, None] + diag[cols][None, :] - 2.0 * gram[rows][:, cols]).clamp_min_(0.0)
 
 
-def _center_terms(gram: Tensor, weights: Tensor, labels: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
-    """For weighted centroids μ_c = Σ_{i∈c} s_i p_i / S_c: (⟨p_j, μ_c⟩ of shape (n, k), ‖μ_c‖² of shape (k,), S_c).
+def _cluster_sums(gram: Tensor, weights: Tensor, labels: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """R[c, j] = Σ_{i∈c} s_i g_ij (so ⟨p_j, μ_c⟩ = R[c, j] / S_c) and the cluster weights S_c; O(n²)."""
+    R = torch.zeros(k, gram.shape[0], dtype=gram.dtype, device=gram.device).index_add_(0, labels, gram * weights[:, None])
+    return R, torch.zeros(k, dtype=gram.dtype, device=gram.device).index_add_(0, labels, weights)
 
-    O(n²): the Gram columns are summed per cluster with one index_add.
+
+def _inertia(gram: Tensor, weights: Tensor, labels: Tensor, R: Tensor, wsum: Tensor) -> float:
+    """Σ_j s_j ‖p_j − μ_{c_j}‖² from the cluster sums of :func:`_cluster_sums`, in O(n).
+
+    With ⟨p_j, μ_c⟩ = R[c, j] / S_c and ‖μ_c‖² = Σ_{j∈c} s_j R[c, j] / S_c², the objective
+    is Σ_j s_j g_jj − Σ_c S_c ‖μ_c‖².
     """
-    n = gram.shape[0]
-    wsum = torch.zeros(k, dtype=gram.dtype, device=gram.device).index_add_(0, labels, weights)
+    own = R[labels, torch.arange(gram.shape[0], device=gram.device)]
     inv = torch.where(wsum > 0, 1.0 / wsum.clamp_min(1e-300), torch.zeros_like(wsum))
-    cross = torch.zeros(n, k, dtype=gram.dtype, device=gram.device).index_add_(1, labels, gram * weights[None, :])
-    cross = cross * inv[None, :]  # ⟨p_j, μ_c⟩
-    sq = torch.zeros(k, dtype=gram.dtype, device=gram.device).index_add_(0, labels, weights * cross[torch.arange(n), labels])
-    return cross, sq * inv, wsum
+    spread = torch.zeros_like(wsum).index_add_(0, labels, weights * own)
+    return max(float((weights * gram.diagonal()).sum() - (spread * inv).sum()), 0.0)
 
 
 def kernel_inertia(gram: Tensor, weights: Tensor, labels: Tensor, k: int) -> float:
     """Σ_j s_j ‖p_j − μ_{c_j}‖² from the Gram matrix (the weighted k-means objective, Eq. 4)."""
-    cross, sq, _ = _center_terms(gram, weights, labels, k)
-    n = gram.shape[0]
-    d = gram.diagonal() - 2.0 * cross[torch.arange(n), labels] + sq[labels]
-    return float((weights * d.clamp_min(0.0)).sum())
+    return _inertia(gram, weights, labels, *_cluster_sums(gram, weights, labels, k))
 
 
 def _kernel_lloyd(gram: Tensor, weights: Tensor, labels: Tensor, k: int, max_iter: int) -> tuple[Tensor, float]:
@@ -84,10 +85,8 @@ def _kernel_lloyd(gram: Tensor, weights: Tensor, labels: Tensor, k: int, max_ite
     only for the points that moved: the first step costs O(n²), later ones
     O(n k + n · moved).
     """
-    n = gram.shape[0]
-    rng = torch.arange(n, device=gram.device)
-    R = torch.zeros(k, n, dtype=gram.dtype, device=gram.device).index_add_(0, labels, gram * weights[:, None])
-    wsum = torch.zeros(k, dtype=gram.dtype, device=gram.device).index_add_(0, labels, weights)
+    rng = torch.arange(gram.shape[0], device=gram.device)
+    R, wsum = _cluster_sums(gram, weights, labels, k)
     for _ in range(max_iter):
         inv = torch.where(wsum > 0, 1.0 / wsum.clamp_min(1e-300), torch.zeros_like(wsum))
         sq = torch.zeros(k, dtype=gram.dtype, device=gram.device).index_add_(0, labels, weights * R[labels, rng])
@@ -111,7 +110,7 @@ def _kernel_lloyd(gram: Tensor, weights: Tensor, labels: Tensor, k: int, max_ite
         R.index_add_(0, labels[moved], -rows).index_add_(0, new[moved], rows)
         wsum.index_add_(0, labels[moved], -weights[moved]).index_add_(0, new[moved], weights[moved])
         labels = new
-    return labels, kernel_inertia(gram, weights, labels, k)
+    return labels, _inertia(gram, weights, labels, R, wsum)  # R and wsum follow the final labels
 
 
 def _kernel_kmeans_pp(gram: Tensor, weights: Tensor, k: int, gen: torch.Generator) -> Tensor:

@@ -202,14 +202,9 @@ def test_user_models_their_modes_and_flags_are_unchanged(method, tmp_path):
 
 @pytest.fixture()
 def cnn_ckpts(tmp_path):
-    paths = []
-    for k in range(2):
-        torch.manual_seed(k)
-        m = timm.create_model("test_resnet", pretrained=False, num_classes=10, in_chans=1)
-        path = tmp_path / f"m{k}.pt"
-        fxfuse.save_checkpoint(m, path, "test_resnet", num_classes=10, in_chans=1, input_size=(1, 16, 16))
-        paths.append(str(path))
-    return paths
+    from test_cli import _digits_checkpoints
+
+    return _digits_checkpoints(tmp_path)
 
 
 def test_cli_samples_must_be_positive(capsys):

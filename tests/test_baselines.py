@@ -238,6 +238,14 @@ def test_np_merge_runs_on_inputs_alone_and_its_ce_objective_asks_for_labels():
         fxfuse.fuse([a, b], x, method="kf-linear", objective="ce", progress=False)
     with pytest.raises(ValueError, match="kf-linear has no match option .*git-rebasin"):
         fxfuse.fuse([a, b], x, method="kf-linear", match="inner", progress=False)
+    with pytest.raises(ValueError, match="option match must be one of 'correlation', 'inner', got 'l2'"):
+        fxfuse.fuse([a, b], x, method="git-rebasin", match="l2", progress=False)
+    with pytest.raises(ValueError, match="option temperature must be a positive number, got 0"):
+        fxfuse.fuse([a, b], x, method="np-merge", temperature=0, progress=False)
+    from fxfuse._npmerge import np_merge
+
+    with pytest.raises(ValueError, match="np_merge: objective must be 'ce' or 'distill', got 'kl'"):
+        np_merge(a, b, x, a(x).argmax(-1), objective="kl")
 
 
 @pytest.mark.parametrize("method", ["np-merge", "np-merge-levelwise"])
