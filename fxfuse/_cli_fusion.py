@@ -5,11 +5,9 @@ from __future__ import annotations
 import argparse
 import os
 import time
+from typing import Any
 
 import torch
-from torch import nn
-
-from ._errors import FxFuseError
 
 # (row label, method) of the demo table
 DEMO_METHODS = (
@@ -23,33 +21,87 @@ DEMO_METHODS = (
 )
 
 
+DEMO_RECIPE = """\
+format: fxfuse-recipe/1
+# written by `fxfuse demo`: the demo's two CNNs, fused with kf-linear and compared
+seed: {seed}
+device: auto
+models:
+  - {{model: "local-dir:{out}/bases/cnn_1", name: base model 1}}
+  - {{model: "local-dir:{out}/bases/cnn_2", name: base model 2}}
+data:
+  fusion: {{source: tensors, path: {out}/data/fusion.safetensors}}   # 400 samples of the first model's split
+  eval: {{source: tensors, path: {out}/data/test.safetensors}}       # the held-out quarter of the digits
+  transform: model
+method: {{name: kf-linear}}
+compare: [{compare}]
+output: {{path: {out}/fused_cnn, formats: [safetensors, torchscript], overwrite: true}}
+report: {{html: report.html, json: report.json}}
+"""
+
+
+def write_demo_inputs(models, fusion, test, out: str, seed: int = 0) -> str:
+    """Save the demo's CNNs as timm model directories and its data as tensor files; returns the recipe's path.
+
+    The bases are 16×16 gray-digit ``test_resnet``s whose inputs are the raw digits
+    (mean 0, std 1), so their ``config.json`` says so.
+    """
+    from safetensors.torch import save_file
+
+    from ._run import save_timm_dir
+
+    dc = {"input_size": (1, 16, 16), "interpolation": "bilinear", "mean": (0.0,), "std": (1.0,), "crop_pct": 1.0,
+          "crop_mode": "center"}
+    for k, m in enumerate(models):
+        save_timm_dir(m, os.path.join(out, "bases", f"cnn_{k + 1}"), dc, {"num_classes": 10, "in_chans": 1},
+                      tag="fxfuse_demo")
+    os.makedirs(os.path.join(out, "data"), exist_ok=True)
+    for name, (x, y) in (("fusion", fusion), ("test", test)):
+        save_file({"inputs": x.contiguous(), "labels": y.contiguous()}, os.path.join(out, "data", f"{name}.safetensors"))
+    compare = ", ".join(m for _, m in DEMO_METHODS if m != "kf-linear")
+    path = os.path.join(out, "cnn_recipe.yaml")
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(DEMO_RECIPE.format(seed=seed, out=out, compare=compare))
+    return path
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
-    from fxfuse import export, fuse
-    from fxfuse._experiments import make_setting
-    from fxfuse._methods import get_method
-    from fxfuse._train import accuracy
+    from fxfuse import fuse
+
+    from ._experiments import make_setting
+    from ._recipe import load_recipe
+    from ._run import run
+    from ._train import accuracy
 
     torch.manual_seed(args.seed)
     t_all = time.perf_counter()
     print("fxfuse demo: 2 MLPs and 2 timm CNNs (test_resnet) trained on a non-IID Dirichlet 2-way split "
           "of scikit-learn's digits (paper appendix D.1), fused zero-shot with 400 samples of the first split.")
+    os.makedirs(args.out, exist_ok=True)
     rows: dict[str, dict[str, tuple[float, float]]] = {}
-    fused_cnn = None
-    for arch in ("mlp", "cnn"):
+    # MLPs: fused in memory
+    t0 = time.perf_counter()
+    s = make_setting("mlp", split="dirichlet", n_models=2, seed=args.seed)
+    xt, yt = s.test
+    print(f"  trained 2 MLPs on splits of {s.split_sizes[0]} and {s.split_sizes[1]} digits in "
+          f"{time.perf_counter() - t0:.1f} s")
+    for k, m in enumerate(s.models):
+        rows.setdefault(f"base model {k + 1}", {})["mlp"] = (accuracy(m, xt, yt), float("nan"))
+    for label, method in DEMO_METHODS:
         t0 = time.perf_counter()
-        s = make_setting(arch, split="dirichlet", n_models=2, seed=args.seed)
-        xt, yt = s.test
-        train_s = time.perf_counter() - t0
-        print(f"  trained 2 {arch.upper()}s on splits of {s.split_sizes[0]} and {s.split_sizes[1]} digits in {train_s:.1f} s")
-        for k, m in enumerate(s.models):
-            rows.setdefault(f"base model {k + 1}", {})[arch] = (accuracy(m, xt, yt), float("nan"))
-        for label, method in DEMO_METHODS:
-            get_method(method)
-            t0 = time.perf_counter()
-            fused = fuse(s.models, s.fusion, method=method, progress=False, seed=args.seed)
-            rows.setdefault(label, {})[arch] = (accuracy(fused, xt, yt), time.perf_counter() - t0)
-            if arch == "cnn" and method == "kf-linear":
-                fused_cnn = (fused, xt[:4])
+        fused = fuse(s.models, s.fusion, method=method, progress=False, seed=args.seed)
+        rows.setdefault(label, {})["mlp"] = (accuracy(fused, xt, yt), time.perf_counter() - t0)
+    # CNNs: saved as timm model directories and fused by a recipe, which also writes the report
+    t0 = time.perf_counter()
+    s = make_setting("cnn", split="dirichlet", n_models=2, seed=args.seed)
+    print(f"  trained 2 CNNs on splits of {s.split_sizes[0]} and {s.split_sizes[1]} digits in "
+          f"{time.perf_counter() - t0:.1f} s")
+    recipe_path = write_demo_inputs(s.models, s.fusion, s.test, args.out, args.seed)
+    rec = run(load_recipe(recipe_path, progress=False))
+    labels = {m: label for label, m in DEMO_METHODS}
+    for r in rec.results:
+        name = r["model"] if r["kind"] == "base" else labels.get(r["model"].removeprefix("fused (").rstrip(")"))
+        rows.setdefault(name, {})["cnn"] = (r["accuracy"], r["seconds"] if r["seconds"] is not None else float("nan"))
     print()
     print(f"{'method':20s} {'MLP acc %':>10s} {'s':>6s} {'CNN acc %':>10s} {'s':>6s}")
     for name, r in rows.items():
@@ -58,152 +110,105 @@ def cmd_demo(args: argparse.Namespace) -> int:
             acc, secs = r[arch]
             cells.append(f"{acc:10.1f} {'' if secs != secs else f'{secs:.1f}':>6s}")
         print(f"{name:20s} " + " ".join(cells))
-    fused, example = fused_cnn
-    path = export(fused, args.out, example, format="torchscript")
-    print(f"\nwrote the kf-linear fused CNN as TorchScript to {path} (load it with torch.jit.load)")
+    out = rec.recipe.output.path
+    print(f"\nThe CNN column comes from the recipe {recipe_path} (run it yourself: fxfuse run {recipe_path}).")
+    print(f"wrote the kf-linear fused CNN to {out}/: a timm model directory "
+          f"(timm.create_model('local-dir:{out}', pretrained=True)) and TorchScript (model.torchscript.pt)")
+    print(f"report: {os.path.join(out, rec.recipe.report.html)}")
     print(f"total {time.perf_counter() - t_all:.0f} s")
     return 0
 
 
-def _load_model(spec: str, args: argparse.Namespace) -> tuple[nn.Module, tuple[int, int, int], str, dict, bool]:
-    """A checkpoint path, or ARCH=STATE_DICT_PATH for a timm architecture with raw weights.
+def fuse_recipe(args: argparse.Namespace):
+    """The :class:`~fxfuse._recipe.Recipe` that ``fxfuse fuse``'s flags describe (one configuration, two views)."""
+    from ._recipe import RECIPE_FORMAT, recipe_from_dict
 
-    Returns the model, its input size, arch, model kwargs, and whether the size is
-    known (a checkpoint's, or --input-size) rather than timm's default.
-    """
-    from fxfuse._models import _check_input_size, _create_timm, default_input_size, load_plain, read_checkpoint
-
-    if os.path.exists(spec):
-        return (*read_checkpoint(spec), True)
-    if "=" in spec:
-        arch, path = spec.split("=", 1)
-        kwargs = {k: v for k, v in (("num_classes", args.num_classes), ("in_chans", args.in_chans)) if v is not None}
-        size = _check_input_size(args.input_size)
-        if size is not None and args.in_chans is None:
-            kwargs["in_chans"] = size[0]
-        model = _create_timm(arch, size, kwargs)
-        state = load_plain(path, f"{spec!r}: weights file")
-        try:
-            model.load_state_dict(state.get("state_dict", state) if isinstance(state, dict) else state)
-        except (RuntimeError, TypeError, AttributeError) as e:
-            raise ValueError(f"{spec!r}: the weights do not fit timm's {arch!r} ({e}); pass --num-classes, "
-                             "--in-chans or --input-size as the model was built") from e
-        known = size is not None
-        if size is None:
-            size = default_input_size(model)
-            size = (kwargs.get("in_chans", size[0]), *size[1:])
-        return model.eval(), size, arch, kwargs, known
-    raise ValueError(
-        f"{spec!r} is neither a checkpoint path nor ARCH=WEIGHTS (e.g. resnet18=weights.pth); "
-        "write checkpoints with fxfuse.save_checkpoint"
-    )
-
-
-def _load_data(spec: str, size: tuple[int, int, int], n: int, seed: int, resize: bool, known: bool = True):
-    from fxfuse._models import load_plain
-    from fxfuse.data import load_digits
-
-    c, h, w = size
-    if spec == "digits":
-        if h != w:
-            raise ValueError(f"--data digits needs a square input size, the models take {size}")
-        x, y = load_digits(size=h, channels=c)
-        if h != 8:
-            print(f"resizing the digits from 8x8 to {h}x{w} (bilinear) for the models' input size")
-    elif os.path.isdir(spec):
-        from torchvision import datasets, transforms
-
-        tf = transforms.Compose([
-            transforms.Grayscale(c) if c == 1 else transforms.Lambda(lambda im: im.convert("RGB")),
-            transforms.Resize((h, w)),
-            transforms.ToTensor(),
-        ])
-        ds = datasets.ImageFolder(spec, transform=tf)
-        if len(ds) == 0:
-            raise ValueError(f"image folder {spec!r} holds no images")
-        print(f"reading {len(ds)} images from {spec!r}, resized to {h}x{w} (bilinear)")
-        x = torch.stack([ds[i][0] for i in range(len(ds))])
-        y = torch.tensor(ds.targets)
-    elif os.path.exists(spec):
-        obj = load_plain(spec, "--data tensor file")
-        if isinstance(obj, torch.Tensor):
-            x, y = obj, None
-        elif isinstance(obj, (tuple, list)) and len(obj) == 2:
-            x, y = obj
-        elif isinstance(obj, dict) and "inputs" in obj:
-            x, y = obj["inputs"], obj.get("labels")
+    models = []
+    for spec in args.models:
+        if os.path.exists(spec):
+            models.append({"checkpoint": spec})
+        elif "=" in spec:
+            arch, path = spec.split("=", 1)
+            margs = {k: v for k, v in (("num_classes", args.num_classes), ("in_chans", args.in_chans)) if v is not None}
+            if args.input_size is not None and args.in_chans is None:
+                margs["in_chans"] = args.input_size[0]
+            models.append({"model": arch, "checkpoint": path, "model_args": margs})
         else:
-            raise ValueError(f"{spec!r}: expected a Tensor, an (inputs, labels) pair or a dict with 'inputs'")
-        if not isinstance(x, torch.Tensor) or x.ndim != 4:
-            raise ValueError(f"--data {spec!r}: inputs must be a Tensor of shape (n, C, H, W), got "
-                             f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
-        if tuple(x.shape[1:]) != size and not known and x.shape[1] == c:
-            print(f"using the data's own size {x.shape[2]}x{x.shape[3]} (the models' input size is not recorded)")
-        elif tuple(x.shape[1:]) != size:
-            if not resize or x.shape[1] != c:
-                raise ValueError(
-                    f"--data {spec!r}: inputs of shape {tuple(x.shape[1:])} but the models take {size}; "
-                    + ("pass --resize to resize them (bilinear)" if x.shape[1] == c else "the channels differ")
-                )
-            print(f"resizing the inputs from {x.shape[2]}x{x.shape[3]} to {h}x{w} (bilinear, --resize)")
-            x = torch.nn.functional.interpolate(x.float(), size=(h, w), mode="bilinear", align_corners=False)
+            raise ValueError(
+                f"{spec!r} is neither a checkpoint path nor ARCH=WEIGHTS (e.g. resnet18=weights.pth); "
+                "write checkpoints with fxfuse.save_checkpoint"
+            )
+    if args.data == "digits":
+        fusion = {"source": "digits"}
+    elif os.path.isdir(args.data):
+        fusion = {"source": "imagefolder", "path": args.data}
+    elif os.path.exists(args.data):
+        fusion = {"source": "tensors", "path": args.data, "resize": args.resize}
     else:
-        raise ValueError(f"--data {spec!r}: not 'digits', an image folder, or a tensor file")
-    if x.shape[0] > n:
-        idx = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed))[:n]
-        x, y = x[idx], (y[idx] if y is not None else None)
-    return (x, y) if y is not None else x
+        raise ValueError(f"--data {args.data!r}: not 'digits', an image folder, or a tensor file")
+    fusion["samples"] = args.samples
+    transform: Any = args.transform
+    if args.input_size is not None:
+        transform = {"input_size": list(args.input_size)} if args.transform == "model" else transform
+    options = {k: v for k, v in (("objective", args.objective), ("match", args.match)) if v is not None}
+    output = {k: v for k, v in (("checkpoint", args.out), ("torchscript", args.torchscript), ("export", args.export))
+              if v is not None}
+    d = {"format": RECIPE_FORMAT, "seed": args.seed, "device": args.device or "auto", "models": models,
+         "data": {"fusion": fusion, "transform": transform}, "method": {"name": args.method, "options": options},
+         "importance": args.importance, "output": output}
+    return recipe_from_dict(d, progress=not args.quiet)
 
 
-def _check_writable(path: str | None, flag: str) -> None:
-    if path is None:
-        return
-    parent = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(parent):
-        raise ValueError(f"{flag} {path!r}: directory {parent!r} does not exist")
-    if not os.access(parent, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
-        raise ValueError(f"{flag} {path!r} is not writable; choose another path")
+# recipe key paths and the `fxfuse fuse` flags they come from
+_FLAGS = (("method.options.objective", "--objective"), ("method.options.match", "--match"), ("method", "--method"),
+          ("data.fusion", "--data"), ("data.transform", "--input-size"), ("output.checkpoint", "--out"),
+          ("output.torchscript", "--torchscript"), ("output.export", "--export"), ("device", "--device"),
+          ("importance", "--importance"))
+
+
+def _as_flag(path: str) -> str:
+    if path.startswith("models["):
+        return f"MODEL {int(path[7:path.index(']')]) + 1}"
+    return next((flag for key, flag in _FLAGS if path.startswith(key)), f"`{path}`")
 
 
 def cmd_fuse(args: argparse.Namespace) -> int:
-    from fxfuse import export, fuse, save_checkpoint
-    from fxfuse._models import _create_timm
+    from ._recipe import RecipeError
+    from ._run import run
 
-    for path, flag in ((args.out, "--out"), (args.torchscript, "--torchscript"), (args.export, "--export")):
-        _check_writable(path, flag)  # before any work, not after the fusion
-    loaded = [_load_model(spec, args) for spec in args.models]
-    models = [m for m, *_ in loaded]
-    size = loaded[0][1]
-    data = _load_data(args.data, size, args.samples, args.seed, args.resize, known=all(ld[4] for ld in loaded))
-    from ._methods import METHODS
-
-    spec = METHODS[args.method]
-    opts = {"objective": args.objective} if args.objective is not None and spec.uses_objective else {}
-    if args.match is not None and spec.uses_match:
-        opts["match"] = args.match
-    for flag, value, used in (("--objective", args.objective, spec.uses_objective),
-                              ("--match", args.match, spec.uses_match)):
-        if value is not None and not used:
-            raise ValueError(f"{flag} does not apply to --method {args.method}; remove it")
-    fused = fuse(models, data, method=args.method, importance=args.importance, device=args.device,
-                 seed=args.seed, progress=not args.quiet, **opts)
-    example = (data[0] if isinstance(data, tuple) else data)[:2].to(next(fused.parameters()).device)
-    arch, kwargs = loaded[0][2], loaded[0][3]
-    size = tuple((data[0] if isinstance(data, tuple) else data).shape[1:])
-    rebuilt = _create_timm(arch, size, kwargs)
     try:
-        rebuilt.load_state_dict({k: v.cpu() for k, v in fused.state_dict().items()})
-    except RuntimeError as e:
-        raise FxFuseError(
-            f"the fused model's parameters do not map back onto timm's {arch!r} ({e}); "
-            "save it with --torchscript or --export instead"
-        ) from e
-    save_checkpoint(rebuilt, args.out, arch, input_size=size, **kwargs)
-    print(f"wrote fused checkpoint {args.out} ({arch})")
-    if args.torchscript:
-        print("wrote", export(fused, args.torchscript, example, format="torchscript"))
-    if args.export:
-        print("wrote", export(fused, args.export, example, format="export"))
+        recipe = fuse_recipe(args)  # validated, with every file checked, before any work
+        rec = run(recipe)
+    except RecipeError as e:  # the same checks as a recipe's, named by the flag
+        raise ValueError(e.message.replace(f"`{e.path}`", _as_flag(e.path))) from e
+    if recipe.output.checkpoint:
+        print(f"wrote fused checkpoint {recipe.output.checkpoint} ({rec.models[0]['arch']})")
+    for path in (recipe.output.torchscript, recipe.output.export):
+        if path:
+            print("wrote", path)
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from ._recipe import load_recipe
+    from ._run import plan_text, run
+
+    overrides: dict[str, Any] = {}
+    if args.out is not None:
+        overrides["output.path"] = args.out
+    if args.overwrite:
+        overrides["output.overwrite"] = True
+    recipe = load_recipe(args.recipe, progress=not args.quiet, overrides=overrides)
+    if args.dry_run:
+        print(plan_text(recipe))
+        return 0
+    rec = run(recipe)
+    out = recipe.output.path
+    print(f"wrote {out}/: " + ", ".join(o["file"] for o in rec.outputs))
+    if recipe.report.html:
+        print(f"report: {os.path.join(out, recipe.report.html)}")
+    for n in rec.notes:
+        print(f"note: {n}")
     return 0
 
 
@@ -238,7 +243,9 @@ def add_parsers(sub) -> None:
                        description="Train 2 MLPs and 2 timm CNNs on a non-IID split of scikit-learn's digits, fuse "
                        "each pair with every method and print an accuracy table.")
     d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--out", default="fused_cnn.pt", help="TorchScript file for the fused CNN (default fused_cnn.pt)")
+    d.add_argument("--out", default="fxfuse-demo", metavar="DIR",
+                   help="folder for the bases, the data, the recipe and the fused CNN with its report "
+                   "(default fxfuse-demo)")
     d.set_defaults(func=cmd_demo)
 
     f = sub.add_parser("fuse", help="fuse checkpoints into one model",
@@ -248,6 +255,9 @@ def add_parsers(sub) -> None:
     f.add_argument("--data", default="digits", help="'digits', an image folder, or a tensor file (default digits)")
     f.add_argument("--samples", type=_positive_int, default=400, help="fusion samples to use (default 400)")
     f.add_argument("--resize", action="store_true", help="resize a tensor file's inputs to the models' input size")
+    f.add_argument("--transform", default="model", choices=["model", "none"],
+                   help="image-folder preprocessing: timm's eval transform from the models' data config "
+                   "(resize, crop, normalise; default) or none (resize only)")
     f.add_argument("--method", default="kf-linear", choices=fuse_methods, metavar="METHOD",
                    help="; ".join(f"{n}: {METHODS[n].summary}" for n in fuse_methods) + " (default kf-linear)")
     f.add_argument("--importance", default="uniform", choices=list(IMPORTANCES))
@@ -266,6 +276,17 @@ def add_parsers(sub) -> None:
     f.add_argument("--export", default=None, metavar="FILE", help="also save as a torch.export program")
     f.add_argument("--quiet", action="store_true", help="no progress bars or report")
     f.set_defaults(func=cmd_fuse)
+
+    r = sub.add_parser("run", help="run a recipe file: fuse, compare, evaluate, write a model directory and a report",
+                       description="Run a fusion recipe (YAML, format fxfuse-recipe/1): load the models and data, "
+                       "fuse, evaluate beside the bases and the compare entries, and write a timm model directory "
+                       "with a model card and an HTML/JSON report. See README.md, 'Recipes'.")
+    r.add_argument("recipe", metavar="RECIPE.yaml")
+    r.add_argument("--dry-run", action="store_true", help="validate and print the resolved plan; fuse nothing")
+    r.add_argument("--out", default=None, metavar="DIR", help="model directory to write (overrides output.path)")
+    r.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    r.add_argument("--quiet", action="store_true", help="no progress bars or tables")
+    r.set_defaults(func=cmd_run)
 
     e = sub.add_parser("export", help="save a model as TorchScript or a torch.export program",
                        description="Trace MODEL (timm name or checkpoint) and save it; the saved model is "

@@ -163,7 +163,8 @@ def _html_layout(plan: LevelPlan) -> tuple[dict[Node, tuple[float, float]], list
     return pos, [n for n in shown if n in pos], width, height
 
 
-def _svg(plan: LevelPlan) -> str:
+def _svg(plan: LevelPlan, fills: dict[int, str] | None = None, notes: dict[int, str] | None = None) -> str:
+    """The partitioned graph as SVG; ``fills`` and ``notes`` colour and annotate level bands by index."""
     pos, shown, width, height = _html_layout(plan)
     e = html.escape
     parts = [
@@ -176,12 +177,14 @@ def _svg(plan: LevelPlan) -> str:
         if not ys:
             continue
         y0, y1 = min(ys) - _BAND_PAD, max(ys) + _BOX_H + _BAND_PAD
-        fill = _KIND_COLORS[lv.kind][lv.index % 2]
+        fill = (fills or {}).get(lv.index) or _KIND_COLORS[lv.kind][lv.index % 2]
+        note = (notes or {}).get(lv.index)
+        extra = f" · {e(note)}" if note else ""
         parts.append(
             f'<g id="L{lv.index}" class="band"><rect x="4" y="{y0}" width="{width - 8}" height="{y1 - y0}" rx="6" '
             f'fill="{fill}" stroke="#9aa" stroke-width="0.6"/>'
             f'<text x="12" y="{y0 + 16}" font-weight="bold">L{lv.index} {e(lv.name)}</text>'
-            f'<text x="12" y="{y0 + 30}" fill="#444">{lv.kind} · width {lv.width}</text></g>'
+            f'<text x="12" y="{y0 + 30}" fill="#444">{lv.kind} · width {lv.width}{extra}</text></g>'
         )
     # edges
     shown_set = set(shown)

@@ -135,4 +135,4 @@ def test_fuse_command_np_merge_uses_the_digit_labels(tmp_path, capsys):
     assert "objective='ce' learns on the labels" in capsys.readouterr().err
     assert main(["fuse", *paths, "--data", "digits", "--samples", "64", "--method", "kf-linear", "--objective",
                  "ce", "--quiet", "--out", str(tmp_path / "no.pt")]) == 2
-    assert "--objective does not apply to --method kf-linear" in capsys.readouterr().err
+    assert "--objective: kf-linear has no objective option" in capsys.readouterr().err

@@ -8,7 +8,7 @@ import pytest
 MODULES = [
     "fxfuse", "fxfuse._trace", "fxfuse._models", "fxfuse.passes._partition",
     "fxfuse._fuse", "fxfuse._export", "fxfuse.data", "fxfuse._grouping", "fxfuse.passes._spaces",
-    "fxfuse._baselines", "fxfuse._npmerge", "fxfuse._importance",
+    "fxfuse._baselines", "fxfuse._npmerge", "fxfuse._importance", "fxfuse._recipe",
 ]
 
 
