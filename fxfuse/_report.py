@@ -98,9 +98,11 @@ def level_plot(levels: list[dict[str, Any]]) -> str:
     height = top + ph + gap + sh + 40
     logs = [_log_err(lv["error"]) for lv in levels]
     finite = [v for v in logs if v is not None] or [0.0]
-    lo, hi = math.floor(min(finite)), math.ceil(max(finite))
+    hi = math.ceil(max(finite))
+    lo = max(math.floor(min(finite)), hi - 6)  # six decades; smaller errors sit on the bottom line
     if hi == lo:
         hi = lo + 1
+    clipped = any(v < lo for v in finite)
 
     def ymap(v: float) -> float:
         return top + ph - (v - lo) / (hi - lo) * ph
@@ -113,7 +115,8 @@ def level_plot(levels: list[dict[str, Any]]) -> str:
     for d in range(lo, hi + 1):
         y = ymap(d)
         parts.append(f'<line x1="{left}" x2="{width - 20}" y1="{y:.1f}" y2="{y:.1f}" stroke="#ddd"/>'
-                     f'<text x="{left - 6}" y="{y + 4:.1f}" text-anchor="end" fill="#555">1e{d}</text>')
+                     f'<text x="{left - 6}" y="{y + 4:.1f}" text-anchor="end" fill="#555">'
+                     f'{"≤" if d == lo and clipped else ""}1e{d}</text>')
     sy0 = top + ph + gap
     parts.append(f'<text x="{left}" y="{sy0 - 10}" font-weight="bold">seconds per level (max {smax:.2f} s)</text>')
     parts.append(f'<line x1="{left}" x2="{width - 20}" y1="{sy0 + sh}" y2="{sy0 + sh}" stroke="#999"/>')
@@ -123,7 +126,7 @@ def level_plot(levels: list[dict[str, Any]]) -> str:
         tip = (f"level {lv['index']} {lv['name']} ({lv['kind']})\nsolved by: {lv['approximation']}\n"
                f"grouping: {lv['grouping']}\nrelative error: {lv['error']:.3g}\nseconds: {lv['seconds']:.2f}")
         v = logs[i]
-        y = ymap(v) if v is not None else top
+        y = ymap(max(v, lo)) if v is not None else top
         parts.append(f'<g class="level-mark" data-level="{lv["index"]}" data-solved="{e(lv["solved_by"])}">'
                      f'<title>{e(tip)}</title>{_mark(shape, x, y, 5, colour)}</g>')
         bh = (secs[i] / smax) * sh
@@ -156,7 +159,8 @@ def _plan_svg(rec) -> str:
 
     logs = {lv["index"]: _log_err(lv["error"]) for lv in rec.levels}
     finite = [v for v in logs.values() if v is not None] or [0.0]
-    lo, hi = min(finite), max(finite)
+    hi = max(finite)
+    lo = max(min(finite), hi - 3)  # three decades of colour: an exact level must not wash out the rest
     fills = {i: _error_colour(v, lo, hi) for i, v in logs.items()}
     notes = {lv["index"]: f"err {lv['error']:.1e} · {lv['solved_by']}" for lv in rec.levels}
     return _svg(rec.fused_plan, fills=fills, notes=notes)
@@ -281,8 +285,8 @@ the level was solved. Hover a mark for details.</p>
 <table><thead><tr><th>level</th><th>name</th><th>kind</th><th>grouping</th><th>solved by</th><th>rel. error</th>
 <th>ridge</th><th>rows × columns</th><th>s</th></tr></thead><tbody>{lv_rows}</tbody></table>
 <h2>Level plan</h2>
-<p>The fused model's graph cut into levels; each band is coloured by its error on the run's log scale
-(green: smallest, red: largest).</p>
+<p>The fused model's graph cut into levels; each band is coloured by its error on a log scale from the
+largest error (red) down three decades (green).</p>
 <div class="graph">{_plan_svg(rec)}</div>
 <h2>Neuron spaces</h2>
 <p>{len(rec.spaces)} neuron spaces ({n_free} free, {len(rec.spaces) - n_free} fixed): {n_grouped} grouped at a

@@ -247,7 +247,10 @@ def load_source(recipe: Recipe, src: SourceSpec, key: str, dc: dict[str, Any], *
             x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False)
         x = _normalise(x, dc, explicit)
         ds = TensorDataset(x, y) if y is not None else TensorDataset(x)
-        what = f"tensors {src.path} ({x.shape[2]}x{x.shape[3]})"
+        what = f"tensors {src.path} ({x.shape[2]}x{x.shape[3]}"
+        if tuple(x.shape[2:]) != (h, w):  # taken as they are: say so
+            what += f"; the data config says {h}x{w}: set `resize: true` or transform.input_size"
+        what += ")"
     else:
         ds, what = _image_folder(recipe, src, key, dc)
     if need_labels and src.source == "tensors" and len(ds.tensors) < 2:
@@ -330,14 +333,22 @@ class _Batches:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, device: torch.device) -> tuple[float, float]:
-    """Top-1 accuracy (%) and mean cross-entropy of ``model`` on a loader of (inputs, labels)."""
+def evaluate(model: nn.Module, loader, device: torch.device, desc: str | None = None) -> tuple[float, float]:
+    """Top-1 accuracy (%) and mean cross-entropy of ``model`` on a loader of (inputs, labels).
+
+    ``desc`` shows a progress bar with that label.
+    """
+    from ._engine import progress_bar
+
     was = model.training
     model.eval()
     correct = total = 0
     loss = 0.0
+    bar = progress_bar(len(loader), f"evaluating {desc}", desc is not None, leave=False)
     try:
         for x, y in loader:
+            if bar is not None:
+                bar.update(1)
             out = model(x.to(device))
             y = y.to(device)
             loss += float(F.cross_entropy(out.float(), y, reduction="sum"))
@@ -345,6 +356,8 @@ def evaluate(model: nn.Module, loader, device: torch.device) -> tuple[float, flo
             total += len(y)
     finally:
         model.train(was)
+        if bar is not None:
+            bar.close()
     return 100.0 * correct / max(total, 1), loss / max(total, 1)
 
 
@@ -523,7 +536,7 @@ def run(recipe: Recipe, *, loaded: list[LoadedModel] | None = None) -> RunRecord
             acc = loss = None
             if eval_loader is not None:
                 m.to(dev)
-                acc, loss = evaluate(m, eval_loader, dev)
+                acc, loss = evaluate(m, eval_loader, dev, name if prog else None)
             n_params = sum(p.numel() for p in m.parameters())
             rec.results.append({"model": name, "kind": kind, "accuracy": acc, "loss": loss, "seconds": secs,
                                 "parameters": n_params})
