@@ -414,10 +414,8 @@ def _output(c: _Checker, v: Any, path: str, check_files: bool) -> OutputSpec:
             if p is None:
                 continue
             parent = os.path.dirname(os.path.abspath(p))
-            while not os.path.exists(parent):  # missing folders are created at the end of the run
-                parent = os.path.dirname(parent)
             if not os.path.isdir(parent):
-                raise c.fail(f"{path}.{key}", f"{parent!r} is a file, not a folder; choose another path")
+                raise c.fail(f"{path}.{key}", f"directory {parent!r} does not exist; create it first")
             if not os.access(parent, os.W_OK):
                 raise c.fail(f"{path}.{key}", f"{parent!r} is not writable; choose another path")
         if out is not None and os.path.exists(out) and not overwrite:

@@ -44,6 +44,7 @@ class LoadedModel:
     model_args: dict[str, Any]
     data_config: dict[str, Any]
     parameters: int
+    size_known: bool = False  # the input size is recorded (fxfuse checkpoint, local-dir config), not timm's default
 
 
 @dataclass
@@ -112,7 +113,8 @@ def _load_one(recipe: Recipe, i: int, spec: ModelSpec) -> LoadedModel:
     if size is not None:
         dc["input_size"] = tuple(size)
     n = sum(p.numel() for p in model.parameters())
-    return LoadedModel(spec, model, arch, kwargs, dc, n)
+    known = size is not None or (spec.model or "").startswith("local-dir:")
+    return LoadedModel(spec, model, arch, kwargs, dc, n, known)
 
 
 def _load_timm_weights(recipe: Recipe, where: str, model: nn.Module, spec: ModelSpec) -> None:
@@ -120,19 +122,20 @@ def _load_timm_weights(recipe: Recipe, where: str, model: nn.Module, spec: Model
 
     try:  # timm's own loader: safetensors or torch files, EMA/state_dict keys, `module.` prefixes
         load_checkpoint(model, spec.checkpoint, use_ema=spec.use_ema, strict=True, weights_only=True)
-    except RuntimeError as e:
-        first = str(e).strip().splitlines()
-        msg = " ".join(first[:3])[:600]
-        raise recipe.error(
-            f"{where}.checkpoint",
-            f"{spec.checkpoint!r} does not fit timm's {spec.model!r} with model_args {spec.model_args}: {msg}. "
-            "Give the model_args the model was trained with (e.g. num_classes, in_chans)",
-        ) from e
     except Exception as e:
+        if isinstance(e, RuntimeError) and "weights_only" not in str(e) and "pickl" not in str(e).lower():
+            first = str(e).strip().splitlines()
+            raise recipe.error(
+                f"{where}.checkpoint",
+                f"{spec.checkpoint!r} does not fit timm's {spec.model!r} with model_args {spec.model_args}: "
+                f"{' '.join(first[:3])[:600]}. Give the model_args the model was trained with (e.g. num_classes, "
+                "in_chans)",
+            ) from e
         raise recipe.error(
             f"{where}.checkpoint",
-            f"{spec.checkpoint!r} could not be read as weights ({type(e).__name__}: {str(e)[:300]}); fxfuse loads "
-            "weights only (safetensors, or torch files of tensors) and never unpickles code",
+            f"{spec.checkpoint!r} is not a plain PyTorch file of tensors ({type(e).__name__} in a weights-only "
+            "load): fxfuse never unpickles code. Save plain data, e.g. torch.save(model.state_dict(), path), or "
+            "safetensors",
         ) from e
 
 
@@ -174,12 +177,14 @@ def resolve_data_config(recipe: Recipe, loaded: list[LoadedModel]) -> dict[str, 
     tf = recipe.data.transform
     overrides = {k: getattr(tf, k) for k in ("input_size", "mean", "std", "interpolation", "crop_pct")
                  if getattr(tf, k) is not None}
+    # whether the input size is the models' own (recorded or given), not timm's default for the architecture
+    known = {"size_known": tf.input_size is not None or loaded[tf.from_model or 0].size_known}
     if not tf.use_model:
         base = {"input_size": loaded[0].data_config["input_size"], "interpolation": "bilinear",
                 "mean": None, "std": None, "crop_pct": 1.0, "crop_mode": "center"}
-        return {**base, **overrides}
+        return {**base, **overrides, **known}
     if tf.from_model is not None:
-        return {**loaded[tf.from_model].data_config, **overrides}
+        return {**loaded[tf.from_model].data_config, **overrides, **known}
     first = loaded[0].data_config
     for j, lm in enumerate(loaded[1:], 1):
         diff = [k for k in _DC_FIELDS if k not in overrides and first.get(k) != lm.data_config.get(k)]
@@ -190,7 +195,7 @@ def resolve_data_config(recipe: Recipe, loaded: list[LoadedModel]) -> dict[str, 
                 f"the models' timm data configs disagree ({shown}). Say which to use: "
                 "`transform: {from_model: 0}`, or give the fields explicitly (e.g. input_size, mean, std)",
             )
-    return {**first, **overrides}
+    return {**first, **overrides, **known}
 
 
 # --- data ----------------------------------------------------------------------------------------
@@ -233,6 +238,7 @@ def load_source(recipe: Recipe, src: SourceSpec, key: str, dc: dict[str, Any], *
             idx = tr if src.split == "train" else te
             x, y = x[idx], y[idx]
         if (h, w) != (8, 8):
+            print(f"resizing the digits from 8x8 to {h}x{w} (bilinear) for the models' input size")
             x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False)
         if c != 1:
             x = x.repeat(1, c, 1, 1)
@@ -243,14 +249,15 @@ def load_source(recipe: Recipe, src: SourceSpec, key: str, dc: dict[str, Any], *
         if x.shape[1] != c:
             raise recipe.error(f"{key}.path", f"inputs have {x.shape[1]} channels but the models take {c}")
         x = x.float()
-        if src.resize and tuple(x.shape[2:]) != (h, w):
+        if tuple(x.shape[2:]) != (h, w) and src.resize:
+            print(f"resizing the inputs from {x.shape[2]}x{x.shape[3]} to {h}x{w} (bilinear, resize: true)")
             x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False)
+        elif tuple(x.shape[2:]) != (h, w) and dc.get("size_known"):
+            raise recipe.error(f"{key}.path", f"inputs of shape {tuple(x.shape[1:])} but the models take {(c, h, w)}; "
+                               "pass --resize (recipe: `resize: true`) to resize them (bilinear)")
         x = _normalise(x, dc, explicit)
         ds = TensorDataset(x, y) if y is not None else TensorDataset(x)
-        what = f"tensors {src.path} ({x.shape[2]}x{x.shape[3]}"
-        if tuple(x.shape[2:]) != (h, w):  # taken as they are: say so
-            what += f"; the data config says {h}x{w}: set `resize: true` or transform.input_size"
-        what += ")"
+        what = f"tensors {src.path} ({x.shape[2]}x{x.shape[3]})"
     else:
         ds, what = _image_folder(recipe, src, key, dc)
     if need_labels and src.source == "tensors" and len(ds.tensors) < 2:
@@ -611,14 +618,6 @@ def _write_outputs(rec: RunRecord, fused, loaded: list[LoadedModel], dc: dict[st
     fused = fused.cpu().eval()
     first = loaded[0]
     parent = os.path.dirname(os.path.abspath(out.path or out.checkpoint))
-    created = parent
-    while not os.path.exists(os.path.dirname(created)):
-        created = os.path.dirname(created)
-    created = None if os.path.exists(parent) else created
-    os.makedirs(parent, exist_ok=True)
-    for p in (out.checkpoint, out.torchscript, out.export):
-        if p:
-            os.makedirs(os.path.dirname(os.path.abspath(p)), exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".fxfuse-run-", dir=parent)
     umask = os.umask(0)
     os.umask(umask)
@@ -681,8 +680,6 @@ def _write_outputs(rec: RunRecord, fused, loaded: list[LoadedModel], dc: dict[st
             shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
-        if created is not None:  # folders this run made for its output
-            shutil.rmtree(created, ignore_errors=True)
         raise
 
 

@@ -203,6 +203,7 @@ def test_disagreeing_data_configs_need_a_choice(tmp_path, capsys, monkeypatch):
 
     monkeypatch.chdir(tmp_path)
     _timm_checkpoints(tmp_path)
+    (tmp_path / "out").mkdir()
     _image_folder(tmp_path / "fusion", 2, 0)
     m = timm.create_model("test_resnet", pretrained=False, num_classes=3)
     save_timm_dir(m, str(tmp_path / "c"), {"input_size": (3, 24, 24), "mean": (0.1, 0.2, 0.3), "std": (1.0, 1.0, 1.0)},
@@ -298,7 +299,7 @@ def test_example_recipes_run(name, tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_demo_bases_train_bit_for_bit_the_same():
+def test_demo_bases_train_bit_for_bit_the_same(tmp_path):
     code = (
         "import hashlib, torch\n"
         "from fxfuse._experiments import make_setting\n"
@@ -307,6 +308,8 @@ def test_demo_bases_train_bit_for_bit_the_same():
         "    print(hashlib.sha1(b''.join(v.numpy().tobytes() for m in s.models for v in m.state_dict().values()))"
         ".hexdigest())\n"
     )
-    runs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600) for _ in range(2)]
+    # outside the repository, so the installed package is imported
+    runs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+            for _ in range(2)]
     assert all(r.returncode == 0 for r in runs), runs[0].stderr
     assert runs[0].stdout == runs[1].stdout and len(runs[0].stdout.split()) == 2
