@@ -18,6 +18,7 @@ __all__ = ["TrainConfig", "FuseConfig", "make_config", "OPTION_DEFAULTS", "OBJEC
 
 OBJECTIVES = ("distill", "ce")
 MATCHES = ("correlation", "inner")
+BLOCK_SOLVERS = ("closed-form", "gradient")
 
 
 @dataclass(frozen=True)
@@ -91,6 +92,7 @@ OPTION_DEFAULTS: dict[str, Any] = {
     "objective": "distill",  # np-merge: "distill" (KL to the ensemble's mean softmax, no labels) or "ce" (labels)
     "temperature": 1.0,  # np-merge distill: softmax temperature of teacher and student
     "match": "correlation",  # activation matching cost: "correlation" (standardised) or "inner" (raw L2)
+    "blocks": "closed-form",  # *-linear: block levels op by op in closed form, or "gradient" (the whole level by Adam)
     "train_batch_size": 32,
     **{name: getattr(TrainConfig(), name) for name in _TRAIN_FIELDS},
 }
@@ -117,6 +119,8 @@ class FuseConfig:
         objective: NP Merge's loss: ``"distill"`` or ``"ce"``.
         temperature: Softmax temperature of the ``"distill"`` objective.
         match: Activation-matching cost of the permutation methods: ``"correlation"`` or ``"inner"``.
+        blocks: How the ``*-linear`` methods solve levels that are blocks of Linear/Conv2d (+ BatchNorm)
+            ops: ``"closed-form"`` (op by op, :mod:`fxfuse._blocks`) or ``"gradient"`` (the whole level).
         train: Settings of gradient fits.
     """
 
@@ -136,6 +140,7 @@ class FuseConfig:
     objective: str
     temperature: float
     match: str
+    blocks: str
     train: TrainConfig
 
     @property
@@ -207,6 +212,11 @@ def make_config(
         if name in options and not getattr(spec, f"uses_{name}"):
             users = ", ".join(m.name for m in METHODS.values() if getattr(m, f"uses_{name}"))
             raise ValueError(f"{method} has no {name} option (it applies to {users}); remove it")
+    if opts["blocks"] not in BLOCK_SOLVERS:
+        raise ValueError(f"option blocks must be one of {', '.join(map(repr, BLOCK_SOLVERS))}, got {opts['blocks']!r}")
+    if "blocks" in options and spec.solver != "linear":
+        users = ", ".join(m.name for m in METHODS.values() if m.solver == "linear")
+        raise ValueError(f"{method} has no blocks option (it applies to {users}); remove it")
     t = opts["temperature"]
     if isinstance(t, bool) or not isinstance(t, (int, float)) or not t > 0:
         raise ValueError(f"option temperature must be a positive number, got {t!r}")
@@ -218,5 +228,5 @@ def make_config(
         target=opts["target"], reset_bn=opts["reset_bn"], class_weights=opts["class_weights"],
         max_rows=opts["max_rows"], batch_size=opts["batch_size"], memory_budget=opts["memory_budget"],
         n_init=opts["n_init"], importance_steps=opts["importance_steps"], objective=opts["objective"],
-        temperature=float(t), match=opts["match"], train=train,
+        temperature=float(t), match=opts["match"], blocks=opts["blocks"], train=train,
     )

@@ -99,6 +99,7 @@ class LevelRecord:
     rows: int
     columns: int
     ridge: float | None = None  # closed form: the chosen ridge μ / λ_max (generalised cross-validation)
+    ops: list[dict[str, Any]] | None = None  # block levels solved op by op: one record per op (or sum of ops)
 
 
 def progress_bar(total: int, desc: str, enabled: bool, leave: bool = True):
@@ -575,17 +576,29 @@ def fuse_level(i: int, prep: Prepared, scores: list[list[Tensor]], col: Collecto
     lv = prep.fused_plan[i]
     level = col.chains[-1][i]
     spec = affine_spec(level) if method.solver == "linear" else None
-    # a. collect
-    data = collect(i, prep, col, spec, cfg)
-    # b. group
-    widths = [p[i].width for p in prep.plans]
-    s = torch.cat([sc[i] for sc in scores]).to(data.gram.device)
-    grouping = group(data.gram, s, widths, lv.width, is_head=lv.is_head, strategy=method.grouping,
-                     seed=cfg.seed + i, cfg=cfg)
-    # c. solve
-    sol: Solution = SOLVERS[method.solver](i, prep, col, spec, data, grouping, cfg)
-    # d. write: the fused model's parameters, which the level module shares
-    rewrite_params(prep.fused_plan.gm, sol.params, in_place=True)
+    bspec = _block_spec(i, col) if method.solver == "linear" and spec is None and cfg.blocks == "closed-form" else None
+    ops = None
+    if bspec is not None:
+        # a–d. a block: each op collected, grouped, solved and written in graph order (fxfuse._blocks)
+        from ._blocks import fuse_block
+
+        res = fuse_block(i, prep, scores, col, cfg, bspec)
+        grouping, ops = res.grouping, res.ops
+        sol = Solution({}, f"closed form (block: {len(bspec.units)} ops)", error=res.error, ridge=res.ridge)
+        rows, columns = res.rows, res.columns
+    else:
+        # a. collect
+        data = collect(i, prep, col, spec, cfg)
+        rows, columns = data.rows, data.columns
+        # b. group
+        widths = [p[i].width for p in prep.plans]
+        s = torch.cat([sc[i] for sc in scores]).to(data.gram.device)
+        grouping = group(data.gram, s, widths, lv.width, is_head=lv.is_head, strategy=method.grouping,
+                         seed=cfg.seed + i, cfg=cfg)
+        # c. solve
+        sol = SOLVERS[method.solver](i, prep, col, spec, data, grouping, cfg)
+        # d. write: the fused model's parameters, which the level module shares
+        rewrite_params(prep.fused_plan.gm, sol.params, in_place=True)
     # e. run the solved level once, for the next level's input (and the error of a gradient fit)
     sq_err = sq_t = 0.0
     offset = 0
@@ -602,7 +615,22 @@ def fuse_level(i: int, prep: Prepared, scores: list[list[Tensor]], col: Collecto
         offset += out.shape[0]
     err = sol.error if sol.error is not None else sq_err / max(sq_t, 1e-300)
     return LevelRecord(i, lv.name, lv.kind, grouping.how, sol.how, grouping.cost, err, time.perf_counter() - t0,
-                       data.rows, data.columns, sol.ridge)
+                       rows, columns, sol.ridge, ops)
+
+
+def _block_spec(i: int, col: Collector):
+    """The fused level's :func:`~fxfuse.passes.block_spec` when every base level has the same nodes, else None."""
+    from fxfuse.passes import block_spec
+
+    bspec = block_spec(col.chains[-1][i])
+    if bspec is None:
+        return None
+    names = {bspec.pre, *bspec.fixed, *(u.output for u in bspec.units), *(u.spec.op_node for u in bspec.units)}
+    for chain in col.chains[:-1]:
+        have = {n.name for n in chain[i].graph.nodes}
+        if not names <= have:
+            return None
+    return bspec
 
 
 # --- 5. emit -------------------------------------------------------------------------------------
@@ -614,7 +642,8 @@ def emit(fused: GraphModule, prep: Prepared, records: list[LevelRecord], cfg: Fu
     fused = fused.to(device=cfg.device, dtype=prep.dtype).eval()
     for n, p in fused.named_parameters():
         p.requires_grad_(prep.grad_flags.get(n, True))
-    exact = [r for r in records if r.approximation == "closed form" and r.rows < r.columns]
+    exact = [r for r in records if (r.approximation == "closed form" and r.rows < r.columns)
+             or any(op["rows"] < op["columns"] for op in r.ops or [])]
     if exact:
         names = ", ".join(f"{r.level} (`{r.name}`: {r.rows} rows, {r.columns} columns)" for r in exact[:5])
         warnings.warn(

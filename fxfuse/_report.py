@@ -237,6 +237,19 @@ def report_html(rec) -> str:
         f"<td class='num'>{lv['rows']}×{lv['columns']}</td><td class='num'>{lv['seconds']:.2f}</td></tr>"
         for lv in rec.levels
     )
+    op_rows = "".join(
+        f"<tr data-level='{lv['index']}'><td>{lv['index']}</td><td>{e(op['op'])}</td><td>{e(op['role'])}</td>"
+        f"<td>{e(op['grouping'])}</td><td class='num'>{op['error']:.3g}</td>"
+        f"<td class='num'>{'' if op['ridge'] is None else format(op['ridge'], '.0e')}</td>"
+        f"<td class='num'>{op['rows']}×{op['columns']}</td></tr>"
+        for lv in rec.levels for op in lv.get("ops", [])
+    )
+    ops_html = "" if not op_rows else (
+        "<h3>Ops of block levels</h3><p>Levels solved op by op in closed form: each inner op against its own "
+        "grouped targets, then the ops of the sum jointly (role <i>sum</i>).</p><table><thead><tr><th>level</th>"
+        "<th>op</th><th>role</th><th>grouping</th><th>rel. error</th><th>ridge</th><th>rows × columns</th></tr>"
+        f"</thead><tbody>{op_rows}</tbody></table>"
+    )
     counts: dict[str, int] = {}
     for lv in rec.levels:
         counts[lv["solved_by"]] = counts.get(lv["solved_by"], 0) + 1
@@ -284,6 +297,7 @@ the level was solved. Hover a mark for details.</p>
 <div class="graph">{level_plot(rec.levels)}</div>
 <table><thead><tr><th>level</th><th>name</th><th>kind</th><th>grouping</th><th>solved by</th><th>rel. error</th>
 <th>ridge</th><th>rows × columns</th><th>s</th></tr></thead><tbody>{lv_rows}</tbody></table>
+{ops_html}
 <h2>Level plan</h2>
 <p>The fused model's graph cut into levels; each band is coloured by its error on a log scale from the
 largest error (red) down three decades (green).</p>

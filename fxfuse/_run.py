@@ -568,7 +568,7 @@ def _level_records(rec: RunRecord, meta: dict, fused: nn.Module, first: nn.Modul
         rec.levels.append({"index": r["level"], "name": r["name"], "kind": r["kind"], "error": r["approx_error"],
                            "seconds": r["seconds"], "solved_by": solved, "approximation": how,
                            "grouping": r["grouping"], "grouping_cost": r["grouping_cost"], "rows": r["rows"],
-                           "columns": r["columns"], "ridge": r.get("ridge")})
+                           "columns": r["columns"], "ridge": r.get("ridge"), "ops": r.get("ops") or []})
     x = fusion_ds[0][0].unsqueeze(0)
     try:
         gm = trace(copy.deepcopy(first).cpu(), x)

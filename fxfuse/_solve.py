@@ -131,6 +131,19 @@ def design_rows(level: GraphModule, spec: AffineSpec, op_in: Tensor) -> Tensor:
     return rows
 
 
+def _eigh(M: Tensor) -> tuple[Tensor, Tensor]:
+    """``torch.linalg.eigh``, falling back to LAPACK's MRRR driver (scipy, ``evr``) where the default
+    divide-and-conquer one fails to converge: it does on some Gram matrices with many exactly repeated zero
+    eigenvalues (e.g. a conv whose kernel reads only padding at some offsets)."""
+    try:
+        return torch.linalg.eigh(M)
+    except torch.linalg.LinAlgError:
+        from scipy.linalg import eigh
+
+        lam, V = eigh(M.detach().cpu().numpy(), driver="evr")
+        return torch.from_numpy(lam).to(M), torch.from_numpy(V).to(M)
+
+
 class GramStats:
     """Batch-by-batch float64 accumulation of G = XᵀX, C = XᵀZ and K = ZᵀZ.
 
@@ -202,11 +215,11 @@ class GramStats:
         In the dual form (rows n < columns d kept), from XXᵀ = UΛUᵀ (n × n): V = XᵀUΛ^{-1/2}.
         """
         if self.X is not None:
-            lam, U = torch.linalg.eigh(self.X @ self.X.T)
+            lam, U = _eigh(self.X @ self.X.T)
             keep = lam > EIG_RTOL * lam.max().clamp_min(1e-300)
             lam, U = lam[keep], U[:, keep]
             return lam, (self.X.T @ U) / lam.sqrt()[None, :]
-        lam, V = torch.linalg.eigh(self.G)
+        lam, V = _eigh(self.G)
         keep = lam > EIG_RTOL * lam.max().clamp_min(1e-300)
         return lam[keep], V[:, keep]
 

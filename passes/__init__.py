@@ -4,7 +4,7 @@ Analysis passes return frozen plans and only annotate ``node.meta["fxfuse"]``;
 rewriting passes return new GraphModules and never mutate their input.
 """
 
-from ._affine import AffineSpec, affine_spec
+from ._affine import AffineSpec, BlockSpec, BlockUnit, affine_spec, block_spec
 from ._partition import Level, LevelPlan, partition_levels
 from ._rewrite import rewrite_params
 from ._spaces import NeuronSpace, NeuronSpaces, check_neuron_spaces, neuron_spaces, permute
@@ -12,6 +12,9 @@ from ._spaces import NeuronSpace, NeuronSpaces, check_neuron_spaces, neuron_spac
 __all__ = [
     "AffineSpec",
     "affine_spec",
+    "BlockSpec",
+    "BlockUnit",
+    "block_spec",
     "Level",
     "LevelPlan",
     "NeuronSpace",

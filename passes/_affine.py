@@ -14,7 +14,7 @@ from torch.fx import GraphModule, Node
 
 from ._ops import is_foldable_norm_module, is_transparent
 
-__all__ = ["AffineSpec", "affine_spec"]
+__all__ = ["AffineSpec", "BlockSpec", "BlockUnit", "affine_spec", "block_spec"]
 
 
 @dataclass(frozen=True)
@@ -64,3 +64,152 @@ def affine_spec(level: GraphModule) -> AffineSpec | None:
     else:
         return None
     return AffineSpec(str(node.target), node.name, norm, is_conv, m.bias is not None or norm is not None)
+
+
+# elementwise activations a block's sum may pass through on its way to the level output
+_ACT_MODULES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.ELU, nn.Hardswish, nn.Tanh, nn.Sigmoid, nn.Mish)
+_ACT_FUNCS = ("relu", "relu6", "leaky_relu", "gelu", "silu", "elu", "hardswish", "tanh", "sigmoid", "mish")
+_ADDS = ("add", "iadd", "add_", "__add__", "__iadd__")
+
+
+@dataclass(frozen=True)
+class BlockUnit:
+    """One weighted op of a block level with the BatchNorm folded after it: solved as one affine map."""
+
+    spec: AffineSpec
+    output: str  # node whose value is the unit's output: the BatchNorm's, else the op's
+    axis: int  # neuron axis of that output: 1 for Conv2d, -1 for Linear
+
+
+@dataclass(frozen=True)
+class BlockSpec:
+    """A level whose weighted ops are all Linear/Conv2d (+ BatchNorm) units, solvable op by op in closed form.
+
+    The level output is an elementwise activation (or nothing) of a sum: the
+    ``terms`` units plus parameter-free ``fixed`` nodes (an identity skip). Every
+    other unit is ``inner``: its output is a hidden neuron space of the block,
+    solved before the terms, in graph order.
+    """
+
+    inner: tuple[BlockUnit, ...]
+    terms: tuple[BlockUnit, ...]
+    fixed: tuple[str, ...]
+    pre: str  # the sum (pre-activation) node
+
+    @property
+    def units(self) -> tuple[BlockUnit, ...]:
+        return self.inner + self.terms
+
+
+def _is_activation(gm: GraphModule, n: Node) -> bool:
+    if n.op == "call_module":
+        return type(gm.get_submodule(str(n.target))) in _ACT_MODULES
+    if n.op in ("call_function", "call_method"):
+        return getattr(n.target, "__name__", str(n.target)) in _ACT_FUNCS
+    return False
+
+
+def _is_add(n: Node) -> bool:
+    if n.op not in ("call_function", "call_method"):
+        return False
+    name = getattr(n.target, "__name__", str(n.target))
+    return name in _ADDS and len(n.args) == 2 and not n.kwargs
+
+
+def _unit_op(level: GraphModule, node: Node) -> AffineSpec | None:
+    m = level.get_submodule(str(node.target))
+    if type(m) is nn.Linear or (isinstance(m, nn.Linear) and type(m).forward is nn.Linear.forward):
+        is_conv = False
+    elif isinstance(m, nn.Conv2d) and type(m).forward is nn.Conv2d.forward:
+        if m.groups != 1 or m.padding_mode != "zeros" or isinstance(m.padding, str):
+            return None
+        is_conv = True
+    else:
+        return None
+    return AffineSpec(str(node.target), node.name, None, is_conv, m.bias is not None)
+
+
+def block_spec(level: GraphModule) -> BlockSpec | None:
+    """Describe a level as Linear/Conv2d (+ BatchNorm) units summed into its output, or None.
+
+    Covers plain and residual blocks (ResNet basic and bottleneck blocks with
+    identity, 1×1 or pooled 1×1 shortcuts; MLP blocks) whose every weighted
+    module is such a unit. Single-op levels are :func:`affine_spec`'s.
+    """
+    nodes = list(level.graph.nodes)
+    if any(n.op == "get_attr" for n in nodes):
+        return None
+    units: dict[str, BlockUnit] = {}  # output node name -> unit
+    op_of_norm: dict[str, str] = {}
+    for n in nodes:
+        if n.op != "call_module" or not any(True for _ in level.get_submodule(str(n.target)).parameters()):
+            continue
+        m = level.get_submodule(str(n.target))
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            src = n.args[0] if n.args else None
+            if (not is_foldable_norm_module(m) or not isinstance(src, Node) or src.name not in units
+                    or len(src.users) != 1 or units[src.name].spec.norm is not None):
+                return None
+            u = units.pop(src.name)
+            spec = AffineSpec(u.spec.op, u.spec.op_node, str(n.target), u.spec.is_conv, True)
+            units[n.name] = BlockUnit(spec, n.name, u.axis)
+            op_of_norm[n.name] = src.name
+            continue
+        spec = _unit_op(level, n)
+        if spec is None:
+            return None
+        units[n.name] = BlockUnit(spec, n.name, 1 if spec.is_conv else -1)
+    if not units:
+        return None
+    by_name = {n.name: n for n in nodes}
+
+    def strip(n: Node) -> Node:
+        while is_transparent(level, n) and len(n.all_input_nodes) == 1:
+            n = n.all_input_nodes[0]
+        return n
+
+    node = strip(next(n for n in nodes if n.op == "output").args[0])
+    if not isinstance(node, Node):
+        return None
+    if node.name not in units and not _is_add(node):
+        if not _is_activation(level, node) or len(node.all_input_nodes) != 1:
+            return None
+        node = strip(node.all_input_nodes[0])
+    pre = node
+    terms: list[str] = []
+    fixed: list[str] = []
+    stack = [pre]
+    while stack:
+        n = strip(stack.pop())
+        if n.name in units:
+            terms.append(n.name)
+        elif _is_add(n):
+            if not all(isinstance(a, Node) for a in n.args):
+                return None
+            stack.extend(reversed(n.args))
+        else:
+            fixed.append(n.name)
+    if not terms:
+        return None
+
+    def ancestors(n: Node) -> set[str]:
+        seen: set[str] = set()
+        todo = list(n.all_input_nodes)
+        while todo:
+            a = todo.pop()
+            if a.name not in seen:
+                seen.add(a.name)
+                todo.extend(a.all_input_nodes)
+        return seen
+
+    term_set = set(terms)
+    term_ops = {units[t].spec.op_node for t in terms}
+    for name in fixed:  # parameter-free: no unit feeds them
+        if ancestors(by_name[name]) & (set(units) | set(op_of_norm.values())):
+            return None
+    for name, u in units.items():
+        up = ancestors(by_name[u.spec.op_node])
+        if up & (term_set | term_ops):  # nothing is computed from a term before the sum
+            return None
+    inner = tuple(units[n.name] for n in nodes if n.name in units and n.name not in term_set)
+    return BlockSpec(inner, tuple(units[t] for t in terms), tuple(fixed), pre.name)

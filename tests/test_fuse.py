@@ -97,16 +97,22 @@ def test_result_is_a_plain_graphmodule_with_a_report(capsys):
     levels = fused.meta["fxfuse"]["levels"]
     assert [r["approximation"] for r in levels] == ["closed form"] * 3
     assert set(levels[0]) == {"level", "name", "kind", "grouping", "approximation", "grouping_cost", "approx_error", "seconds",
-                              "rows", "columns", "ridge"}
+                              "rows", "columns", "ridge", "ops"}
     assert all(r["ridge"] is not None and 0 < r["ridge"] < 10 for r in levels)  # chosen by cross-validation
     assert "kf-linear with uniform importance" in capsys.readouterr().out
 
 
-def test_linear_methods_fall_back_to_gradient_on_non_affine_levels():
+def test_linear_methods_solve_blocks_op_by_op_or_fall_back_to_gradient():
     from zoo import ResNetTiny
 
     a, b = seeded(ResNetTiny, 0), seeded(ResNetTiny, 1)
-    fused = fxfuse.fuse([a, b], _data((3, 8, 8), 64), method="kf-linear", epochs=2, progress=False)
+    fused = fxfuse.fuse([a, b], _data((3, 8, 8), 64), method="kf-linear", progress=False)
+    levels = fused.meta["fxfuse"]["levels"]
+    assert [r["approximation"] for r in levels] == ["closed form", "closed form (block: 2 ops)",
+                                                    "closed form (block: 2 ops)", "closed form"]
+    assert [op["role"] for op in levels[1]["ops"]] == ["inner", "sum"]
+    assert [op["op"] for op in levels[1]["ops"]] == ["blocks.0.conv1", "blocks.0.conv2"]
+    fused = fxfuse.fuse([a, b], _data((3, 8, 8), 64), method="kf-linear", blocks="gradient", epochs=2, progress=False)
     approx = [r["approximation"] for r in fused.meta["fxfuse"]["levels"]]
     assert approx == ["closed form", "gradient (fallback: not affine)", "gradient (fallback: not affine)", "closed form"]
 

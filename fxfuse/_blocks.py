@@ -1,0 +1,181 @@
+"""Closed form inside blocks: every Linear/Conv2d (+ BatchNorm) of a level solved from its own grouped targets.
+
+A level that is not one affine op (a ResNet basic or bottleneck block, an MLP
+block) is solved op by op, in graph order (:func:`fxfuse.passes.block_spec`):
+
+1. each *inner* unit's output is a hidden neuron space of the block. Its neurons
+   are grouped (HF or KF, as the level's) from the base models' activations at
+   that unit, on their Gram matrix as a ridge fit from the fused input reproduces
+   them; its target is the grouped base activations, its input the fused model's
+   own activation (the level run with the units solved so far). Solved in closed
+   form from streamed second moments (:class:`fxfuse._solve.GramStats`), with the
+   ridge chosen by generalised cross-validation, towards the start weights;
+2. the units summed into the level's pre-activation (the branch's last conv and a
+   1×1 shortcut) are fitted jointly to the level's grouped pre-activation targets
+   minus the parameter-free terms of the fused model (its identity skip), so the
+   skip's deviation is corrected. The level's neurons are grouped (importance-
+   weighted, as any level's) on their pre-activations, the values fitted.
+
+Each unit costs one pass over the fusion data; nothing but d×d statistics is held.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.fx import GraphModule, Interpreter
+
+from ._solve import GramStats, affine_params, design_rows, read_affine, to_rows
+
+__all__ = ["BlockResult", "fuse_block"]
+
+# elements of one unfolded design chunk (float32: 32 MB), as for single-op levels
+_DESIGN_CHUNK = 8 << 20
+
+
+@dataclass(frozen=True)
+class BlockResult:
+    grouping: Any
+    error: float
+    ridge: float
+    rows: int
+    columns: int
+    ops: list[dict[str, Any]]
+
+
+class _Capture(Interpreter):
+    """Runs a level and keeps a copy of the named nodes' values as they are made (before in-place ops
+    such as ``ReLU(inplace=True)`` overwrite them)."""
+
+    def __init__(self, gm: GraphModule, names: set[str]):
+        super().__init__(gm)
+        self.names = names
+        self.values: dict[str, Tensor] = {}
+
+    def run_node(self, n):
+        out = super().run_node(n)
+        if n.name in self.names:
+            self.values[n.name] = out.clone()
+        return out
+
+
+def _env(level: GraphModule, x: Tensor, names: set[str]) -> dict[str, Tensor]:
+    """Values of the named nodes when ``level`` runs on ``x`` (and the level output as ``"__output__"``)."""
+    cap = _Capture(level, names)
+    out = cap.run(x)
+    cap.values["__output__"] = out
+    return cap.values
+
+
+def _op_input_name(level: GraphModule, unit) -> str:
+    node = next(n for n in level.graph.nodes if n.name == unit.spec.op_node)
+    return node.args[0].name
+
+
+def _chunks(h: Tensor, per_sample: int) -> list[slice]:
+    step = max(1, _DESIGN_CHUNK // max(per_sample, 1))
+    return [slice(s, s + step) for s in range(0, h.shape[0], step)]
+
+
+@torch.no_grad()
+def _unit_pass(i, prep, col, bspec, unit, cfg, *, last: bool, out_axes: list[int]):
+    """One pass over the data for ``unit`` (or, with ``last``, for the sum): its Gram statistics.
+
+    For the sum, also stores the base level outputs for the next level.
+    """
+    from ._engine import _check_finite
+
+    fused = col.chains[-1][i]
+    bases = [chain[i] for chain in col.chains[:-1]]
+    units = bspec.terms if last else (unit,)
+    in_names = {_op_input_name(fused, u) for u in units}
+    want_base = {bspec.pre} if last else {unit.output}
+    stats = GramStats()
+    rows = 0
+    for b, ins, _ in col.inputs(i):
+        outs: list[list[Tensor]] = [[] for _ in bases]
+        h = ins[-1]
+        # chunk by samples so that the unfolded designs stay small: size them on one sample
+        env1 = _env(fused, h[:1], in_names)
+        cols = [design_rows(fused, u.spec, env1[_op_input_name(fused, u)]) for u in units]
+        per_sample = cols[0].shape[0] * sum(c.shape[1] for c in cols)
+        for sl in _chunks(h, per_sample):
+            envs_b = [_env(lv, x[sl], want_base) for lv, x in zip(bases, ins[:-1])]
+            env_f = _env(fused, h[sl], in_names | set(bspec.fixed))
+            X = torch.cat([design_rows(fused, u.spec, env_f[_op_input_name(fused, u)]) for u in units], 1)
+            if last:
+                Z = [to_rows(e[bspec.pre], bspec.terms[0].axis) for e in envs_b]
+                if bspec.fixed:
+                    Z.append(to_rows(sum(env_f[f] for f in bspec.fixed), bspec.terms[0].axis))
+                for k, e in enumerate(envs_b):
+                    o = e["__output__"]
+                    _check_finite(o, f"level {i} (`{prep.plans[k][i].name}`) of models[{k}]")
+                    outs[k].append(o)
+            else:
+                Z = [to_rows(e[unit.output], unit.axis) for e in envs_b]
+            stats.add(X, torch.cat(Z, 1))
+            rows += X.shape[0]
+        if last:
+            for k, parts in enumerate(outs):
+                col.store(k, i, b, torch.cat(parts))
+    return stats, rows
+
+
+def fuse_block(i: int, prep, scores: list[Tensor], col, cfg, bspec) -> BlockResult:
+    """Solve level ``i`` op by op in closed form (see the module docstring); writes the fused parameters."""
+    from fxfuse.passes import rewrite_params
+
+    from ._engine import group
+    from ._methods import get_method
+
+    method = get_method(cfg.method)
+    fused = col.chains[-1][i]
+    bases = [chain[i] for chain in col.chains[:-1]]
+    lv = prep.fused_plan[i]
+    out_axes = [p[i].neuron_axis for p in prep.plans]
+    ops: list[dict[str, Any]] = []
+    # 1. inner units, in graph order
+    for j, u in enumerate(bspec.inner):
+        stats, rows = _unit_pass(i, prep, col, bspec, u, cfg, last=False, out_axes=out_axes)
+        lam, V = stats.eig()
+        gram, _ = stats.grouping_gram(lam, V)
+        widths = [lvl.get_submodule(u.spec.op).weight.shape[0] for lvl in bases]
+        k = fused.get_submodule(u.spec.op).weight.shape[0]
+        ones = torch.ones(sum(widths), dtype=torch.float64, device=gram.device)
+        g = group(gram, ones, widths, k, is_head=False, strategy=method.grouping, seed=cfg.seed + 1000 * i + j, cfg=cfg)
+        W, rd = stats.solve(lam, V, g.matrix, W0=read_affine(fused, u.spec))
+        rewrite_params(prep.fused_plan.gm, affine_params(fused, u.spec, W), in_place=True)
+        t2 = float(torch.einsum("ij,ik,kj->", g.matrix, stats.K, g.matrix))
+        ops.append({"op": u.spec.op, "role": "inner", "grouping": g.how, "error": rd.rss / max(t2, 1e-300),
+                    "ridge": rd.relative, "rows": rows, "columns": stats.d})
+    # 2. the units of the sum, jointly, against the level's grouped pre-activations minus the fixed terms
+    stats, rows = _unit_pass(i, prep, col, bspec, None, cfg, last=True, out_axes=out_axes)
+    widths = [p[i].width for p in prep.plans]
+    # the level's neurons are grouped on their pre-activations, the values the sum's units are fitted to
+    # (after the activation, dead neurons would tie and pair arbitrarily)
+    K = stats.K[: sum(widths), : sum(widths)]
+    s = torch.cat([sc[i] for sc in scores]).to(K.device)
+    g = group(K, s, widths, lv.width, is_head=lv.is_head, strategy=method.grouping, seed=cfg.seed + i, cfg=cfg)
+    A = g.matrix
+    if bspec.fixed:
+        A = torch.cat([A, -torch.eye(lv.width, dtype=A.dtype, device=A.device)])
+    W0 = torch.cat([read_affine(fused, u.spec) for u in bspec.terms])
+    lam, V = stats.eig()
+    W, rd = stats.solve(lam, V, A, W0=W0)
+    params: dict[str, Tensor] = {}
+    start = 0
+    for u in bspec.terms:
+        d = read_affine(fused, u.spec).shape[0]
+        params.update(affine_params(fused, u.spec, W[start : start + d]))
+        start += d
+    rewrite_params(prep.fused_plan.gm, params, in_place=True)
+    # relative to the level's whole pre-activation target (skip included): a zero-initialised last norm
+    # (timm's zero_init_last) leaves the branch's own target at zero
+    t2 = float(torch.einsum("ij,ik,kj->", g.matrix, K, g.matrix))
+    err = rd.rss / max(t2, 1e-300)
+    ops.append({"op": "+".join(u.spec.op for u in bspec.terms), "role": "sum", "grouping": g.how, "error": err,
+                "ridge": rd.relative, "rows": rows, "columns": stats.d})
+    return BlockResult(g, err, rd.relative, rows, stats.d, ops)

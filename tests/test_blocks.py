@@ -1,0 +1,136 @@
+"""Closed form inside blocks: residual and bottleneck levels solved op by op (fxfuse._blocks)."""
+
+import pytest
+import timm
+import torch
+
+import fxfuse
+from fxfuse.passes import affine_spec, block_spec, neuron_spaces, partition_levels, permute
+
+
+# narrow versions, so that 600 samples at 32 px determine every op (rows > unknowns)
+NARROW = {"resnet26d": {"channels": (8, 16, 32, 32), "stem_width": 8}, "resnet18": {"channels": (8, 16, 16, 32)}}
+
+
+def _timm_net(name, seed=0, dtype=torch.float64):
+    torch.manual_seed(seed)
+    m = timm.create_model(name, pretrained=False, num_classes=5, **NARROW.get(name, {})).eval()
+    with torch.no_grad():  # trained-looking norms: timm zero-initialises each block's last BatchNorm
+        for mod in m.modules():
+            if isinstance(mod, torch.nn.BatchNorm2d):
+                mod.weight.uniform_(0.5, 1.5)
+                mod.bias.uniform_(-0.3, 0.3)
+                mod.running_mean.uniform_(-0.2, 0.2)
+                mod.running_var.uniform_(0.5, 1.5)
+    return m.to(dtype)
+
+
+def _permuted(model, x, seed=1):
+    """A functionally identical copy with every free neuron space permuted, inner block spaces included."""
+    gm = fxfuse.trace(model, x[:2])
+    spaces = neuron_spaces(gm)
+    g = torch.Generator().manual_seed(seed)
+    return permute(gm, spaces, {s.index: torch.randperm(s.size, generator=g) for s in spaces.spaces if not s.fixed})
+
+
+def _rel(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize("name,n_block_levels", [("test_resnet", 4), ("resnet26d", 8), ("resnet18", 8)])
+def test_block_spec_covers_basic_bottleneck_and_resnet_d_blocks(name, n_block_levels):
+    m = _timm_net(name, dtype=torch.float32)
+    plan = partition_levels(fxfuse.trace(m, torch.randn(2, 3, 32, 32)))
+    specs = [block_spec(g) if affine_spec(g) is None else None for g in plan.split()]
+    assert sum(s is not None for s in specs) == n_block_levels
+    for lv, s in zip(plan, specs):
+        if s is not None:
+            assert lv.kind == "residual" and s.terms and s.pre
+    # resnet26d's first block has a pooled 1×1 shortcut: fitted jointly with the branch's last conv
+    if name == "resnet26d":
+        first = next(s for s in specs if s is not None)
+        assert [u.spec.op for u in first.terms] == ["layer1.0.conv3", "layer1.0.downsample.1"]
+        assert first.fixed == ()
+
+
+def test_blocks_that_are_not_units_are_left_to_gradient():
+    m = timm.create_model("convnext_atto", pretrained=False, num_classes=5).eval()
+    plan = partition_levels(fxfuse.trace(m, torch.randn(2, 3, 32, 32)))
+    assert all(block_spec(g) is None for g in plan.split()[1:])  # depthwise convs, LayerNorm, LayerScale
+
+
+@pytest.mark.parametrize("name", ["test_resnet", "resnet26d", "resnet18"])
+@pytest.mark.parametrize("method", ["hf-linear", "kf-linear"])
+def test_self_fusion_into_a_fresh_target_is_solved_exactly(name, method):
+    """fuse(A, A) with target= a freshly initialised net: only a real solve of every op reproduces A."""
+    a = _timm_net(name)
+    fresh = _timm_net(name, seed=7)
+    x = torch.randn(600, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    fused = fxfuse.fuse([a, a], x, method=method, target=fresh, progress=False, n_init=1)
+    levels = fused.meta["fxfuse"]["levels"]
+    blocks = [r for r in levels if r["approximation"].startswith("closed form (block")]
+    assert len(blocks) >= 4 and all(r["approx_error"] < 1e-8 for r in blocks)
+    assert all(op["error"] < 1e-8 for r in blocks for op in r["ops"])
+    test = torch.randn(16, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        # new inputs: directions the 600 fusion samples barely excite keep a little of the fresh start, as
+        # the cross-validated ridge shrinks them towards it (measured: 3e-6 for test_resnet, 2e-3 for resnet26d)
+        assert _rel(fused(test), a(test)) < 1e-2
+        assert _rel(fresh(test), a(test)) > 0.1
+
+
+@pytest.mark.parametrize("name", ["test_resnet", "resnet26d"])
+def test_a_copy_permuted_in_every_space_is_recovered(name):
+    a = _timm_net(name)
+    x = torch.randn(600, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    b = _permuted(a, x)
+    test = torch.randn(16, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert _rel(b(test), a(test)) < 1e-10  # the permutation preserves the function
+        assert not torch.equal(b.state_dict()["layer1.0.conv1.weight"], a.state_dict()["layer1.0.conv1.weight"])
+    fused = fxfuse.fuse([a, b], x, method="hf-linear", progress=False)
+    with torch.no_grad():
+        assert _rel(fused(test), a(test)) < 1e-6
+    # the inner spaces were matched too: hungarian on the inner units, every op solved
+    ops = [op for r in fused.meta["fxfuse"]["levels"] for op in (r["ops"] or [])]
+    assert any(op["role"] == "inner" for op in ops) and all(op["error"] < 1e-8 for op in ops)
+
+
+def test_joint_sum_solve_equals_least_squares_on_the_concatenated_design():
+    """The branch's last unit and the 1×1 shortcut, fitted jointly: μ = 0 gives torch.linalg.lstsq's solution."""
+    from fxfuse._blocks import _env, _op_input_name
+    from fxfuse._solve import GramStats, design_rows, to_rows
+
+    m = _timm_net("resnet26d")
+    x = torch.randn(64, 3, 32, 32, dtype=torch.float64)
+    plan = partition_levels(fxfuse.trace(m, x[:2]))
+    chain = plan.split()
+    h = x
+    i = next(k for k, g in enumerate(chain) if block_spec(g) is not None and affine_spec(g) is None)
+    for g in chain[:i]:
+        h = g(h)
+    level = chain[i]
+    spec = block_spec(level)
+    names = {spec.pre, *(_op_input_name(level, u) for u in spec.terms)}
+    env = _env(level, h, names)
+    X = torch.cat([design_rows(level, u.spec, env[_op_input_name(level, u)]) for u in spec.terms], 1)
+    T = to_rows(env[spec.pre], 1) + 0.01 * torch.randn(X.shape[0], to_rows(env[spec.pre], 1).shape[1],
+                                                       dtype=torch.float64)
+    stats = GramStats()
+    stats.add(X, T)
+    lam, V = stats.eig()
+    W, _ = stats.solve(lam, V, torch.eye(T.shape[1], dtype=torch.float64), ridge=False)
+    expected = torch.linalg.lstsq(X, T, driver="gelsd").solution
+    torch.testing.assert_close(X @ W, X @ expected, rtol=1e-8, atol=1e-8)  # same fit (the two bias columns tie)
+
+
+def test_blocks_option_chooses_the_gradient_fit_and_is_validated():
+    a = _timm_net("test_resnet", dtype=torch.float32)
+    x = torch.randn(64, 3, 32, 32)
+    fused = fxfuse.fuse([a, a], x, method="kf-linear", blocks="gradient", epochs=1, progress=False)
+    hows = [r["approximation"] for r in fused.meta["fxfuse"]["levels"]]
+    assert "gradient (fallback: not affine)" in hows and not any("block" in h for h in hows)
+    with pytest.raises(ValueError, match="option blocks must be one of 'closed-form', 'gradient', got 'adam'"):
+        fxfuse.fuse([a, a], x, method="kf-linear", blocks="adam", progress=False)
+    with pytest.raises(ValueError, match="kf-gradient has no blocks option"):
+        fxfuse.fuse([a, a], x, method="kf-gradient", blocks="gradient", progress=False)
