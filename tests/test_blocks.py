@@ -3,10 +3,15 @@
 import pytest
 import timm
 import torch
+from fxfuse.passes import (
+    affine_spec,
+    block_spec,
+    neuron_spaces,
+    partition_levels,
+    permute,
+)
 
 import fxfuse
-from fxfuse.passes import affine_spec, block_spec, neuron_spaces, partition_levels, permute
-
 
 # narrow versions, so that 600 samples at 32 px determine every op (rows > unknowns)
 NARROW = {"resnet26d": {"channels": (8, 16, 32, 32), "stem_width": 8}, "resnet18": {"channels": (8, 16, 16, 32)}}
