@@ -57,7 +57,7 @@ def child(name: str, pair: bool, method: str, samples: int, size: int, device: s
     secs = time.perf_counter() - t0
     levels = fused.meta["fxfuse"]["levels"]
     out = {"seconds": secs, "peak_mb": _status_mb("VmHWM"), "levels": len(levels),
-           "closed": sum(r["approximation"] == "closed form" for r in levels)}
+           "closed": sum(r["approximation"].startswith("closed form") for r in levels)}
     if device.startswith("cuda"):
         out["gpu_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
     if not pair:
