@@ -449,12 +449,25 @@ def plan_text(recipe: Recipe) -> str:
     dc = resolve_data_config(recipe, loaded)
     fusion, what = load_source(recipe, recipe.data.fusion, "data.fusion", dc)
     x = fusion[0][0].unsqueeze(0)
+    from fxfuse.passes import affine_spec, block_spec
+
+    from ._methods import get_method
+
     lines = [f"models ({len(loaded)}):"]
+    plans = []
     for i, lm in enumerate(loaded):
         plan = partition_levels(trace(lm.model, x))
+        plans.append(plan)
         src = lm.spec.checkpoint or lm.spec.model
         lines.append(f"  [{i}] {lm.spec.name}: {lm.arch} {lm.model_args or ''} from {src}; {lm.parameters:,} "
                      f"parameters, {len(plan)} levels")
+    if get_method(recipe.method.name).solver == "linear":
+        kinds = ["closed form" if affine_spec(g) else "block" if block_spec(g) else "gradient"
+                 for g in plans[0].split()]
+        if recipe.method.options.get("blocks") == "gradient":
+            kinds = ["gradient" if k == "block" else k for k in kinds]
+        lines.append(f"levels of models[0] under {recipe.method.name}: {kinds.count('closed form')} in closed form, "
+                     f"{kinds.count('block')} blocks op by op in closed form, {kinds.count('gradient')} by gradient")
     lines.append(f"fusion data: {what}")
     if recipe.data.eval is not None:
         _, ewhat = load_source(recipe, recipe.data.eval, "data.eval", dc, need_labels=True)

@@ -195,6 +195,7 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, capsys, monkeypatc
     out = capsys.readouterr().out
     assert "test_resnet" in out and "8 levels" in out and "6 samples of image folder fusion" in out
     assert "method: kf-linear" in out and "mean=(0.5, 0.5, 0.5)" in out
+    assert "under kf-linear: 4 in closed form, 4 blocks op by op in closed form, 0 by gradient" in out
     assert list((tmp_path / "out").iterdir()) == []
 
 
