@@ -419,7 +419,8 @@ def _output(c: _Checker, v: Any, path: str, check_files: bool) -> OutputSpec:
             if not os.access(parent, os.W_OK):
                 raise c.fail(f"{path}.{key}", f"{parent!r} is not writable; choose another path")
         if out is not None and os.path.exists(out) and not overwrite:
-            raise c.fail(f"{path}.path", f"{out!r} already exists; set `output.overwrite: true` or choose another path")
+            raise c.fail(f"{path}.path", f"{out!r} already exists; set `output.overwrite: true` (fxfuse run --overwrite) or choose "
+                                             "another path")
     return OutputSpec(out, formats, overwrite, d.get("checkpoint"), d.get("torchscript"), d.get("export"))
 
 
@@ -472,6 +473,15 @@ def recipe_from_dict(
         spec = _method(c, m, f"compare[{i}]", seed=seed, importance=importance, device=device)
         compare.append(spec)
     out = _output(c, d["output"], "output", check_files)
+    if out.path is not None:  # overwriting must never delete an input
+        root = os.path.abspath(out.path)
+        inputs = [(f"models[{i}]", m.checkpoint or (m.model or "").removeprefix("local-dir:")) for i, m in
+                  enumerate(specs) if m.checkpoint or (m.model or "").startswith("local-dir:")]
+        inputs += [(f"data.{k}.path", src.path) for k, src in (("fusion", fusion), ("eval", ev)) if src and src.path]
+        for key, p in inputs:
+            if os.path.commonpath([root, os.path.abspath(p)]) == root:
+                raise c.fail("output.path", f"{out.path!r} contains the input `{key}` ({p!r}); writing there would "
+                                            "replace it. Choose another output path")
     rep = c.mapping(d.get("report", {}), "report", _REPORT_KEYS)
     report = ReportSpec(rep.get("html", "report.html"), rep.get("json", "report.json"))
     for k, p in (("html", report.html), ("json", report.json)):

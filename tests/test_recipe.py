@@ -183,6 +183,10 @@ def test_misspelt_key_exits_2_with_path_line_and_suggestion(tmp_path, capsys, mo
     (tmp_path / "out" / "fused").mkdir()
     assert main(["run", _write(tmp_path, RECIPE)]) == 2
     assert "`output.path`: 'out/fused' already exists; set `output.overwrite: true`" in capsys.readouterr().err
+    # not even with overwrite may the output replace an input
+    assert main(["run", _write(tmp_path, RECIPE), "--out", ".", "--overwrite"]) == 2
+    assert "'.' contains the input `models[0]` ('a.safetensors')" in capsys.readouterr().err
+    assert (tmp_path / "a.safetensors").exists()
 
 
 def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, capsys, monkeypatch):
