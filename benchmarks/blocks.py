@@ -13,6 +13,10 @@ Table 2 (``--realistic``): timm ``resnet18`` at its real widths (64–512 channe
 32×32 gray digits, same split, fused zero-shot: bases, ensemble, vanilla,
 git-rebasin, kf-linear (closed form), kf-linear (gradient blocks), kf-gradient.
 The bases train for ``--epochs`` epochs (Adam, lr 3e-3).
+
+Table 3 (``--starts``): where the gradient methods start: ``start="first"`` (the
+first model's level weights) vs ``start="closed-form"`` (the linear solution, the
+default), kf-gradient and hf-gradient, on the demo's CNN and the 64-256-256-10 MLP.
 """
 
 from __future__ import annotations
@@ -64,7 +68,8 @@ def main() -> None:
     p.add_argument("--realistic", action="store_true", help="also table 2: resnet18 at real widths")
     p.add_argument("--realistic-seeds", type=int, default=1)
     p.add_argument("--epochs", type=int, default=6, help="base training epochs of table 2")
-    p.add_argument("--skip-small", action="store_true", help="only table 2")
+    p.add_argument("--skip-small", action="store_true", help="skip table 1")
+    p.add_argument("--starts", action="store_true", help="also table 3: where the gradient methods start")
     args = p.parse_args()
     warnings.filterwarnings("ignore")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU")
@@ -112,6 +117,23 @@ def main() -> None:
             print(f"| base model {k + 1} | {_cell(bases[k])} |")
         for label, (accs, secs) in res.items():
             print(f"| {label} | {_cell(accs, secs)} |")
+
+    if args.starts:
+        from fxfuse._experiments import make_setting
+
+        print("\n| start of the gradient fit | CNN (test_resnet) | MLP 64-256-256-10 |\n|---|---|---|")
+        cells: dict[str, dict[str, tuple[list[float], list[float]]]] = {}
+        for arch in ("cnn", "mlp256"):
+            for seed in range(args.seeds):
+                s = make_setting(arch, split="dirichlet", n_models=2, seed=seed)
+                rows = [(f"{m}, start={st}", m, {"start": st}) for m in ("kf-gradient", "hf-gradient")
+                        for st in ("first", "closed-form")]
+                for label, (acc, secs) in _run(rows, s.models, s.fusion, s.test, seed).items():
+                    accs, ss = cells.setdefault(label, {}).setdefault(arch, ([], []))
+                    accs.append(acc)
+                    ss.append(secs)
+        for label, by in cells.items():
+            print(f"| {label} | {_cell(*by['cnn'])} | {_cell(*by['mlp256'])} |")
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ __all__ = ["TrainConfig", "FuseConfig", "make_config", "OPTION_DEFAULTS", "OBJEC
 OBJECTIVES = ("distill", "ce")
 MATCHES = ("correlation", "inner")
 BLOCK_SOLVERS = ("closed-form", "gradient")
+STARTS = ("first", "closed-form")
 
 
 @dataclass(frozen=True)
@@ -93,6 +94,7 @@ OPTION_DEFAULTS: dict[str, Any] = {
     "temperature": 1.0,  # np-merge distill: softmax temperature of teacher and student
     "match": "correlation",  # activation matching cost: "correlation" (standardised) or "inner" (raw L2)
     "blocks": "closed-form",  # *-linear: block levels op by op in closed form, or "gradient" (the whole level by Adam)
+    "start": "closed-form",  # *-gradient: Adam starts from the closed form where one exists, or models[0]'s ("first")
     "train_batch_size": 32,
     **{name: getattr(TrainConfig(), name) for name in _TRAIN_FIELDS},
 }
@@ -121,6 +123,8 @@ class FuseConfig:
         match: Activation-matching cost of the permutation methods: ``"correlation"`` or ``"inner"``.
         blocks: How the ``*-linear`` methods solve levels that are blocks of Linear/Conv2d (+ BatchNorm)
             ops: ``"closed-form"`` (op by op, :mod:`fxfuse._blocks`) or ``"gradient"`` (the whole level).
+        start: Where the ``*-gradient`` methods start a level's fit: ``"first"`` (models[0]'s or the
+            target's weights) or ``"closed-form"`` (the ``*-linear`` solution, where one exists).
         train: Settings of gradient fits.
     """
 
@@ -141,6 +145,7 @@ class FuseConfig:
     temperature: float
     match: str
     blocks: str
+    start: str
     train: TrainConfig
 
     @property
@@ -217,6 +222,11 @@ def make_config(
     if "blocks" in options and spec.solver != "linear":
         users = ", ".join(m.name for m in METHODS.values() if m.solver == "linear")
         raise ValueError(f"{method} has no blocks option (it applies to {users}); remove it")
+    if opts["start"] not in STARTS:
+        raise ValueError(f"option start must be one of {', '.join(map(repr, STARTS))}, got {opts['start']!r}")
+    if "start" in options and spec.solver != "gradient":
+        users = ", ".join(m.name for m in METHODS.values() if m.solver == "gradient")
+        raise ValueError(f"{method} has no start option (it applies to {users}); remove it")
     t = opts["temperature"]
     if isinstance(t, bool) or not isinstance(t, (int, float)) or not t > 0:
         raise ValueError(f"option temperature must be a positive number, got {t!r}")
@@ -228,5 +238,5 @@ def make_config(
         target=opts["target"], reset_bn=opts["reset_bn"], class_weights=opts["class_weights"],
         max_rows=opts["max_rows"], batch_size=opts["batch_size"], memory_budget=opts["memory_budget"],
         n_init=opts["n_init"], importance_steps=opts["importance_steps"], objective=opts["objective"],
-        temperature=float(t), match=opts["match"], blocks=opts["blocks"], train=train,
+        temperature=float(t), match=opts["match"], blocks=opts["blocks"], start=opts["start"], train=train,
     )

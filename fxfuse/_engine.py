@@ -24,7 +24,16 @@ from ._config import FuseConfig
 from ._errors import AlignmentError, FxFuseError, TraceError
 from ._grouping import gram_pair_costs, hungarian_pairs, kernel_inertia, kernel_kmeans
 from ._methods import Method, get_method
-from ._solve import GramStats, affine_params, design_rows, fit_gradient, from_rows, op_input, read_affine, to_rows
+from ._solve import (
+    GramStats,
+    affine_params,
+    design_rows,
+    fit_gradient,
+    from_rows,
+    op_input,
+    read_affine,
+    to_rows,
+)
 from ._trace import trace
 
 __all__ = [
@@ -578,7 +587,31 @@ def fuse_level(i: int, prep: Prepared, scores: list[list[Tensor]], col: Collecto
     spec = affine_spec(level) if method.solver == "linear" else None
     bspec = _block_spec(i, col) if method.solver == "linear" and spec is None and cfg.blocks == "closed-form" else None
     ops = None
-    if bspec is not None:
+    warm = None
+    if method.solver == "gradient" and cfg.start == "closed-form":
+        warm = affine_spec(level) or _block_spec(i, col)
+    if warm is not None:
+        # a–d. gradient from the closed-form solution: solve and write it, then Adam on the same grouping
+        from fxfuse.passes import AffineSpec
+
+        from ._blocks import fuse_block
+
+        if isinstance(warm, AffineSpec):
+            data = collect(i, prep, col, warm, cfg)
+            widths = [p[i].width for p in prep.plans]
+            s = torch.cat([sc[i] for sc in scores]).to(data.gram.device)
+            grouping = group(data.gram, s, widths, lv.width, is_head=lv.is_head, strategy=method.grouping,
+                             seed=cfg.seed + i, cfg=cfg)
+            rewrite_params(prep.fused_plan.gm, _solve_closed_form(i, prep, col, warm, data, grouping, cfg).params,
+                           in_place=True)
+        else:
+            grouping = fuse_block(i, prep, scores, col, cfg, warm).grouping
+        data = collect(i, prep, col, None, cfg)
+        rows, columns = data.rows, data.columns
+        sol = dataclasses.replace(_solve_gradient(i, prep, col, None, data, grouping, cfg),
+                                  how="gradient from closed form")
+        rewrite_params(prep.fused_plan.gm, sol.params, in_place=True)
+    elif bspec is not None:
         # a–d. a block: each op collected, grouped, solved and written in graph order (fxfuse._blocks)
         from ._blocks import fuse_block
 

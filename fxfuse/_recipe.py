@@ -419,8 +419,8 @@ def _output(c: _Checker, v: Any, path: str, check_files: bool) -> OutputSpec:
             if not os.access(parent, os.W_OK):
                 raise c.fail(f"{path}.{key}", f"{parent!r} is not writable; choose another path")
         if out is not None and os.path.exists(out) and not overwrite:
-            raise c.fail(f"{path}.path", f"{out!r} already exists; set `output.overwrite: true` (fxfuse run --overwrite) or choose "
-                                             "another path")
+            raise c.fail(f"{path}.path", f"{out!r} already exists; set `output.overwrite: true` "
+                                             "(fxfuse run --overwrite) or choose another path")
     return OutputSpec(out, formats, overwrite, d.get("checkpoint"), d.get("torchscript"), d.get("export"))
 
 

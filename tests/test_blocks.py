@@ -139,3 +139,18 @@ def test_blocks_option_chooses_the_gradient_fit_and_is_validated():
         fxfuse.fuse([a, a], x, method="kf-linear", blocks="adam", progress=False)
     with pytest.raises(ValueError, match="kf-gradient has no blocks option"):
         fxfuse.fuse([a, a], x, method="kf-gradient", blocks="gradient", progress=False)
+
+
+def test_gradient_methods_start_from_the_closed_form_where_one_exists():
+    a = _timm_net("test_resnet", dtype=torch.float32)
+    b = _timm_net("test_resnet", seed=1, dtype=torch.float32)
+    x = torch.randn(64, 3, 32, 32)
+    fused = fxfuse.fuse([a, b], x, method="kf-gradient", epochs=2, progress=False)
+    hows = [r["approximation"] for r in fused.meta["fxfuse"]["levels"]]
+    assert hows == ["gradient from closed form"] * 8  # 4 affine levels and 4 blocks
+    fused = fxfuse.fuse([a, b], x, method="kf-gradient", start="first", epochs=2, progress=False)
+    assert [r["approximation"] for r in fused.meta["fxfuse"]["levels"]] == ["gradient"] * 8
+    with pytest.raises(ValueError, match="option start must be one of 'first', 'closed-form', got 'zero'"):
+        fxfuse.fuse([a, b], x, method="kf-gradient", start="zero", progress=False)
+    with pytest.raises(ValueError, match="kf-linear has no start option"):
+        fxfuse.fuse([a, b], x, method="kf-linear", start="first", progress=False)

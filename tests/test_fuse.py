@@ -231,7 +231,7 @@ def test_input_shape_the_models_do_not_accept():
 def test_hf_gradient_matches_then_fits_by_gradient():
     a = mlp(hidden=(12, 10))
     x, test = _data((16,), 512), _data((16,), 64, seed=9)
-    fused = fxfuse.fuse([a, permuted_mlp(a)], x, method="hf-gradient", epochs=20, progress=False)
+    fused = fxfuse.fuse([a, permuted_mlp(a)], x, method="hf-gradient", epochs=20, start="first", progress=False)
     levels = fused.meta["fxfuse"]["levels"]
     assert [(r["grouping"], r["approximation"]) for r in levels] == [
         ("hungarian", "gradient"), ("hungarian", "gradient"), ("mean of logits", "gradient")
