@@ -239,7 +239,7 @@ def add_parsers(sub) -> None:
 
     # an ensemble keeps every model, so it is no checkpoint of one architecture
     fuse_methods = [m.name for m in METHODS.values() if m.one_model]
-    d = sub.add_parser("demo", help="train, fuse and compare models on the embedded digits (about a minute on CPU)",
+    d = sub.add_parser("demo", help="train, fuse and compare models on the embedded digits (about half a minute on CPU)",
                        description="Train 2 MLPs and 2 timm CNNs on a non-IID split of scikit-learn's digits, fuse "
                        "each pair with every method and print an accuracy table.")
     d.add_argument("--seed", type=int, default=0)
