@@ -6,7 +6,6 @@ from torch import nn
 
 import fxfuse
 from fxfuse._experiments import make_setting
-from fxfuse._train import accuracy
 from test_fuse import _data, permuted_convbn, permuted_mlp
 from zoo import ConvBN, ResNetTiny, mlp, seeded
 
