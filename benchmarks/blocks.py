@@ -67,6 +67,7 @@ def main() -> None:
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--realistic", action="store_true", help="also table 2: resnet18 at real widths")
     p.add_argument("--realistic-seeds", type=int, default=1)
+    p.add_argument("--arch", default="resnet18", help="timm model of table 2 (default resnet18)")
     p.add_argument("--epochs", type=int, default=6, help="base training epochs of table 2")
     p.add_argument("--skip-small", action="store_true", help="skip table 1")
     p.add_argument("--starts", action="store_true", help="also table 3: where the gradient methods start")
@@ -102,7 +103,7 @@ def main() -> None:
         train_s = []
         for seed in range(args.realistic_seeds):
             t0 = time.perf_counter()
-            models, fusion, test = _setting("resnet18", 32, seed, args.epochs)
+            models, fusion, test = _setting(args.arch, 32, seed, args.epochs)
             train_s.append(time.perf_counter() - t0)
             for k, acc in enumerate(sorted((accuracy(m, *test) for m in models), reverse=True)):
                 bases[k].append(acc)
@@ -111,7 +112,7 @@ def main() -> None:
                 res[label][1].append(secs)
                 print(f"  seed {seed} {label}: {acc:.1f} ({secs:.1f} s)", flush=True)
         n = sum(p.numel() for p in models[0].parameters())
-        print(f"\n| resnet18 ({n / 1e6:.1f} M parameters), 32×32 digits, Dirichlet 2-way, bases trained "
+        print(f"\n| {args.arch} ({n / 1e6:.1f} M parameters), 32×32 digits, Dirichlet 2-way, bases trained "
               f"{args.epochs} epochs ({statistics.mean(train_s):.0f} s for both) | accuracy % (s) |\n|---|---|")
         for k in range(2):
             print(f"| base model {k + 1} | {_cell(bases[k])} |")

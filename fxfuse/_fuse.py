@@ -47,8 +47,9 @@ def fuse(
        fused level's input — the fused model's own level i-1 output), group
        (HF: Hungarian; KF: importance-weighted k-means; for closed-form levels on
        the projection onto span of the fused input, appendix B.2; the head keeps
-       class identity), solve (closed form, Adam on the MSE to the targets, or
-       NP Merge's α), write (:func:`fxfuse.passes.rewrite_params`);
+       class identity), solve (closed form, block levels op by op in closed form
+       (:mod:`fxfuse._blocks`), Adam on the MSE to the targets, or NP Merge's α),
+       write (:func:`fxfuse.passes.rewrite_params`);
     6. emit the fused GraphModule in eval mode on ``device`` with the per-level
        report in ``fused.meta["fxfuse"]``.
 
@@ -76,6 +77,10 @@ def fuse(
             ``importance_steps``, ``match`` (alignment methods: ``"correlation"``,
             default, or ``"inner"``), ``objective`` (np-merge: ``"distill"``, default,
             needs no labels; ``"ce"``, the paper's, needs labels) and ``temperature``,
+            ``blocks`` (``*-linear``: ``"closed-form"``, default, solves ResNet-style block
+            levels op by op; ``"gradient"`` fits them by Adam), ``start`` (``*-gradient``:
+            ``"closed-form"``, default, starts Adam from the linear solution where one
+            exists; ``"first"`` from the first model's weights),
             and the gradient settings ``epochs``, ``lr``,
             ``weight_decay``, ``train_batch_size``, ``val_split``, ``patience``,
             ``noise`` (Table 5, Setting 1; np-merge: lr 0.01 for 10 epochs).
