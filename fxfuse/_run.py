@@ -677,10 +677,10 @@ def _write_outputs(rec: RunRecord, fused, loaded: list[LoadedModel], dc: dict[st
             os.chmod(name, (0o777 if os.path.isdir(name) else 0o666) & ~umask)
         # every file is complete: move them into place
         if ckpt_tmp is not None:
-            os.replace(ckpt_tmp, out.checkpoint)
+            shutil.move(ckpt_tmp, out.checkpoint)
         for fmt, path in (("torchscript", out.torchscript), ("export", out.export)):
             if path:
-                os.replace(os.path.join(tmp, f"extra.{fmt}"), path)
+                shutil.move(os.path.join(tmp, f"extra.{fmt}"), path)
         if out.path is None:
             shutil.rmtree(tmp)
             return
