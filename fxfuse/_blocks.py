@@ -81,7 +81,7 @@ def _chunks(h: Tensor, per_sample: int) -> list[slice]:
 
 
 @torch.no_grad()
-def _unit_pass(i, prep, col, bspec, unit, cfg, *, last: bool, out_axes: list[int]):
+def _unit_pass(i, prep, col, bspec, unit, *, last: bool):
     """One pass over the data for ``unit`` (or, with ``last``, for the sum): its Gram statistics.
 
     For the sum, also stores the base level outputs for the next level.
@@ -91,7 +91,8 @@ def _unit_pass(i, prep, col, bspec, unit, cfg, *, last: bool, out_axes: list[int
     fused = col.chains[-1][i]
     bases = [chain[i] for chain in col.chains[:-1]]
     units = bspec.terms if last else (unit,)
-    in_names = {_op_input_name(fused, u) for u in units}
+    op_in = [_op_input_name(fused, u) for u in units]
+    in_names = set(op_in)
     want_base = {bspec.pre} if last else {unit.output}
     stats = GramStats()
     rows = 0
@@ -100,12 +101,12 @@ def _unit_pass(i, prep, col, bspec, unit, cfg, *, last: bool, out_axes: list[int
         h = ins[-1]
         # chunk by samples so that the unfolded designs stay small: size them on one sample
         env1 = _env(fused, h[:1], in_names)
-        cols = [design_rows(fused, u.spec, env1[_op_input_name(fused, u)]) for u in units]
+        cols = [design_rows(fused, u.spec, env1[name]) for u, name in zip(units, op_in)]
         per_sample = cols[0].shape[0] * sum(c.shape[1] for c in cols)
         for sl in _chunks(h, per_sample):
             envs_b = [_env(lv, x[sl], want_base) for lv, x in zip(bases, ins[:-1])]
             env_f = _env(fused, h[sl], in_names | set(bspec.fixed))
-            X = torch.cat([design_rows(fused, u.spec, env_f[_op_input_name(fused, u)]) for u in units], 1)
+            X = torch.cat([design_rows(fused, u.spec, env_f[name]) for u, name in zip(units, op_in)], 1)
             if last:
                 Z = [to_rows(e[bspec.pre], bspec.terms[0].axis) for e in envs_b]
                 if bspec.fixed:
@@ -135,11 +136,10 @@ def fuse_block(i: int, prep, scores: list[Tensor], col, cfg, bspec) -> BlockResu
     fused = col.chains[-1][i]
     bases = [chain[i] for chain in col.chains[:-1]]
     lv = prep.fused_plan[i]
-    out_axes = [p[i].neuron_axis for p in prep.plans]
     ops: list[dict[str, Any]] = []
     # 1. inner units, in graph order
     for j, u in enumerate(bspec.inner):
-        stats, rows = _unit_pass(i, prep, col, bspec, u, cfg, last=False, out_axes=out_axes)
+        stats, rows = _unit_pass(i, prep, col, bspec, u, last=False)
         lam, V = stats.eig()
         gram, _ = stats.grouping_gram(lam, V)
         widths = [lvl.get_submodule(u.spec.op).weight.shape[0] for lvl in bases]
@@ -152,7 +152,7 @@ def fuse_block(i: int, prep, scores: list[Tensor], col, cfg, bspec) -> BlockResu
         ops.append({"op": u.spec.op, "role": "inner", "grouping": g.how, "error": rd.rss / max(t2, 1e-300),
                     "ridge": rd.relative, "rows": rows, "columns": stats.d})
     # 2. the units of the sum, jointly, against the level's grouped pre-activations minus the fixed terms
-    stats, rows = _unit_pass(i, prep, col, bspec, None, cfg, last=True, out_axes=out_axes)
+    stats, rows = _unit_pass(i, prep, col, bspec, None, last=True)
     widths = [p[i].width for p in prep.plans]
     # the level's neurons are grouped on their pre-activations, the values the sum's units are fitted to
     # (after the activation, dead neurons would tie and pair arbitrarily)

@@ -597,11 +597,7 @@ def fuse_level(i: int, prep: Prepared, scores: list[list[Tensor]], col: Collecto
         from ._blocks import fuse_block
 
         if isinstance(warm, AffineSpec):
-            data = collect(i, prep, col, warm, cfg)
-            widths = [p[i].width for p in prep.plans]
-            s = torch.cat([sc[i] for sc in scores]).to(data.gram.device)
-            grouping = group(data.gram, s, widths, lv.width, is_head=lv.is_head, strategy=method.grouping,
-                             seed=cfg.seed + i, cfg=cfg)
+            data, grouping = _collect_and_group(i, prep, scores, col, warm, cfg)
             rewrite_params(prep.fused_plan.gm, _solve_closed_form(i, prep, col, warm, data, grouping, cfg).params,
                            in_place=True)
         else:
@@ -620,14 +616,9 @@ def fuse_level(i: int, prep: Prepared, scores: list[list[Tensor]], col: Collecto
         sol = Solution({}, f"closed form (block: {len(bspec.units)} ops)", error=res.error, ridge=res.ridge)
         rows, columns = res.rows, res.columns
     else:
-        # a. collect
-        data = collect(i, prep, col, spec, cfg)
+        # a–b. collect, group
+        data, grouping = _collect_and_group(i, prep, scores, col, spec, cfg)
         rows, columns = data.rows, data.columns
-        # b. group
-        widths = [p[i].width for p in prep.plans]
-        s = torch.cat([sc[i] for sc in scores]).to(data.gram.device)
-        grouping = group(data.gram, s, widths, lv.width, is_head=lv.is_head, strategy=method.grouping,
-                         seed=cfg.seed + i, cfg=cfg)
         # c. solve
         sol = SOLVERS[method.solver](i, prep, col, spec, data, grouping, cfg)
         # d. write: the fused model's parameters, which the level module shares
@@ -649,6 +640,18 @@ def fuse_level(i: int, prep: Prepared, scores: list[list[Tensor]], col: Collecto
     err = sol.error if sol.error is not None else sq_err / max(sq_t, 1e-300)
     return LevelRecord(i, lv.name, lv.kind, grouping.how, sol.how, grouping.cost, err, time.perf_counter() - t0,
                        rows, columns, sol.ridge, ops)
+
+
+def _collect_and_group(i: int, prep: Prepared, scores: list[list[Tensor]], col: Collector, spec,
+                       cfg: FuseConfig) -> tuple[_LevelData, Grouping]:
+    """Steps a–b of a level: one pass over the data (:func:`collect`), then its importance-weighted grouping."""
+    lv = prep.fused_plan[i]
+    data = collect(i, prep, col, spec, cfg)
+    widths = [p[i].width for p in prep.plans]
+    s = torch.cat([sc[i] for sc in scores]).to(data.gram.device)
+    grouping = group(data.gram, s, widths, lv.width, is_head=lv.is_head, strategy=get_method(cfg.method).grouping,
+                     seed=cfg.seed + i, cfg=cfg)
+    return data, grouping
 
 
 def _block_spec(i: int, col: Collector):

@@ -508,8 +508,6 @@ def run(recipe: Recipe, *, loaded: list[LoadedModel] | None = None) -> RunRecord
     from fxfuse import fuse
 
     from ._config import resolve_device
-    from ._report import write_reports
-
     t_start = time.perf_counter()
     rec = RunRecord(recipe)
     prog = recipe.progress
@@ -566,7 +564,7 @@ def run(recipe: Recipe, *, loaded: list[LoadedModel] | None = None) -> RunRecord
     if prog:
         print(format_results(rec))
     with rec.stage("write", prog):
-        _write_outputs(rec, fused, loaded, dc, fusion_ds, t_start, write_reports)
+        _write_outputs(rec, fused, loaded, dc, fusion_ds, t_start)
     return rec
 
 
@@ -619,10 +617,11 @@ def format_results(rec: RunRecord) -> str:
     return "\n".join(lines)
 
 
-def _write_outputs(rec: RunRecord, fused, loaded: list[LoadedModel], dc: dict[str, Any], fusion_ds, t_start: float,
-                   write_reports) -> None:
+def _write_outputs(rec: RunRecord, fused, loaded: list[LoadedModel], dc: dict[str, Any], fusion_ds,
+                   t_start: float) -> None:
     import yaml
 
+    from . import _report
     from ._models import save_checkpoint
 
     recipe = rec.recipe
@@ -672,7 +671,7 @@ def _write_outputs(rec: RunRecord, fused, loaded: list[LoadedModel], dc: dict[st
         if torch.cuda.is_available() and rec.device.startswith("cuda"):
             rec.peak_cuda_mb = torch.cuda.max_memory_allocated() / 2**20
         if out.path is not None:
-            write_reports(rec, tmp)
+            _report.write_reports(rec, tmp)
         for name in [tmp, *(os.path.join(tmp, f) for f in os.listdir(tmp))]:  # mkdtemp's 0700 is not wanted
             os.chmod(name, (0o777 if os.path.isdir(name) else 0o666) & ~umask)
         # every file is complete: move them into place

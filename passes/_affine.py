@@ -49,21 +49,15 @@ def affine_spec(level: GraphModule) -> AffineSpec | None:
             node = node.args[0]
     if not isinstance(node, Node) or node.op != "call_module" or len(node.users) != 1:
         return None
-    m = level.get_submodule(node.target)
     weighted = [n for n in nodes if n.op == "call_module" and any(True for _ in level.get_submodule(n.target).parameters())]
     if [n.target for n in weighted if n.target != norm] != [node.target]:
         return None
     if any(n.op == "get_attr" for n in nodes):
         return None
-    if type(m) is nn.Linear or (isinstance(m, nn.Linear) and type(m).forward is nn.Linear.forward):
-        is_conv = False
-    elif isinstance(m, nn.Conv2d) and type(m).forward is nn.Conv2d.forward:
-        if m.groups != 1 or m.padding_mode != "zeros" or isinstance(m.padding, str):
-            return None
-        is_conv = True
-    else:
+    op = _unit_op(level, node)
+    if op is None:
         return None
-    return AffineSpec(str(node.target), node.name, norm, is_conv, m.bias is not None or norm is not None)
+    return AffineSpec(op.op, op.op_node, norm, op.is_conv, op.has_bias_column or norm is not None)
 
 
 # elementwise activations a block's sum may pass through on its way to the level output
@@ -117,6 +111,7 @@ def _is_add(n: Node) -> bool:
 
 
 def _unit_op(level: GraphModule, node: Node) -> AffineSpec | None:
+    """The Linear or Conv2d (groups 1, zero padding) called at ``node`` as an AffineSpec without a norm, or None."""
     m = level.get_submodule(str(node.target))
     if type(m) is nn.Linear or (isinstance(m, nn.Linear) and type(m).forward is nn.Linear.forward):
         is_conv = False

@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 import timm
 import torch
+from fxfuse.passes import partition_levels
 from PIL import Image
 from safetensors.torch import save_file
 
 import fxfuse
 from fxfuse._recipe import RecipeError, parse_recipe
 from fxfuse.cli import main
-from fxfuse.passes import partition_levels
 
 EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
 BROWSER = shutil.which("chromium-headless-shell") or shutil.which("chromium")
@@ -149,12 +149,17 @@ def _write(tmp_path, text):
     return str(p)
 
 
-def test_misspelt_key_exits_2_with_path_line_and_suggestion(tmp_path, capsys, monkeypatch):
+def _workspace(tmp_path, monkeypatch):
+    """The recipe's inputs in tmp_path (the current directory): checkpoints, image folders, an empty out/."""
     monkeypatch.chdir(tmp_path)
     _timm_checkpoints(tmp_path)
     (tmp_path / "out").mkdir()
     _image_folder(tmp_path / "fusion", 2, 0)
     _image_folder(tmp_path / "val", 2, 1)
+
+
+def test_misspelt_key_exits_2_with_path_line_and_suggestion(tmp_path, capsys, monkeypatch):
+    _workspace(tmp_path, monkeypatch)
     bad = RECIPE.replace("  eval: {source", "  evall: {source")
     assert main(["run", _write(tmp_path, bad)]) == 2
     err = capsys.readouterr().err
@@ -190,11 +195,7 @@ def test_misspelt_key_exits_2_with_path_line_and_suggestion(tmp_path, capsys, mo
 
 
 def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, capsys, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    _timm_checkpoints(tmp_path)
-    (tmp_path / "out").mkdir()
-    _image_folder(tmp_path / "fusion", 2, 0)
-    _image_folder(tmp_path / "val", 2, 1)
+    _workspace(tmp_path, monkeypatch)
     assert main(["run", _write(tmp_path, RECIPE), "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "test_resnet" in out and "8 levels" in out and "6 samples of image folder fusion" in out
@@ -318,3 +319,4 @@ def test_demo_bases_train_bit_for_bit_the_same(tmp_path):
             for _ in range(2)]
     assert all(r.returncode == 0 for r in runs), runs[0].stderr
     assert runs[0].stdout == runs[1].stdout and len(runs[0].stdout.split()) == 2
+
