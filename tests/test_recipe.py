@@ -320,3 +320,47 @@ def test_demo_bases_train_bit_for_bit_the_same(tmp_path):
     assert all(r.returncode == 0 for r in runs), runs[0].stderr
     assert runs[0].stdout == runs[1].stdout and len(runs[0].stdout.split()) == 2
 
+
+
+BASE = """format: fxfuse-recipe/1
+models: [test_resnet, test_resnet]
+data: {fusion: {source: digits}}
+method: kf-linear
+output: {path: o}
+"""
+
+
+@pytest.mark.parametrize("old,new,expected", [
+    ("data: {fusion: {source: digits}}", "data: {fusion: {source: digits}, transform: {from_model: 2}}",
+     "`data.transform.from_model`: is an index into `models` (0 to 1), got 2"),
+    ("data: {fusion: {source: digits}}", "data: {fusion: {source: digits}, transform: {std: [0.5, 0]}}",
+     "`data.transform.std`: must be positive"),
+    ("data: {fusion: {source: digits}}", "data: {fusion: {source: digits}, transform: {input_size: [3, 32]}}",
+     "`data.transform.input_size`: must be three positive integers [C, H, W]"),
+    ("data: {fusion: {source: digits}}", "data: {fusion: {source: digits}, transform: {crop_pct: 1.5}}",
+     "`data.transform.crop_pct`: must be in (0, 1]"),
+    ("data: {fusion: {source: digits}}", "data: {fusion: {source: digits}, transform: {interpolation: cubic}}",
+     "did you mean `bicubic`?"),
+    ("{source: digits}", "{source: digits, path: x}", "`data.fusion.path`: the digits are embedded; remove `path`"),
+    ("{source: digits}", "{source: digits, resize: true}", "`data.fusion.resize`: only tensor files are resized"),
+    ("{source: digits}", "{source: imagefolder, path: x, split: train}",
+     "`data.fusion.split`: only the digits have a built-in split"),
+    ("{source: digits}", "{source: tensors}", "source tensors needs `path`"),
+    ("{source: digits}", "{source: digits, samples: 0}", "`data.fusion.samples`: must be a positive integer"),
+    ("output: {path: o}", "output: {path: o}\nreport: {html: /tmp/r.html}",
+     "`report.html`: '/tmp/r.html': report files go inside output.path"),
+    ("output: {path: o}", "output: {formats: [safetensors]}", "`output`: missing key `path`"),
+    ("method: kf-linear", "method: {name: kf-linear, options: {target: 1}}", "`method.options.target`"),
+    ("models: [test_resnet, test_resnet]", "models: [test_resnt, test_resnet]",
+     "`models[0].model`: unknown timm model 'test_resnt'; did you mean 'test_resnet'"),
+    ("models: [test_resnet, test_resnet]", "models: [{model: 'local-dir:x', checkpoint: a.pt}, test_resnet]",
+     "`models[0].checkpoint`: a local-dir: model holds its own weights"),
+    ("models: [test_resnet, test_resnet]", "models: [{checkpoint: a.pt, model_args: {num_classes: 3}}, test_resnet]",
+     "`models[0].model_args`: model_args need `model`"),
+])
+def test_every_recipe_key_is_checked(old, new, expected):
+    assert old in BASE
+    with pytest.raises(RecipeError) as e:
+        parse_recipe(BASE.replace(old, new), check_files=False)
+    assert expected in str(e.value)
+    assert parse_recipe(BASE, check_files=False).method.name == "kf-linear"  # the base recipe is valid
