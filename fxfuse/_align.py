@@ -13,9 +13,9 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
-from torch.fx import GraphModule, Interpreter
+from torch.fx import GraphModule
 
-from ._collect import FusionData
+from ._collect import Capture, FusionData
 from ._errors import AlignmentError
 from ._grouping import hungarian_pairs
 
@@ -127,21 +127,6 @@ def space_scores(gm: GraphModule, spaces, data, importance: str, *, n_steps: int
     return {s.index: sc for s, sc in zip(free, scores)}
 
 
-class _Capture(Interpreter):
-    """Runs a GraphModule and keeps the outputs of the named nodes (one batch at a time)."""
-
-    def __init__(self, gm: GraphModule, names: Sequence[str]):
-        super().__init__(gm)
-        self.names = set(names)
-        self.values: dict[str, Tensor] = {}
-
-    def run_node(self, n):
-        out = super().run_node(n)
-        if n.name in self.names:
-            self.values[n.name] = out.detach()
-        return out
-
-
 def _rows(value: Tensor, dim: int, keep: Tensor | None) -> Tensor:
     """One node's activations as rows, neurons last, float64: Tensor of shape (n_rows, width).
 
@@ -199,7 +184,7 @@ def space_distances(gms: Sequence[GraphModule], spaces, data: FusionData, *, bat
         raise ValueError(f"match must be 'correlation' or 'inner', got {match!r}")
     free = spaces[0].free
     names = list(dict.fromkeys(name for s in free for name, _ in s.nodes))
-    caps = [_Capture(g, names) for g in gms]
+    caps = [Capture(g, names) for g in gms]
     sq: list[dict[int, Tensor]] = [{} for _ in gms]
     sums: list[dict[int, Tensor]] = [{} for _ in gms]
     cross: list[dict[int, Tensor]] = [{} for _ in gms]

@@ -26,8 +26,9 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.fx import GraphModule, Interpreter
+from torch.fx import GraphModule
 
+from ._collect import Capture
 from ._solve import GramStats, affine_params, design_rows, read_affine, to_rows
 
 __all__ = ["BlockResult", "fuse_block"]
@@ -46,25 +47,9 @@ class BlockResult:
     ops: list[dict[str, Any]]
 
 
-class _Capture(Interpreter):
-    """Runs a level and keeps a copy of the named nodes' values as they are made (before in-place ops
-    such as ``ReLU(inplace=True)`` overwrite them)."""
-
-    def __init__(self, gm: GraphModule, names: set[str]):
-        super().__init__(gm)
-        self.names = names
-        self.values: dict[str, Tensor] = {}
-
-    def run_node(self, n):
-        out = super().run_node(n)
-        if n.name in self.names:
-            self.values[n.name] = out.clone()
-        return out
-
-
 def _env(level: GraphModule, x: Tensor, names: set[str]) -> dict[str, Tensor]:
     """Values of the named nodes when ``level`` runs on ``x`` (and the level output as ``"__output__"``)."""
-    cap = _Capture(level, names)
+    cap = Capture(level, names)
     out = cap.run(x)
     cap.values["__output__"] = out
     return cap.values

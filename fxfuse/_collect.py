@@ -13,8 +13,9 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.fx import GraphModule, Interpreter
 
-__all__ = ["FusionData", "Collector", "LABEL_RULES"]
+__all__ = ["FusionData", "Collector", "Capture", "LABEL_RULES"]
 
 LABEL_RULES = """\
 Data forms: a Tensor of inputs (n_samples, ...); a tuple (inputs, labels) of two
@@ -297,6 +298,25 @@ class Collector:
             self._cache[c][b] = (i, out.detach())
             self._bytes += size
             self.peak_bytes = max(self.peak_bytes, self._bytes)
+
+
+class Capture(Interpreter):
+    """Runs a GraphModule and keeps the values of the named nodes (one batch at a time).
+
+    The engine's traced copies compute out of place (:func:`fxfuse._trace.out_of_place`), so a kept
+    value is not overwritten by a later in-place activation.
+    """
+
+    def __init__(self, gm: GraphModule, names):
+        super().__init__(gm)
+        self.names = set(names)
+        self.values: dict[str, Tensor] = {}
+
+    def run_node(self, n):
+        out = super().run_node(n)
+        if n.name in self.names:
+            self.values[n.name] = out.detach()
+        return out
 
 
 # total variation distance from the uniform class distribution at which labels count as skewed

@@ -34,7 +34,7 @@ from ._solve import (
     read_affine,
     to_rows,
 )
-from ._trace import trace
+from ._trace import out_of_place, trace
 
 __all__ = [
     "GROUPINGS",
@@ -160,7 +160,7 @@ def _trace_copy(k: Any, m: nn.Module, example: Tensor, dev: torch.device) -> Gra
     except TraceError as e:
         raise TraceError(f"models[{k}] ({type(m).__name__}) on fusion inputs of shape "
                          f"{tuple(example.shape)}: {e}") from e
-    gm = gm.to(dev)
+    gm = out_of_place(gm).to(dev)  # stored intermediate values must not be overwritten by later ops
     if any(p.dtype in (torch.float16, torch.bfloat16) for p in gm.parameters()):
         gm = gm.float()  # fits and statistics in float32 (half precision degrades them); emit casts back
     for p in gm.parameters():

@@ -16,7 +16,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from ._errors import TraceError
 
-__all__ = ["trace", "as_input_tuple", "module_path"]
+__all__ = ["trace", "as_input_tuple", "module_path", "out_of_place"]
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
 _FXFUSE_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -288,4 +288,48 @@ def trace(
     gm.eval()
     with torch.no_grad():
         _ShapeProp(gm).propagate(*inputs)
+    return gm
+
+
+# in-place tensor methods and functions, and their out-of-place twins
+_INPLACE_METHODS = {m: m[:-1] for m in ("relu_", "add_", "sub_", "mul_", "div_", "clamp_", "clamp_min_",
+                                         "sigmoid_", "tanh_", "neg_", "hardtanh_", "leaky_relu_")}
+_INPLACE_FUNCS = {torch.relu_: torch.relu, torch.nn.functional.relu_: torch.nn.functional.relu,
+                  torch.sigmoid_: torch.sigmoid, torch.tanh_: torch.tanh}
+
+
+def out_of_place(gm: GraphModule) -> GraphModule:
+    """Make every op of ``gm`` write a new tensor (``ReLU(inplace=True)`` → ``ReLU()``, ``x.relu_()`` →
+    ``x.relu()``), in place on ``gm``, which is returned.
+
+    fxfuse reads intermediate values after later ops have run (pre-activation level outputs, the values
+    at a block's inner ops, captured alignment statistics); an in-place activation would overwrite them.
+    The function of the model is unchanged. Only fxfuse's own traced copies are rewritten.
+
+    Example:
+        >>> import torch, fxfuse
+        >>> from fxfuse._trace import out_of_place
+        >>> m = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.ReLU(inplace=True))
+        >>> out_of_place(fxfuse.trace(m, torch.randn(1, 2)))[1].inplace
+        False
+    """
+    changed = False
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            mod = gm.get_submodule(str(node.target))
+            if getattr(mod, "inplace", False) is True:
+                mod.inplace = False
+        elif node.op == "call_method" and node.target in _INPLACE_METHODS:
+            node.target = _INPLACE_METHODS[node.target]
+            changed = True
+        elif node.op == "call_function":
+            if node.target in _INPLACE_FUNCS:
+                node.target = _INPLACE_FUNCS[node.target]
+                changed = True
+            if node.kwargs.get("inplace") is True:
+                node.kwargs = {**node.kwargs, "inplace": False}
+                changed = True
+    if changed:
+        gm.graph.lint()
+        gm.recompile()
     return gm

@@ -390,3 +390,26 @@ def test_node_scores_names_a_missing_node():
         node_scores(gm, [("nope", 1)], (_data((16,), 8), torch.zeros(8, dtype=torch.long)), "conductance")
     with pytest.raises(ValueError, match="needs labels"):
         node_scores(gm, [("_2", 1)], _data((16,), 8), "conductance")
+
+
+@pytest.mark.parametrize("method", ["git-rebasin", "kf-linear"])
+def test_in_place_activations_do_not_change_the_fusion(method):
+    """timm's ReLU(inplace=True) must not overwrite the pre-activation values fusion reads (alignment
+    statistics at BatchNorm outputs, level outputs): the result equals that of out-of-place copies."""
+    import timm
+
+    def build(seed, inplace):
+        torch.manual_seed(seed)
+        m = timm.create_model("test_resnet", pretrained=False, num_classes=4)
+        for mod in m.modules():
+            if hasattr(mod, "inplace"):
+                mod.inplace = inplace
+        return m.eval()
+
+    x = torch.randn(24, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    a_in, b_in = build(0, True), build(1, True)
+    assert any(getattr(mod, "inplace", False) for mod in a_in.modules())
+    fused_in = fxfuse.fuse([a_in, b_in], x, method=method, progress=False)
+    fused_out = fxfuse.fuse([build(0, False), build(1, False)], x, method=method, progress=False)
+    torch.testing.assert_close(fused_in(x), fused_out(x), rtol=1e-5, atol=1e-5)
+    assert any(getattr(mod, "inplace", False) for mod in a_in.modules())  # the user's model is untouched
