@@ -79,6 +79,9 @@ def _unit_pass(i, prep, col, bspec, unit, *, last: bool):
     op_in = [_op_input_name(fused, u) for u in units]
     in_names = set(op_in)
     want_base = {bspec.pre} if last else {unit.output}
+    # a base level that is an inserted identity (models of different depth) has none of the block's inner
+    # nodes: its inner neurons are left out, and its level output is its pre-activation
+    use = [k for k, lv in enumerate(bases) if last or has_nodes(lv, want_base)]
     stats = GramStats()
     rows = 0
     for b, ins, _ in col.inputs(i):
@@ -89,11 +92,11 @@ def _unit_pass(i, prep, col, bspec, unit, *, last: bool):
         cols = [design_rows(fused, u.spec, env1[name]) for u, name in zip(units, op_in)]
         per_sample = cols[0].shape[0] * sum(c.shape[1] for c in cols)
         for sl in _chunks(h, per_sample):
-            envs_b = [_env(lv, x[sl], want_base) for lv, x in zip(bases, ins[:-1])]
+            envs_b = [_env(bases[k], ins[k][sl], want_base) for k in use]
             env_f = _env(fused, h[sl], in_names | set(bspec.fixed))
             X = torch.cat([design_rows(fused, u.spec, env_f[name]) for u, name in zip(units, op_in)], 1)
             if last:
-                Z = [to_rows(e[bspec.pre], bspec.terms[0].axis) for e in envs_b]
+                Z = [to_rows(e.get(bspec.pre, e["__output__"]), bspec.terms[0].axis) for e in envs_b]
                 if bspec.fixed:
                     Z.append(to_rows(sum(env_f[f] for f in bspec.fixed), bspec.terms[0].axis))
                 for k, e in enumerate(envs_b):
@@ -108,6 +111,12 @@ def _unit_pass(i, prep, col, bspec, unit, *, last: bool):
             for k, parts in enumerate(outs):
                 col.store(k, i, b, torch.cat(parts))
     return stats, rows
+
+
+def has_nodes(level: GraphModule, names) -> bool:
+    """Whether the level module has nodes of all these names."""
+    have = {n.name for n in level.graph.nodes}
+    return set(names) <= have
 
 
 def fuse_block(i: int, prep, scores: list[Tensor], col, cfg, bspec) -> BlockResult:
@@ -127,7 +136,7 @@ def fuse_block(i: int, prep, scores: list[Tensor], col, cfg, bspec) -> BlockResu
         stats, rows = _unit_pass(i, prep, col, bspec, u, last=False)
         lam, V = stats.eig()
         gram, _ = stats.grouping_gram(lam, V)
-        widths = [lvl.get_submodule(u.spec.op).weight.shape[0] for lvl in bases]
+        widths = [lvl.get_submodule(u.spec.op).weight.shape[0] for lvl in bases if has_nodes(lvl, {u.output})]
         k = fused.get_submodule(u.spec.op).weight.shape[0]
         ones = torch.ones(sum(widths), dtype=torch.float64, device=gram.device)
         g = group(gram, ones, widths, k, is_head=False, strategy=method.grouping, seed=cfg.seed + 1000 * i + j, cfg=cfg)

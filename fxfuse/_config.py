@@ -95,6 +95,7 @@ OPTION_DEFAULTS: dict[str, Any] = {
     "match": "correlation",  # activation matching cost: "correlation" (standardised) or "inner" (raw L2)
     "blocks": "closed-form",  # *-linear: block levels op by op in closed form, or "gradient" (the whole level by Adam)
     "start": "closed-form",  # *-gradient: Adam starts from the closed form where one exists, or models[0]'s ("first")
+    "cla_samples": 256,  # models of different depth: samples whose level outputs cross-layer alignment compares
     "train_batch_size": 32,
     **{name: getattr(TrainConfig(), name) for name in _TRAIN_FIELDS},
 }
@@ -125,6 +126,8 @@ class FuseConfig:
             ops: ``"closed-form"`` (op by op, :mod:`fxfuse._blocks`) or ``"gradient"`` (the whole level).
         start: Where the ``*-gradient`` methods start a level's fit: ``"first"`` (models[0]'s or the
             target's weights) or ``"closed-form"`` (the ``*-linear`` solution, where one exists).
+        cla_samples: Models of different depth: how many fusion samples the cross-layer alignment's
+            linear CKA compares level outputs on (CLAFusion uses 200).
         train: Settings of gradient fits.
     """
 
@@ -146,6 +149,7 @@ class FuseConfig:
     match: str
     blocks: str
     start: str
+    cla_samples: int
     train: TrainConfig
 
     @property
@@ -207,7 +211,8 @@ def make_config(
     if not isinstance(progress, bool):
         raise TypeError(f"progress must be True or False, got {progress!r}")
     opts = {**OPTION_DEFAULTS, **spec.defaults, **options}
-    for name, lo in (("max_rows", 1), ("batch_size", 1), ("n_init", 1), ("importance_steps", 2), ("memory_budget", 0)):
+    for name, lo in (("max_rows", 1), ("batch_size", 1), ("n_init", 1), ("importance_steps", 2), ("memory_budget", 0),
+                     ("cla_samples", 2)):
         _check_int(name, opts[name], lo)
     if opts["target"] is not None and not isinstance(opts["target"], nn.Module):
         raise TypeError(f"option target must be an nn.Module, got {type(opts['target']).__name__}")
@@ -238,5 +243,6 @@ def make_config(
         target=opts["target"], reset_bn=opts["reset_bn"], class_weights=opts["class_weights"],
         max_rows=opts["max_rows"], batch_size=opts["batch_size"], memory_budget=opts["memory_budget"],
         n_init=opts["n_init"], importance_steps=opts["importance_steps"], objective=opts["objective"],
-        temperature=float(t), match=opts["match"], blocks=opts["blocks"], start=opts["start"], train=train,
+        temperature=float(t), match=opts["match"], blocks=opts["blocks"], start=opts["start"],
+        cla_samples=opts["cla_samples"], train=train,
     )

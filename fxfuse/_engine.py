@@ -44,6 +44,8 @@ __all__ = [
     "Prepared",
     "align_depth",
     "as_model_list",
+    "check_plans",
+    "level_features",
     "emit",
     "fuse_level",
     "prepare",
@@ -66,6 +68,9 @@ class Prepared:
             ``models[0]`` whose parameters the solvers rewrite.
         dtype: The dtype the fused model is emitted in.
         grad_flags: ``requires_grad`` of the fused architecture's parameters, restored at emit.
+        alignment: Models of different depth: the cross-layer alignment
+            (:class:`fxfuse.passes.DepthAlignment`) after which ``models`` and ``plans``
+            hold identity levels; None for models of equal depth.
     """
 
     models: list[GraphModule]
@@ -74,6 +79,7 @@ class Prepared:
     fused_plan: Any
     dtype: torch.dtype
     grad_flags: dict[str, bool]
+    alignment: Any = None
 
 
 @dataclass(frozen=True)
@@ -109,6 +115,7 @@ class LevelRecord:
     columns: int
     ridge: float | None = None  # closed form: the chosen ridge μ / λ_max (generalised cross-validation)
     ops: list[dict[str, Any]] | None = None  # block levels solved op by op: one record per op (or sum of ops)
+    identity: tuple[str, ...] = ()  # models of different depth: the models whose level here is an inserted identity
 
 
 def progress_bar(total: int, desc: str, enabled: bool, leave: bool = True):
@@ -168,20 +175,21 @@ def _trace_copy(k: Any, m: nn.Module, example: Tensor, dev: torch.device) -> Gra
     return gm
 
 
-def _check_tied(plan, k: Any) -> None:
+def _check_tied(plan, k: str) -> None:
     """Refuse parameters used by two levels: level-wise solving would overwrite one use with the other."""
     levels: dict[str, list[int]] = collections.defaultdict(list)
     by_name = {n.name: n for n in plan.gm.graph.nodes}
     for lv in plan:
         for name in lv.nodes:
             n = by_name[name]
-            if n.op == "call_module":
+            # a parameter-free module (one ReLU called twice, as torchvision's ResNets do) is harmless
+            if n.op == "call_module" and any(True for _ in plan.gm.get_submodule(str(n.target)).parameters()):
                 levels[str(n.target)].append(lv.index)
     shared = {t: sorted(set(ix)) for t, ix in levels.items() if len(set(ix)) > 1}
     if shared:
         t, ix = next(iter(shared.items()))
         raise FxFuseError(
-            f"models[{k}]: module `{t}` is called in levels {ix} (shared or tied weights); level-by-level fusion "
+            f"{k}: module `{t}` is called in levels {ix} (shared or tied weights); level-by-level fusion "
             "would solve each use separately and keep only the last. Untie the weights (a separate module per use), "
             "or use a whole-model method such as method='git-rebasin'"
         )
@@ -193,8 +201,8 @@ def _check_structure(plans, names: list[str]) -> None:
     if len(set(counts)) != 1:
         raise AlignmentError(
             f"models have different numbers of levels ({', '.join(f'{n} {c}' for n, c in zip(names, counts))}); "
-            "level-by-level fusion needs equal depth. Depth alignment (cross-layer alignment) is needed for "
-            "models of different depth"
+            "after depth alignment; a target= must have the depth of the deepest model (merging a deeper model's "
+            "extra levels into a shallower target is not supported): pass the deepest model as target= or leave it unset"
         )
     for k, p in enumerate(plans[1:], 1):
         for a, b in zip(ref, p):
@@ -268,17 +276,41 @@ def prepare(models: Any, data: Any, cfg: FuseConfig) -> Prepared:
         _warn_skew(data, method, cfg)
     if cfg.importance != "uniform" and not data.has_labels:
         data = data.with_labels(lambda x: sum(g(x).softmax(-1) for g in gms).argmax(-1))
-    target = cfg.target if cfg.target is not None else models[0]
-    dtype = next((p.dtype for p in target.parameters() if p.is_floating_point()), torch.float32)
-    flags = {n: p.requires_grad for n, p in target.named_parameters()}
     if not method.levelwise:
-        return Prepared(gms, data, [], None, dtype, flags)
+        target = cfg.target if cfg.target is not None else models[0]
+        dtype = next((p.dtype for p in target.parameters() if p.is_floating_point()), torch.float32)
+        return Prepared(gms, data, [], None, dtype, {n: p.requires_grad for n, p in target.named_parameters()})
+    plans = [partition_levels(g) for g in gms]
+    depths = [len(p) for p in plans]
+    deepest = max(range(len(plans)), key=lambda k: (depths[k], -k))
+    if len(set(depths)) > 1 and method.grouping == "aligned":
+        raise AlignmentError(
+            f"models have different depths ({', '.join(f'models[{k}] {d} levels' for k, d in enumerate(depths))}); "
+            f"{method.name} interpolates parameters one to one and cannot use identity levels. Use hf-linear, "
+            "kf-linear, hf-gradient or kf-gradient, which align depth (cross-layer alignment)"
+        )
     if method.grouping == "aligned":
         gms = GROUPINGS["aligned"].prepare(gms, data, cfg)
-    plans = [partition_levels(g) for g in gms]
-    fused_gm = _trace_copy("target" if cfg.target is not None else 0, target, data.example, dev)
+        plans = [partition_levels(g) for g in gms]
+    # models of different depth: the fused model takes the deepest one's architecture unless target= is given
+    target = cfg.target if cfg.target is not None else models[0] if len(set(depths)) == 1 else models[deepest]
+    target_name = "target" if cfg.target is not None else "models[0]" if len(set(depths)) == 1 else f"models[{deepest}]"
+    dtype = next((p.dtype for p in target.parameters() if p.is_floating_point()), torch.float32)
+    flags = {n: p.requires_grad for n, p in target.named_parameters()}
+    fused_gm = _trace_copy(target_name, target, data.example, dev)
     fused_plan = partition_levels(fused_gm)
-    names = [f"models[{k}]" for k in range(len(gms))] + ["target" if cfg.target is not None else "models[0]"]
+    prep = Prepared(gms, data, plans, fused_plan, dtype, flags)
+    if len(set(depths)) == 1:
+        check_plans(prep, cfg, target_name)
+    return prep
+
+
+def check_plans(prep: Prepared, cfg: FuseConfig, target_name: str = "target") -> None:
+    """The level plans of the models and the fused model correspond level by level (shapes, heads, tied
+    weights, and equal widths where the method needs them); raises naming the level otherwise."""
+    method = get_method(cfg.method)
+    plans, fused_plan = prep.plans, prep.fused_plan
+    names = [f"models[{k}]" for k in range(len(plans))] + [target_name]
     _check_structure(plans + [fused_plan], names)
     for k, p in enumerate(plans + [fused_plan]):
         _check_tied(p, names[k])
@@ -291,7 +323,6 @@ def prepare(models: Any, data: Any, cfg: FuseConfig) -> Prepared:
                     f"{'' if ws[-1] == ws[0] else f' (fused {ws[-1]})'}; {method.name} needs equal widths, "
                     "use method='kf-linear'"
                 )
-    return Prepared(gms, data, plans, fused_plan, dtype, flags)
 
 
 def _warn_skew(data: FusionData, method: Method, cfg: FuseConfig) -> None:
@@ -311,9 +342,66 @@ def _warn_skew(data: FusionData, method: Method, cfg: FuseConfig) -> None:
 # --- 2. depth alignment (cross-layer alignment fills this slot) ---------------------------
 
 
+# level outputs wider than this are compared through a count sketch of this many features (CKA needs
+# only inner products between samples, which the sketch preserves in expectation)
+CLA_FEATURES = 4096
+
+
+def level_features(prep: Prepared, cfg: FuseConfig) -> list[list[Tensor]]:
+    """Per model, per level: the first ``cfg.cla_samples`` samples' level outputs, flattened, as float32
+    Tensors of shape (n_samples, ≤ CLA_FEATURES) (a fixed count sketch when wider)."""
+    chains = [p.split() for p in prep.plans]
+    feats: list[list[list[Tensor]]] = [[[] for _ in p] for p in prep.plans]
+    sketches: dict[tuple[int, int], tuple[Tensor, Tensor]] = {}
+    gen = torch.Generator().manual_seed(cfg.seed)
+    seen = 0
+    for x, _ in prep.data.batches(cfg.batch_size, cfg.device):
+        x = x[: cfg.cla_samples - seen]
+        for k, chain in enumerate(chains):
+            h = x
+            with torch.no_grad():
+                for i, lv in enumerate(chain):
+                    h = lv(h)
+                    z = h.reshape(h.shape[0], -1).float()
+                    if z.shape[1] > CLA_FEATURES:
+                        if (k, i) not in sketches:
+                            idx = torch.randint(CLA_FEATURES, (z.shape[1],), generator=gen)
+                            sign = torch.randint(2, (z.shape[1],), generator=gen).float() * 2 - 1
+                            sketches[(k, i)] = (idx.to(z.device), sign.to(z.device))
+                        idx, sign = sketches[(k, i)]
+                        z = torch.zeros(z.shape[0], CLA_FEATURES, device=z.device).index_add_(1, idx, z * sign)
+                    feats[k][i].append(z.cpu())
+        seen += x.shape[0]
+        if seen >= cfg.cla_samples:
+            break
+    return [[torch.cat(f) for f in fk] for fk in feats]
+
+
 def align_depth(prep: Prepared, cfg: FuseConfig) -> Prepared:
-    """Make the models' level plans correspond one to one; today they must already (equal depth)."""
-    return prep
+    """Make the models' level plans correspond one to one (CLAFusion's cross-layer alignment).
+
+    Models of equal depth pass through. Otherwise every model is aligned to the
+    deepest (:func:`fxfuse.passes.align_depth`, 1 − linear CKA of level outputs on
+    ``cla_samples`` fusion samples, a dynamic program between pinned levels) and
+    gets identity levels where the deepest has levels it lacks
+    (:func:`fxfuse.passes.insert_identity`, checked to leave its function unchanged).
+    """
+    from fxfuse.passes import align_depth as cla
+    from fxfuse.passes import insert_identity
+
+    depths = [len(p) for p in prep.plans]
+    if len(set(depths)) == 1:
+        return prep
+    deepest = max(range(len(depths)), key=lambda k: (depths[k], -k))
+    alignment = cla(prep.plans, level_features(prep, cfg), target=deepest)
+    gms, plans = list(prep.models), list(prep.plans)
+    example = prep.data.example.to(cfg.device)
+    for k, ins in enumerate(alignment.insertions):
+        if ins:
+            gms[k], plans[k] = insert_identity(gms[k], plans[k], ins, example=example)
+    out = dataclasses.replace(prep, models=gms, plans=plans, alignment=alignment)
+    check_plans(out, cfg, "target" if cfg.target is not None else f"models[{deepest}]")
+    return out
 
 
 # --- 3. importance ---------------------------------------------------------------------------
@@ -639,7 +727,7 @@ def fuse_level(i: int, prep: Prepared, scores: list[list[Tensor]], col: Collecto
         offset += out.shape[0]
     err = sol.error if sol.error is not None else sq_err / max(sq_t, 1e-300)
     return LevelRecord(i, lv.name, lv.kind, grouping.how, sol.how, grouping.cost, err, time.perf_counter() - t0,
-                       rows, columns, sol.ridge, ops)
+                       rows, columns, sol.ridge, ops, identity=_identity_at(prep, i))
 
 
 def _collect_and_group(i: int, prep: Prepared, scores: list[list[Tensor]], col: Collector, spec,
@@ -654,18 +742,27 @@ def _collect_and_group(i: int, prep: Prepared, scores: list[list[Tensor]], col: 
     return data, grouping
 
 
+def _identity_at(prep: Prepared, i: int) -> tuple[str, ...]:
+    """The models whose level ``i`` is an inserted identity (models of different depth)."""
+    if prep.alignment is None:
+        return ()
+    return tuple(f"models[{k}]" for k in range(len(prep.plans)) if i in prep.alignment.inserted_levels(k))
+
+
 def _block_spec(i: int, col: Collector):
-    """The fused level's :func:`~fxfuse.passes.block_spec` when every base level has the same nodes, else None."""
+    """The fused level's :func:`~fxfuse.passes.block_spec` when the base levels have the same nodes, else None."""
     from fxfuse.passes import block_spec
 
     bspec = block_spec(col.chains[-1][i])
     if bspec is None:
         return None
+    from ._blocks import has_nodes
+
     names = {bspec.pre, *bspec.fixed, *(u.output for u in bspec.units), *(u.spec.op_node for u in bspec.units)}
-    for chain in col.chains[:-1]:
-        have = {n.name for n in chain[i].graph.nodes}
-        if not names <= have:
-            return None
+    # every base level has the block's nodes, except inserted identity levels (models of different depth),
+    # which contribute their level output only; at least one base must have them all
+    if not any(has_nodes(chain[i], names) for chain in col.chains[:-1]):
+        return None
     return bspec
 
 
@@ -709,6 +806,10 @@ def format_report(fused: GraphModule) -> str:
          f"{r['approx_error']:.3g}", f"{r['seconds']:.2f}")
         for r in meta["levels"]
     ]
+    if any(r.get("identity") for r in meta["levels"]):  # models of different depth
+        rows = [(*row, "identity in" if k == 0 else ", ".join(meta["levels"][k - 1].get("identity") or ()))
+                for k, row in enumerate(rows)]
+        head = rows[0]
     w = [max(len(r[c]) for r in rows) for c in range(len(head))]
     lines = [f"fxfuse: {meta['method']} with {meta['importance']} importance, {meta['n_models']} models, "
              f"{meta['seconds']:.1f} s"]

@@ -41,7 +41,11 @@ def fuse(
        (:func:`fxfuse.trace`, :func:`fxfuse.passes.partition_levels`); whole-model
        baselines (vanilla, ensemble, last-layer-kd, git-rebasin, otfusion,
        np-merge) build their model from here;
-    3. depth alignment (a slot: models must have equal depth today);
+    3. depth alignment: models of different depth are aligned to the deepest by
+       cross-layer alignment (CLAFusion: 1 − linear CKA of level outputs, a dynamic
+       program between pinned, shape-changing levels) and get exact identity levels
+       where they lack one (:func:`fxfuse.passes.align_depth`,
+       :func:`fxfuse.passes.insert_identity`); equal depths pass through;
     4. importance scores of every neuron of every level of every model;
     5. for each level i: collect (stream the data once: base outputs, and the
        fused level's input — the fused model's own level i-1 output), group
@@ -54,8 +58,9 @@ def fuse(
        report in ``fused.meta["fxfuse"]``.
 
     Args:
-        models: Two or more trained models (a list or an ``nn.ModuleList``) with
-            the same level structure; widths may differ for the k-means methods.
+        models: Two or more trained models (a list or an ``nn.ModuleList``) of one
+            family: widths may differ for the k-means methods, and depths (blocks
+            per stage, hidden layers) for hf-*/kf-* methods.
         data: Fusion data, streamed batch by batch: a Tensor of inputs, a tuple
             ``(inputs, labels)``, a dict ``{"inputs", "labels"}``, or an iterable (a
             list, a DataLoader) of Tensors, pairs or dicts. A tuple of two Tensors
@@ -71,7 +76,8 @@ def fuse(
         seed: Seed of k-means, data splits and gradient fitting.
         progress: Show progress bars and print the per-level report.
         **options: ``target`` (a model whose architecture the fused model takes;
-            default ``models[0]``), ``reset_bn``, ``class_weights``, ``max_rows``,
+            default ``models[0]``, or the deepest model when depths differ), ``cla_samples`` (models of
+            different depth: samples the CKA compares, default 256), ``reset_bn``, ``class_weights``, ``max_rows``,
             ``batch_size``, ``memory_budget`` (bytes of level outputs cached between
             levels, default 256 MiB; beyond it they are recomputed), ``n_init``,
             ``importance_steps``, ``match`` (alignment methods: ``"correlation"``,

@@ -310,7 +310,7 @@ def out_of_place(gm: GraphModule) -> GraphModule:
         >>> import torch, fxfuse
         >>> from fxfuse._trace import out_of_place
         >>> m = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.ReLU(inplace=True))
-        >>> out_of_place(fxfuse.trace(m, torch.randn(1, 2)))[1].inplace
+        >>> out_of_place(fxfuse.trace(m, torch.randn(1, 2))).get_submodule("1").inplace
         False
     """
     changed = False

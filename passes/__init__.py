@@ -5,6 +5,7 @@ rewriting passes return new GraphModules and never mutate their input.
 """
 
 from ._affine import AffineSpec, BlockSpec, BlockUnit, affine_spec, block_spec
+from ._depth import DepthAlignment, align_depth, cla_dp, insert_identity, linear_cka, pinned_levels
 from ._partition import Level, LevelPlan, partition_levels
 from ._rewrite import rewrite_params
 from ._spaces import NeuronSpace, NeuronSpaces, check_neuron_spaces, neuron_spaces, permute
@@ -15,6 +16,12 @@ __all__ = [
     "BlockSpec",
     "BlockUnit",
     "block_spec",
+    "DepthAlignment",
+    "align_depth",
+    "cla_dp",
+    "insert_identity",
+    "linear_cka",
+    "pinned_levels",
     "Level",
     "LevelPlan",
     "NeuronSpace",

@@ -97,7 +97,7 @@ def test_result_is_a_plain_graphmodule_with_a_report(capsys):
     levels = fused.meta["fxfuse"]["levels"]
     assert [r["approximation"] for r in levels] == ["closed form"] * 3
     assert set(levels[0]) == {"level", "name", "kind", "grouping", "approximation", "grouping_cost", "approx_error", "seconds",
-                              "rows", "columns", "ridge", "ops"}
+                              "rows", "columns", "ridge", "ops", "identity"}
     assert all(r["ridge"] is not None and 0 < r["ridge"] < 10 for r in levels)  # chosen by cross-validation
     assert "kf-linear with uniform importance" in capsys.readouterr().out
 
@@ -182,8 +182,9 @@ def test_single_model_is_refused():
         fxfuse.fuse([mlp(), "mlp"], _data((16,)))
 
 
-def test_different_level_counts_point_to_depth_alignment():
-    with pytest.raises(fxfuse.AlignmentError, match=r"different numbers of levels \(models\[0\] 3, models\[1\] 2, .*\).*[Dd]epth alignment"):
+def test_different_depths_with_different_stages_name_the_pinned_levels():
+    # 16-12-10-3 and 16-12-3: the width change 12 -> 10 is a stage the shallower model lacks
+    with pytest.raises(fxfuse.AlignmentError, match=r"models\[1\] has 2 pinned levels .* target models\[0\] has 3"):
         fxfuse.fuse([mlp(hidden=(12, 10)), mlp(hidden=(12,))], _data((16,)))
 
 
