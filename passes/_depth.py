@@ -212,24 +212,26 @@ class DepthAlignment:
         matched = set(self.mapping[k])
         return [i for i in range(self.depths[self.target]) if i not in matched]
 
-    def table(self, names: Sequence[str] | None = None) -> str:
-        """A side-by-side text table: one row per target level, the matched level of each model (+ for an identity)."""
+    def table(self, names: Sequence[str] | None = None, plans: Sequence[LevelPlan] | None = None) -> str:
+        """A side-by-side text table: one row per target level, the matched level of each model (with its
+        1 − CKA to the target level), or ``+ identity`` where the model gets one; level names when ``plans``
+        are given."""
         names = list(names) if names is not None else [f"models[{k}]" for k in range(len(self.depths))]
         inverse = [{t: j for j, t in enumerate(mp)} for mp in self.mapping]
-        head = ["level", *names, "pinned"]
-        rows = [head]
+
+        def label(k: int, j: int) -> str:
+            return f"{j} {plans[k][j].name}" if plans is not None else str(j)
+
+        rows = [["level", *names, "pinned"]]
         for i in range(self.depths[self.target]):
             cells = [str(i)]
             for k in range(len(self.depths)):
                 j = inverse[k].get(i)
-                if j is None:
-                    cells.append("+ identity")
-                else:
-                    c = self.costs[k]
-                    cells.append(f"{j}" + ("" if c is None else f" (1-CKA {float(c[j, i]):.2f})"))
+                c = self.costs[k]
+                cells.append("+ identity" if j is None else label(k, j) + ("" if c is None else f" (1-CKA {float(c[j, i]):.2f})"))
             cells.append("pin" if i in self.pinned else "")
             rows.append(cells)
-        w = [max(len(r[c]) for r in rows) for c in range(len(head))]
+        w = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
         return "\n".join("  ".join(x.ljust(v) for x, v in zip(r, w)).rstrip() for r in rows)
 
 

@@ -17,7 +17,7 @@ from ._ops import module_of, tensor_shape
 if TYPE_CHECKING:
     from ._partition import LevelPlan
 
-__all__ = ["dump_text", "to_dot", "to_html", "save", "FORMATS"]
+__all__ = ["FORMATS", "alignment_html", "dump_text", "save", "to_dot", "to_html"]
 
 FORMATS = (".txt", ".dot", ".svg", ".html")
 _KIND_COLORS = {"affine": ("#dbe9fb", "#c4daf7"), "residual": ("#fde6cf", "#fbd6b0"), "general": ("#dcf2dc", "#c6e8c6")}
@@ -305,3 +305,93 @@ def _render_svg(dot_source: str, path: str) -> str:
     if proc.returncode != 0:
         raise DumpError(f"Graphviz `dot` failed writing {path} (exit {proc.returncode}): {proc.stderr.strip()}")
     return proc.stdout
+
+
+def _cost_color(c: float) -> str:
+    """Green (1 − CKA near 0: similar) to red (near 1: unrelated)."""
+    c = min(max(c, 0.0), 1.0)
+    r, g = int(90 + 165 * c), int(200 - 120 * c)
+    return f"rgb({r},{g},110)"
+
+
+def _cost_svg(cost, mapping: tuple[int, ...], rows: list[str], cols: list[str], pinned: set[int]) -> str:
+    """A heat map of 1 − CKA (rows: a model's levels, columns: the target's), the chosen matches outlined."""
+    e = html.escape
+    cell, left, top = 22, 150, 95
+    n, m = cost.shape
+    w, h = left + m * cell + 10, top + n * cell + 10
+    parts = [f'<svg class="heat" xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" '
+             f'font-family="Helvetica, Arial, sans-serif" font-size="10">']
+    for i, name in enumerate(cols):
+        x = left + i * cell + cell / 2
+        weight = ' font-weight="bold"' if i in pinned else ""
+        parts.append(f'<text transform="translate({x + 3},{top - 6}) rotate(-60)"{weight}>{e(_clip(f"{i} {name}", 22))}</text>')
+    for j, name in enumerate(rows):
+        y = top + j * cell
+        parts.append(f'<text x="{left - 6}" y="{y + cell / 2 + 3}" text-anchor="end">{e(_clip(f"{j} {name}", 22))}</text>')
+        for i in range(m):
+            c = float(cost[j, i])
+            parts.append(f'<rect x="{left + i * cell}" y="{y}" width="{cell - 1}" height="{cell - 1}" '
+                         f'fill="{_cost_color(c)}"><title>{e(rows[j])} vs {e(cols[i])}: 1 − CKA {c:.3f}</title></rect>')
+        i = mapping[j]
+        parts.append(f'<rect class="match" x="{left + i * cell + 1}" y="{y + 1}" width="{cell - 3}" height="{cell - 3}" '
+                     'fill="none" stroke="#111" stroke-width="2.5"/>')
+    parts.append("</svg>")
+    return "\n".join(parts)
+
+
+def alignment_html(alignment, plans, names) -> str:
+    """A self-contained page showing a :class:`~fxfuse.passes.DepthAlignment`: one row per level of the target
+    with the matched level of every model (or the identity inserted there), and a heat map of 1 − linear CKA
+    per model with the chosen matches outlined."""
+    e = html.escape
+    t = alignment.target
+    tp = plans[t]
+    inverse = [{ti: j for j, ti in enumerate(mp)} for mp in alignment.mapping]
+    head = "".join(f"<th>{e(n)}</th>" for n in ["level", f"{names[t]} (target)"] +
+                   [n for k, n in enumerate(names) if k != t] + ["pinned"])
+    body = []
+    for i in range(len(tp)):
+        cells = [f"<td>{i}</td>", f"<td>{e(tp[i].name)}</td>"]
+        for k in range(len(plans)):
+            if k == t:
+                continue
+            j = inverse[k].get(i)
+            if j is None:
+                cells.append('<td class="ident">+ identity</td>')
+            else:
+                c = float(alignment.costs[k][j, i])
+                cells.append(f'<td style="background:{_cost_color(c)}33">{j} {e(plans[k][j].name)} '
+                             f'<small>(1 − CKA {c:.2f})</small></td>')
+        cells.append(f"<td>{'pin' if i in alignment.pinned else ''}</td>")
+        body.append(f"<tr>{''.join(cells)}</tr>")
+    maps = []
+    for k in range(len(plans)):
+        if k == t:
+            continue
+        maps.append(f"<h2>{e(names[k])} against {e(names[t])}</h2>" + _cost_svg(
+            alignment.costs[k], alignment.mapping[k], [lv.name for lv in plans[k]], [lv.name for lv in tp],
+            set(alignment.pinned)))
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8">
+<title>fxfuse depth alignment</title>
+<style>
+body {{ font-family: Helvetica, Arial, sans-serif; margin: 24px; color: #222; }}
+table {{ border-collapse: collapse; font-size: 13px; margin-bottom: 24px; }}
+th, td {{ border: 1px solid #bbb; padding: 3px 8px; text-align: left; }}
+th {{ background: #eee; }}
+td.ident {{ background: #f3e8ff; font-style: italic; }}
+</style></head>
+<body>
+<h1>Depth alignment (cross-layer alignment)</h1>
+<p>Every model is aligned to {e(names[t])} ({len(tp)} levels). Pinned levels (first, head, and those that change
+the shape) match in order; between them a dynamic program picks the matches with the least 1 − linear CKA of the
+level outputs (CLAFusion, Algorithm 1). Levels a model lacks get an identity level.</p>
+<table id="alignment"><thead><tr>{head}</tr></thead><tbody>
+{chr(10).join(body)}
+</tbody></table>
+<p>Heat maps: 1 − CKA from green (similar) to red (unrelated); outlined cells are the chosen matches; bold
+columns are pinned.</p>
+{chr(10).join(maps)}
+</body></html>
+"""

@@ -136,3 +136,34 @@ def test_fuse_command_np_merge_uses_the_digit_labels(tmp_path, capsys):
     assert main(["fuse", *paths, "--data", "digits", "--samples", "64", "--method", "kf-linear", "--objective",
                  "ce", "--quiet", "--out", str(tmp_path / "no.pt")]) == 2
     assert "--objective: kf-linear has no objective option" in capsys.readouterr().err
+
+
+def test_levels_of_two_models_prints_their_depth_alignment(tmp_path, capsys):
+    import shutil
+    import subprocess
+
+    import timm
+
+    from fxfuse import save_checkpoint
+
+    for name, layers in (("deep", [2, 2, 1, 1]), ("shallow", [1, 1, 1, 1])):
+        kw = dict(layers=layers, channels=(8, 16, 16, 32), stem_width=8, num_classes=4)
+        torch.manual_seed(0)
+        save_checkpoint(timm.create_model("resnet18", pretrained=False, **kw), tmp_path / f"{name}.pt", "resnet18",
+                        input_size=(3, 16, 16), **kw)
+    out = tmp_path / "al.html"
+    rc = main(["levels", str(tmp_path / "deep.pt"), str(tmp_path / "shallow.pt"), "--data", "digits",
+               "--samples", "48", "--out", str(out)])
+    text = capsys.readouterr().out
+    assert rc == 0
+    assert "target: deep.pt" in text
+    rows = [line for line in text.splitlines() if "+ identity" in line]
+    assert [r.split()[2] for r in rows] == ["layer1.1", "layer2.1"]  # the levels the shallow model lacks
+    assert "shallow.pt: an identity level after its level(s) 1, 2" in text
+    page = out.read_text()
+    assert page.count('class="ident"') == 2 and page.count('class="match"') == 6
+    browser = shutil.which("chromium-headless-shell") or shutil.which("chromium")
+    if browser:  # the page loads in a real browser and keeps its table and heat map
+        res = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--dump-dom", out.as_uri()],
+                             capture_output=True, text=True, timeout=120)
+        assert res.returncode == 0 and res.stdout.count('class="match"') == 6 and 'id="alignment"' in res.stdout
