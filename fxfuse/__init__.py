@@ -12,6 +12,7 @@ Example:
 """
 
 from ._export import export
+from ._finetune import finetune
 from ._fuse import fuse
 from ._errors import AlignmentError, DumpError, FxFuseError, LabelSkewWarning, PartitionError, TraceError
 from ._models import build_model, load_checkpoint, save_checkpoint
@@ -29,6 +30,7 @@ __all__ = [
     "__version__",
     "build_model",
     "export",
+    "finetune",
     "fuse",
     "load_checkpoint",
     "save_checkpoint",

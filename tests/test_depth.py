@@ -285,3 +285,45 @@ def test_depth_alignment_refusals():
         fxfuse.fuse([deep, shallow], x, method="kf-linear", target=mlp(2), progress=False)
     with pytest.raises(ValueError, match="cla_samples"):
         fxfuse.fuse([deep, shallow], x, method="kf-linear", cla_samples=1, progress=False)
+
+
+# --- fine-tune --------------------------------------------------------------------------------
+
+
+def test_finetune_improves_a_fused_model_and_leaves_it_untouched():
+    from fxfuse._experiments import make_setting
+
+    s = make_setting("mlp", seed=0)
+    fused = fxfuse.fuse(s.models, s.fusion, method="kf-linear", progress=False)
+    before = {k: v.clone() for k, v in fused.state_dict().items()}
+    report = copy.deepcopy(fused.meta["fxfuse"])
+    x, y = s.fusion
+    tuned = fxfuse.finetune(fused, (x, y), epochs=10, lr=1e-3, progress=False)
+    with torch.no_grad():
+        loss_before = float(torch.nn.functional.cross_entropy(fused(x), y))
+        loss_after = float(torch.nn.functional.cross_entropy(tuned(x), y))
+    assert loss_after < loss_before
+    losses = tuned.meta["fxfuse"]["finetune"]["loss"]
+    assert len(losses) == 10 and losses[-1] < losses[0]
+    assert isinstance(tuned, torch.fx.GraphModule) and not tuned.training
+    for k, v in fused.state_dict().items():
+        assert torch.equal(v, before[k])
+    assert fused.meta["fxfuse"] == report  # the input's report is not changed
+    # label-free: distil the base models' mean softmax on inputs alone
+    distilled = fxfuse.finetune(fused, x, teachers=s.models, epochs=3, progress=False)
+    assert distilled.meta["fxfuse"]["finetune"]["objective"] == "distill"
+
+
+def test_finetune_bad_arguments():
+    m = mlp(2)
+    x, y = torch.randn(16, 8), torch.randint(0, 3, (16,))
+    with pytest.raises(ValueError, match="objective='ce' needs labels"):
+        fxfuse.finetune(m, x, progress=False)
+    with pytest.raises(ValueError, match="teachers"):
+        fxfuse.finetune(m, (x, y), objective="distill", progress=False)
+    with pytest.raises(ValueError, match="lr must be a positive number"):
+        fxfuse.finetune(m, (x, y), lr=0, progress=False)
+    with pytest.raises(ValueError, match="epochs must be an int >= 1"):
+        fxfuse.finetune(m, (x, y), epochs=0, progress=False)
+    with pytest.raises(ValueError, match="objective must be one of"):
+        fxfuse.finetune(m, (x, y), objective="mse", progress=False)

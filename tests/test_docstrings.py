@@ -8,7 +8,8 @@ import pytest
 MODULES = [
     "fxfuse", "fxfuse._trace", "fxfuse._models", "fxfuse.passes._partition",
     "fxfuse._fuse", "fxfuse._export", "fxfuse.data", "fxfuse._grouping", "fxfuse.passes._spaces",
-    "fxfuse._baselines", "fxfuse._npmerge", "fxfuse._importance", "fxfuse._recipe",
+    "fxfuse._baselines", "fxfuse._npmerge", "fxfuse._importance", "fxfuse._recipe", "fxfuse.passes._depth",
+    "fxfuse._finetune",
 ]
 
 

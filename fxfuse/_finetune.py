@@ -1,0 +1,191 @@
+"""A short fine-tune after fusion (CLAFusion, section 4 and Table 7; "Model Fusion via Neuron Interpolation", Table 3)."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["finetune"]
+
+OBJECTIVES = ("ce", "distill")
+
+
+def _tensors(data: Any) -> tuple[Tensor, Tensor | None] | None:
+    from ._collect import _split_item
+
+    if isinstance(data, (Tensor, dict)) or (isinstance(data, tuple) and len(data) == 2 and isinstance(data[0], Tensor)):
+        return _split_item(data, "data")
+    return None
+
+
+def finetune(
+    model: nn.Module,
+    data: Any,
+    *,
+    epochs: int = 5,
+    lr: float = 1e-3,
+    weight_decay: float = 0.0,
+    batch_size: int = 32,
+    objective: str | None = None,
+    teachers: Sequence[nn.Module] | None = None,
+    temperature: float = 1.0,
+    device: str | torch.device | None = None,
+    seed: int = 0,
+    progress: bool = True,
+) -> nn.Module:
+    """Fine-tune a copy of ``model`` for a few epochs with Adam: any fused model, or any other.
+
+    Fused models are usually fine-tuned briefly before use (CLAFusion fine-tunes its
+    depth-aligned fusions; the neuron-interpolation paper's Table 3 does too). Two
+    objectives:
+
+    * ``"ce"``: cross-entropy on the labels of ``data`` (the default when no
+      ``teachers`` are given);
+    * ``"distill"``: KL divergence to the mean softmax of ``teachers`` (e.g. the base
+      models) at ``temperature``; needs no labels, so it holds on a skewed sample that
+      misses classes (the default when ``teachers`` are given).
+
+    BatchNorm layers train on batch statistics, as in ordinary training. The input
+    model is never modified; the result is in eval mode, on the input's device and
+    dtype, with its ``requires_grad`` flags.
+
+    Args:
+        model: The model to fine-tune.
+        data: A Tensor of inputs (with ``teachers``), an ``(inputs, labels)`` tuple or
+            ``{"inputs", "labels"}`` dict (shuffled every epoch with ``seed``), or an
+            iterable of such batches (a DataLoader, which may shuffle), read once per epoch.
+        epochs: Passes over ``data``.
+        lr: Adam's learning rate.
+        weight_decay: Adam's weight decay.
+        batch_size: Batch size for Tensor data.
+        objective: ``"ce"`` or ``"distill"``; default: ``"distill"`` with teachers, else ``"ce"``.
+        teachers: Models whose mean softmax the ``"distill"`` objective follows.
+        temperature: Softmax temperature of ``"distill"``.
+        device: Where to train; default: the model's device.
+        seed: Seed of the shuffling.
+        progress: Show a progress bar with the running loss.
+
+    Returns:
+        The fine-tuned copy; ``copy.meta["fxfuse"]["finetune"]`` (GraphModules) records
+        the settings and the mean loss of each epoch.
+
+    Raises:
+        ValueError / TypeError: a bad argument (the message names it).
+
+    Example:
+        >>> import torch, fxfuse
+        >>> _ = torch.manual_seed(0)
+        >>> m = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
+        >>> x = torch.randn(128, 4); y = (x[:, 0] > 0).long()
+        >>> tuned = fxfuse.finetune(m, (x, y), epochs=20, lr=1e-2, progress=False)
+        >>> bool((tuned(x).argmax(-1) == y).float().mean() > 0.9)
+        True
+    """
+    from ._config import _check_int, resolve_device
+
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    _check_int("epochs", epochs, 1)
+    _check_int("batch_size", batch_size, 1)
+    _check_int("seed", seed, None)
+    for name, v, pos in (("lr", lr, True), ("weight_decay", weight_decay, False), ("temperature", temperature, True)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0 or (pos and v == 0):
+            raise ValueError(f"{name} must be a {'positive' if pos else 'non-negative'} number, got {v!r}")
+    teachers = list(teachers) if teachers is not None else []
+    for k, t in enumerate(teachers):
+        if not isinstance(t, nn.Module):
+            raise TypeError(f"teachers[{k}] is a {type(t).__name__}, not a torch.nn.Module")
+    if objective is None:
+        objective = "distill" if teachers else "ce"
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {', '.join(map(repr, OBJECTIVES))}, got {objective!r}")
+    if objective == "distill" and not teachers:
+        raise ValueError("objective='distill' follows the mean softmax of teachers=[...] (e.g. the base models); "
+                         "pass them, or use objective='ce' with labelled data")
+    p0 = next((p for p in model.parameters() if p.is_floating_point()), None)
+    if p0 is None:
+        raise ValueError("model has no floating-point parameters to fine-tune")
+    dev = resolve_device(device) if device is not None else p0.device
+    tensors = _tensors(data)
+    if tensors is not None:
+        x_all, y_all = tensors
+        if objective == "ce" and y_all is None:
+            raise ValueError("objective='ce' needs labels: pass data as (inputs, labels), or pass teachers=[...] to "
+                             "distil their mean softmax (no labels needed)")
+        n = x_all.shape[0]
+        if n < 2:
+            raise ValueError(f"data has {n} sample(s); fine-tuning needs at least 2")
+    elif isinstance(data, (str, bytes)) or not hasattr(data, "__iter__"):
+        raise TypeError(f"data must be a Tensor, an (inputs, labels) tuple, a dict or an iterable of batches; "
+                        f"got {type(data).__name__}")
+
+    tuned = copy.deepcopy(model).to(dev, torch.float32)
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    for p in tuned.parameters():
+        p.requires_grad_(p.is_floating_point())
+    teach = [copy.deepcopy(t).to(dev).float().eval() for t in teachers]
+    opt = torch.optim.Adam([p for p in tuned.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay)
+    gen = torch.Generator().manual_seed(seed)
+
+    def batches():
+        if tensors is not None:
+            perm = torch.randperm(n, generator=gen)
+            for s in range(0, n, batch_size):
+                b = perm[s : s + batch_size]
+                yield x_all[b], (None if y_all is None else y_all[b])
+        else:
+            from ._collect import _split_item
+
+            for i, item in enumerate(data):
+                yield _split_item(item, f"data: batch {i}")
+
+    def loss_of(x: Tensor, y: Tensor | None) -> Tensor:
+        out = tuned(x)
+        if objective == "ce":
+            if y is None:
+                raise ValueError("objective='ce' needs labels, but a batch of data has none")
+            return F.cross_entropy(out, y.long())
+        with torch.no_grad():
+            target = torch.stack([t(x).float().div(temperature).softmax(-1) for t in teach]).mean(0)
+        return F.kl_div(F.log_softmax(out / temperature, -1), target, reduction="batchmean") * temperature**2
+
+    from ._engine import progress_bar
+
+    bar = progress_bar(epochs, "fine-tuning", progress)
+    history = []
+    tuned.train()
+    try:
+        for _ in range(epochs):
+            total, count = 0.0, 0
+            for x, y in batches():
+                if x.shape[0] < 2:
+                    continue  # BatchNorm needs two samples
+                x = x.to(dev, torch.float32) if x.is_floating_point() else x.to(dev)
+                y = None if y is None else y.to(dev)
+                opt.zero_grad(set_to_none=True)
+                loss = loss_of(x, y)
+                loss.backward()
+                opt.step()
+                total += float(loss) * x.shape[0]
+                count += x.shape[0]
+            history.append(total / max(count, 1))
+            if bar is not None:
+                bar.set_postfix(loss=f"{history[-1]:.4f}")
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+    tuned = tuned.to(p0.device, p0.dtype).eval()
+    for name, p in tuned.named_parameters():
+        p.requires_grad_(flags.get(name, True))
+    meta = getattr(tuned, "meta", None)
+    if isinstance(meta, dict):  # a new dict: the input model's meta stays as it was
+        tuned.meta = {**meta, "fxfuse": {**meta.get("fxfuse", {}), "finetune": {
+            "epochs": epochs, "lr": lr, "weight_decay": weight_decay, "objective": objective,
+            "batch_size": batch_size, "seed": seed, "loss": history}}}
+    return tuned
