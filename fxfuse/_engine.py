@@ -445,6 +445,8 @@ class HungarianGrouping:
 
     def fit(self, gram: Tensor, scores: Tensor, widths: list[int], k: int, seed: int, cfg: FuseConfig) -> Tensor:
         w0 = widths[0]
+        if len(widths) == 1:  # one model's neurons only (the others' level here is an inserted identity)
+            return torch.arange(w0, device=gram.device)
         match = hungarian_pairs(gram_pair_costs(gram, scores[:w0], scores[w0:])).to(gram.device)
         labels = torch.empty(sum(widths), dtype=torch.long, device=gram.device)
         labels[:w0] = torch.arange(w0, device=gram.device)

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["finetune"]
+__all__ = ["finetune", "restandardise_batchnorm"]
 
 OBJECTIVES = ("ce", "distill")
 
@@ -21,6 +21,56 @@ def _tensors(data: Any) -> tuple[Tensor, Tensor | None] | None:
     if isinstance(data, (Tensor, dict)) or (isinstance(data, tuple) and len(data) == 2 and isinstance(data[0], Tensor)):
         return _split_item(data, "data")
     return None
+
+
+@torch.no_grad()
+def restandardise_batchnorm(model: nn.Module, batches) -> int:
+    """Set every affine BatchNorm's running statistics to those of its inputs on ``batches`` and rescale its
+    weight and bias so that the eval-mode function is unchanged; returns how many were set.
+
+    Fused levels fold BatchNorm into the conv (mean 0, variance 1), so in train mode, where BatchNorm
+    normalises by batch statistics, a fused model would compute something else entirely. With
+    γ' = γ·σ_d/σ_r and β' = β + γ·(μ_d − μ_r)/σ_r (σ = √(var + ε); r: running, d: data) the eval function
+    is the same and train mode starts from it.
+    """
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+           and m.affine and m.track_running_stats and m.running_mean is not None]
+    if not bns:
+        return 0
+    sums: dict[nn.Module, list] = {}
+
+    def hook(mod, args):
+        x = args[0].detach().to(torch.float64)
+        dims = [d for d in range(x.ndim) if d != 1]
+        s = sums.setdefault(mod, [0.0, 0.0, 0])
+        s[0] = s[0] + x.sum(dims)
+        s[1] = s[1] + (x * x).sum(dims)
+        s[2] += x.numel() // x.shape[1]
+
+    handles = [m.register_forward_pre_hook(hook) for m in bns]
+    was = model.training
+    model.eval()
+    try:
+        for x in batches:
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was)
+    for m in bns:
+        if m not in sums or sums[m][2] < 2:
+            continue
+        s, sq, n = sums[m]
+        mu = s / n
+        var = (sq / n - mu * mu).clamp_min(0) * n / (n - 1)  # unbiased, as BatchNorm keeps it
+        sig_r = (m.running_var.double() + m.eps).sqrt()
+        sig_d = (var + m.eps).sqrt()
+        w = m.weight.double()
+        m.bias.copy_(m.bias.double() + w * (mu - m.running_mean.double()) / sig_r)
+        m.weight.copy_(w * sig_d / sig_r)
+        m.running_mean.copy_(mu)
+        m.running_var.copy_(var)
+    return len(sums)
 
 
 def finetune(
@@ -50,8 +100,11 @@ def finetune(
       models) at ``temperature``; needs no labels, so it holds on a skewed sample that
       misses classes (the default when ``teachers`` are given).
 
-    BatchNorm layers train on batch statistics, as in ordinary training. The input
-    model is never modified; the result is in eval mode, on the input's device and
+    BatchNorm layers train on batch statistics, as in ordinary training; first their
+    running statistics are set to those of ``data`` with weights rescaled so that the
+    function is unchanged (:func:`restandardise_batchnorm`: a fused model's BatchNorms
+    are folded to mean 0, variance 1, and would otherwise start training from another
+    function). The input model is never modified; the result is in eval mode, on the input's device and
     dtype, with its ``requires_grad`` flags.
 
     Args:
@@ -156,6 +209,8 @@ def finetune(
 
     from ._engine import progress_bar
 
+    restandardise_batchnorm(tuned, (x.to(dev, torch.float32) if x.is_floating_point() else x.to(dev)
+                                    for x, _ in batches()))
     bar = progress_bar(epochs, "fine-tuning", progress)
     history = []
     tuned.train()

@@ -235,8 +235,8 @@ class DepthAlignment:
         return "\n".join("  ".join(x.ljust(v) for x, v in zip(r, w)).rstrip() for r in rows)
 
 
-def align_depth(plans: Sequence[LevelPlan], activations: Sequence[Sequence[Tensor]], *,
-                target: int | None = None) -> DepthAlignment:
+def align_depth(plans: Sequence[LevelPlan], activations: Sequence[Sequence[Tensor]] | None, *,
+                target: int | None = None, cost: str = "cka") -> DepthAlignment:
     """Align the levels of models of different depth by cross-layer alignment (CLAFusion, section 3.1).
 
     Rules:
@@ -255,6 +255,9 @@ def align_depth(plans: Sequence[LevelPlan], activations: Sequence[Sequence[Tenso
         activations: Per model, per level: Tensor of shape (n_samples, ...), the level
             output on the same samples for every model (or a linear sketch of it).
         target: Index of the model to align to; default: the deepest (the first of them).
+        cost: ``"cka"`` (1 − linear CKA, CLAFusion) or ``"uniform"``: a naive baseline that
+            spreads each model's levels evenly over the target's between two pins
+            (``activations`` may then be None).
 
     Returns:
         The frozen alignment.
@@ -279,6 +282,12 @@ def align_depth(plans: Sequence[LevelPlan], activations: Sequence[Sequence[Tenso
         ((5, 3), 2)
     """
     plans = list(plans)
+    if cost not in ("cka", "uniform"):
+        raise ValueError(f"align_depth: cost must be 'cka' or 'uniform', got {cost!r}")
+    if activations is None:
+        if cost == "cka":
+            raise ValueError("align_depth: cost='cka' compares level outputs: pass activations")
+        activations = [[torch.zeros(2, 1) for _ in p] for p in plans]
     if len(plans) != len(activations):
         raise ValueError(f"align_depth: {len(plans)} plans but activations for {len(activations)} models")
     for k, (p, acts) in enumerate(zip(plans, activations)):
@@ -307,12 +316,13 @@ def align_depth(plans: Sequence[LevelPlan], activations: Sequence[Sequence[Tenso
                 f"target models[{target}] has {len(t_pins)} ({show(tp, t_pins)}); depth alignment matches pinned "
                 "levels in order, so the models must have the same stages (stem, downsampling blocks, head)"
             )
-        n_s = min(a.shape[0] for a in activations[k] + activations[target])
-        cost = torch.empty(len(p), len(tp), dtype=torch.float64)
-        for j in range(len(p)):
-            for i in range(len(tp)):
-                cost[j, i] = 1.0 - linear_cka(activations[k][j][:n_s], activations[target][i][:n_s])
-        costs.append(cost)
+        n_s = min(a.shape[0] for a in list(activations[k]) + list(activations[target]))
+        cka = torch.zeros(len(p), len(tp), dtype=torch.float64)
+        if cost == "cka":
+            for j in range(len(p)):
+                for i in range(len(tp)):
+                    cka[j, i] = 1.0 - linear_cka(activations[k][j][:n_s], activations[target][i][:n_s])
+        costs.append(cka if cost == "cka" else None)
         sigs = [_signature(p, lv) for lv in p]
         mp: dict[int, int] = dict(zip(pins, t_pins))
         ins: list[tuple[int, int]] = []
@@ -340,7 +350,10 @@ def align_depth(plans: Sequence[LevelPlan], activations: Sequence[Sequence[Tenso
             uc = torch.zeros(nb, na, dtype=torch.float64)
             for v in range(nb):
                 for u in range(na):
-                    uc[v, u] = sum(cost[b_seg[v * per + o], a_seg[u * per + o]] for o in range(per)) / per
+                    if cost == "uniform":  # even spread: unit v of nb sits where unit u of na does
+                        uc[v, u] = ((v + 0.5) / nb - (u + 0.5) / na) ** 2
+                    else:
+                        uc[v, u] = sum(cka[b_seg[v * per + o], a_seg[u * per + o]] for o in range(per)) / per
             a, _ = cla_dp(uc, pin_first=False, pin_last=False)
             for v, u in enumerate(a):
                 for o in range(per):

@@ -327,3 +327,22 @@ def test_finetune_bad_arguments():
         fxfuse.finetune(m, (x, y), epochs=0, progress=False)
     with pytest.raises(ValueError, match="objective must be one of"):
         fxfuse.finetune(m, (x, y), objective="mse", progress=False)
+
+
+def test_restandardise_batchnorm_keeps_the_function_and_matches_batch_statistics():
+    from fxfuse._finetune import restandardise_batchnorm
+
+    x = torch.randn(64, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    deep, shallow = resnet([2, 1, 1, 1]), resnet([1, 1, 1, 1])
+    fused = fxfuse.fuse([deep, shallow], x, method="kf-linear", progress=False)  # BatchNorms folded: mean 0, var 1
+    m = copy.deepcopy(fused).double()
+    xd = x.double()
+    with torch.no_grad():
+        before = m(xd)
+        train_before = copy.deepcopy(m).train()(xd)  # a copy: train mode updates the running statistics
+        assert restandardise_batchnorm(m, [xd]) > 0
+        torch.testing.assert_close(m(xd), before, rtol=1e-9, atol=1e-9)  # eval function unchanged
+        train_after = copy.deepcopy(m).train()(xd)  # batch statistics now equal the running ones
+    after, folded = float((train_after - before).abs().max()), float((train_before - before).abs().max())
+    # batch statistics equal the running ones up to the biased/unbiased variance (n / (n − 1))
+    assert after < 5e-3 * float(before.abs().max()) and folded > 20 * after
