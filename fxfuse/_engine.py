@@ -263,6 +263,20 @@ def prepare(models: Any, data: Any, cfg: FuseConfig) -> Prepared:
                              "share classes")
     if len(shapes[0]) == 2:
         data.n_classes = shapes[0][1]
+    if not method.levelwise and (method.same_parameters or method.uses_match):
+        from fxfuse.passes import partition_levels
+
+        try:
+            depths = [len(partition_levels(g)) for g in gms]
+        except FxFuseError:  # models these methods can still align (neuron spaces) but not cut into levels
+            depths = []
+        for k, d in enumerate(depths):
+            if d != depths[0]:
+                raise AlignmentError(
+                    f"models[{k}] has {d} levels and models[0] {depths[0]}: {method.name} combines parameters one to "
+                    "one, so the models need the same depth. Fuse models of different depth with kf-linear or "
+                    "hf-linear, which align them (cross-layer alignment) and insert identity levels"
+                )
     if method.same_parameters:
         ref = {k: tuple(v.shape) for k, v in gms[0].state_dict().items()}
         for k, g in enumerate(gms[1:], 1):

@@ -232,7 +232,9 @@ def report_html(rec) -> str:
     )
     lv_rows = "".join(
         f"<tr data-level='{lv['index']}'><td>{lv['index']}</td><td>{e(lv['name'])}</td><td>{lv['kind']}</td>"
-        f"<td>{e(lv['grouping'])}</td><td>{e(lv['approximation'])}</td><td class='num'>{lv['error']:.3g}</td>"
+        f"<td>{e(lv['grouping'])}</td><td>{e(lv['approximation'])}"
+        f"{'<br><small>identity level in ' + e(', '.join(lv['identity'])) + '</small>' if lv.get('identity') else ''}"
+        f"</td><td class='num'>{lv['error']:.3g}</td>"
         f"<td class='num'>{'' if lv['ridge'] is None else format(lv['ridge'], '.0e')}</td>"
         f"<td class='num'>{lv['rows']}×{lv['columns']}</td><td class='num'>{lv['seconds']:.2f}</td></tr>"
         for lv in rec.levels

@@ -461,12 +461,17 @@ def plan_text(recipe: Recipe) -> str:
         src = lm.spec.checkpoint or lm.spec.model
         lines.append(f"  [{i}] {lm.spec.name}: {lm.arch} {lm.model_args or ''} from {src}; {lm.parameters:,} "
                      f"parameters, {len(plan)} levels")
+    deepest = max(range(len(plans)), key=lambda k: (len(plans[k]), -k))
+    if len({len(p) for p in plans}) > 1:
+        lines.append(f"depths differ: every model is aligned to models[{deepest}] (the deepest, whose architecture "
+                     "the fused model takes) by cross-layer alignment; identity levels go where a model lacks one "
+                     "(`fxfuse levels A B` shows the alignment)")
     if get_method(recipe.method.name).solver == "linear":
         kinds = ["closed form" if affine_spec(g) else "block" if block_spec(g) else "gradient"
-                 for g in plans[0].split()]
+                 for g in plans[deepest].split()]
         if recipe.method.options.get("blocks") == "gradient":
             kinds = ["gradient" if k == "block" else k for k in kinds]
-        lines.append(f"levels of models[0] under {recipe.method.name}: {kinds.count('closed form')} in closed form, "
+        lines.append(f"levels of models[{deepest}] under {recipe.method.name}: {kinds.count('closed form')} in closed form, "
                      f"{kinds.count('block')} blocks op by op in closed form, {kinds.count('gradient')} by gradient")
     lines.append(f"fusion data: {what}")
     if recipe.data.eval is not None:
@@ -538,7 +543,7 @@ def run(recipe: Recipe, *, loaded: list[LoadedModel] | None = None) -> RunRecord
         fused = fuse(models, fusion, **recipe.fuse_kwargs())
         fuse_s = time.perf_counter() - t0
     meta = fused.meta.get("fxfuse", {})
-    _level_records(rec, meta, fused, models[0], fusion_ds)
+    _level_records(rec, meta, fused, _fused_architecture(fused, loaded).model, fusion_ds)
     compared: list[tuple[str, nn.Module, float]] = []
     if recipe.compare:
         with rec.stage("compare", prog):
@@ -568,6 +573,15 @@ def run(recipe: Recipe, *, loaded: list[LoadedModel] | None = None) -> RunRecord
     return rec
 
 
+def _fused_architecture(fused: nn.Module, loaded: list[LoadedModel]) -> LoadedModel:
+    """The base model whose architecture the fused model has: models[0], or the deepest when depths differ."""
+    shapes = {k: tuple(v.shape) for k, v in fused.state_dict().items()}
+    for lm in loaded:
+        if {k: tuple(v.shape) for k, v in lm.model.state_dict().items()} == shapes:
+            return lm
+    return loaded[0]
+
+
 def _level_records(rec: RunRecord, meta: dict, fused: nn.Module, first: nn.Module, fusion_ds) -> None:
     from fxfuse import trace
     from fxfuse.passes import neuron_spaces, partition_levels
@@ -579,7 +593,8 @@ def _level_records(rec: RunRecord, meta: dict, fused: nn.Module, first: nn.Modul
         rec.levels.append({"index": r["level"], "name": r["name"], "kind": r["kind"], "error": r["approx_error"],
                            "seconds": r["seconds"], "solved_by": solved, "approximation": how,
                            "grouping": r["grouping"], "grouping_cost": r["grouping_cost"], "rows": r["rows"],
-                           "columns": r["columns"], "ridge": r.get("ridge"), "ops": r.get("ops") or []})
+                           "columns": r["columns"], "ridge": r.get("ridge"), "ops": r.get("ops") or [],
+                           "identity": list(r.get("identity") or ())})
     x = fusion_ds[0][0].unsqueeze(0)
     try:
         gm = trace(copy.deepcopy(first).cpu(), x)
@@ -628,7 +643,7 @@ def _write_outputs(rec: RunRecord, fused, loaded: list[LoadedModel], dc: dict[st
     out = recipe.output
     example = torch.stack([fusion_ds[i][0] for i in range(min(2, len(fusion_ds)))]).cpu()
     fused = fused.cpu().eval()
-    first = loaded[0]
+    first = _fused_architecture(fused, loaded)
     parent = os.path.dirname(os.path.abspath(out.path or out.checkpoint))
     tmp = tempfile.mkdtemp(prefix=".fxfuse-run-", dir=parent)
     umask = os.umask(0)

@@ -364,3 +364,36 @@ def test_every_recipe_key_is_checked(old, new, expected):
         parse_recipe(BASE.replace(old, new), check_files=False)
     assert expected in str(e.value)
     assert parse_recipe(BASE, check_files=False).method.name == "kf-linear"  # the base recipe is valid
+
+
+DEPTH_RECIPE = """\
+format: fxfuse-recipe/1
+models:
+  - {model: resnet18, checkpoint: shallow.safetensors, model_args: {layers: [1, 1, 1, 1], channels: [8, 16, 16, 32], stem_width: 8, num_classes: 10, in_chans: 1}}
+  - {model: resnet18, checkpoint: deep.safetensors, model_args: {layers: [2, 2, 1, 1], channels: [8, 16, 16, 32], stem_width: 8, num_classes: 10, in_chans: 1}}
+data:
+  fusion: {source: digits, split: train, samples: 64}
+  eval: {source: digits, split: test}
+  transform: {input_size: [1, 16, 16]}
+method: kf-linear
+output: {path: out/fused, formats: [safetensors]}
+"""
+
+
+def test_a_recipe_fuses_models_of_different_depth_into_the_deeper_architecture(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for name, layers in (("shallow", [1, 1, 1, 1]), ("deep", [2, 2, 1, 1])):
+        torch.manual_seed(len(layers) + sum(layers))
+        m = timm.create_model("resnet18", pretrained=False, layers=layers, channels=(8, 16, 16, 32), stem_width=8,
+                              num_classes=10, in_chans=1)
+        save_file({k: v.contiguous() for k, v in m.state_dict().items()}, tmp_path / f"{name}.safetensors")
+    (tmp_path / "out").mkdir()
+    recipe = _write(tmp_path, DEPTH_RECIPE)
+    assert main(["run", recipe, "--dry-run"]) == 0
+    assert "depths differ: every model is aligned to models[1]" in capsys.readouterr().out
+    assert main(["run", recipe, "--quiet"]) == 0
+    fused = timm.create_model("local-dir:out/fused", pretrained=True)  # the deeper architecture, as timm loads it
+    assert len(fused.layer1) == 2 and len(fused.layer2) == 2 and len(fused.layer3) == 1
+    rep = json.loads((tmp_path / "out" / "fused" / "report.json").read_text())
+    assert [lv["name"] for lv in rep["levels"] if lv["identity"]] == ["layer1.1", "layer2.1"]
+    assert "identity level in models[0]" in (tmp_path / "out" / "fused" / "report.html").read_text()
