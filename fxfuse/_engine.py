@@ -273,9 +273,9 @@ def prepare(models: Any, data: Any, cfg: FuseConfig) -> Prepared:
         for k, d in enumerate(depths):
             if d != depths[0]:
                 raise AlignmentError(
-                    f"models[{k}] has {d} levels and models[0] {depths[0]}: {method.name} combines parameters one to "
-                    "one, so the models need the same depth. Fuse models of different depth with kf-linear or "
-                    "hf-linear, which align them (cross-layer alignment) and insert identity levels"
+                    f"models[{k}] has {d} levels and models[0] {depths[0]}: {method.name} combines the models' "
+                    "parameters tensor by tensor, so the models need the same depth. Fuse models of different depth "
+                    "with kf-linear or hf-linear, which align them (cross-layer alignment) and insert identity levels"
                 )
     if method.same_parameters:
         ref = {k: tuple(v.shape) for k, v in gms[0].state_dict().items()}

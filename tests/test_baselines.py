@@ -373,7 +373,7 @@ def test_new_methods_reject_bad_input_with_clear_errors():
     with pytest.raises(fxfuse.AlignmentError, match="identical architectures.*otfusion"):
         fxfuse.fuse([a, mlp(hidden=(9, 10))], (x, y), method="np-merge", progress=False)
     # otfusion lets free widths differ, not structure: one more hidden layer is refused
-    with pytest.raises(fxfuse.AlignmentError, match="models\\[1\\] differs from models\\[0\\]: .*otfusion needs"):
+    with pytest.raises(fxfuse.AlignmentError, match="models\\[1\\] has 4 levels and models\\[0\\] 3: otfusion .*same depth"):
         fxfuse.fuse([a, mlp(hidden=(12, 10, 8))], x, method="otfusion", progress=False)
     for method in ("ensemble", "last-layer-kd"):
         with pytest.raises(fxfuse.AlignmentError, match=f"{method}: the models' outputs have different shapes"):

@@ -280,8 +280,8 @@ def test_depth_alignment_refusals():
     with pytest.raises(fxfuse.AlignmentError, match="np-merge-levelwise .* cannot use identity levels"):
         fxfuse.fuse([deep, shallow], x, method="np-merge-levelwise", progress=False)
     for method in ("vanilla", "git-rebasin", "otfusion", "np-merge"):
-        with pytest.raises(fxfuse.AlignmentError, match=f"{method} combines parameters one to one, so the models need "
-                           "the same depth.*kf-linear"):
+        with pytest.raises(fxfuse.AlignmentError, match=f"{method} combines the models' parameters tensor by tensor, "
+                           "so the models need the same depth.*kf-linear"):
             fxfuse.fuse([deep, shallow], x, method=method, progress=False)
     with pytest.raises(fxfuse.AlignmentError, match="depth of the deepest model"):
         fxfuse.fuse([deep, shallow], x, method="kf-linear", target=mlp(2), progress=False)
