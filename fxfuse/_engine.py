@@ -116,6 +116,7 @@ class LevelRecord:
     ridge: float | None = None  # closed form: the chosen ridge μ / λ_max (generalised cross-validation)
     ops: list[dict[str, Any]] | None = None  # block levels solved op by op: one record per op (or sum of ops)
     identity: tuple[str, ...] = ()  # models of different depth: the models whose level here is an inserted identity
+    merged: tuple[str, ...] = ()  # a deeper model's levels merged into this one ("models[k]: a + b")
 
 
 def progress_bar(total: int, desc: str, enabled: bool, leave: bool = True):
@@ -201,8 +202,8 @@ def _check_structure(plans, names: list[str]) -> None:
     if len(set(counts)) != 1:
         raise AlignmentError(
             f"models have different numbers of levels ({', '.join(f'{n} {c}' for n, c in zip(names, counts))}); "
-            "after depth alignment; a target= must have the depth of the deepest model (merging a deeper model's "
-            "extra levels into a shallower target is not supported): pass the deepest model as target= or leave it unset"
+            "after depth alignment; every model is aligned to the fused architecture's depth, so its stages (pinned, "
+            "shape-changing levels) must be those of the models"
         )
     for k, p in enumerate(plans[1:], 1):
         for a, b in zip(ref, p):
@@ -314,7 +315,7 @@ def prepare(models: Any, data: Any, cfg: FuseConfig) -> Prepared:
     fused_gm = _trace_copy(target_name, target, data.example, dev)
     fused_plan = partition_levels(fused_gm)
     prep = Prepared(gms, data, plans, fused_plan, dtype, flags)
-    if len(set(depths)) == 1:
+    if all(d == len(fused_plan) for d in depths):
         check_plans(prep, cfg, target_name)
     return prep
 
@@ -391,30 +392,86 @@ def level_features(prep: Prepared, cfg: FuseConfig) -> list[list[Tensor]]:
     return [[torch.cat(f) for f in fk] for fk in feats]
 
 
-def align_depth(prep: Prepared, cfg: FuseConfig) -> Prepared:
-    """Make the models' level plans correspond one to one (CLAFusion's cross-layer alignment).
+@dataclass(frozen=True)
+class DepthPlan:
+    """How every model's levels map onto the fused model's when depths differ (``Prepared.alignment``).
 
-    Models of equal depth pass through. Otherwise every model is aligned to the
-    deepest (:func:`fxfuse.passes.align_depth`, 1 − linear CKA of level outputs on
-    ``cla_samples`` fusion samples, a dynamic program between pinned levels) and
-    gets identity levels where the deepest has levels it lacks
-    (:func:`fxfuse.passes.insert_identity`, checked to leave its function unchanged).
+    Attributes:
+        reference: The model the others were aligned to: a base model with the fused
+            model's depth (``"models[k]"``), or ``"target"`` when none has it (then the
+            alignment is the uniform one: no level outputs of the target to compare).
+        cost: ``"cka"`` or ``"uniform"``.
+        identity: Per model: the fused levels where it has an inserted identity level.
+        merged: Per model: fused level -> the names of the model's levels merged into it
+            (a model deeper than the fused architecture).
+        alignments: Per model: its :class:`fxfuse.passes.DepthAlignment` with the
+            reference (None for models of the fused depth).
+    """
+
+    reference: str
+    cost: str
+    identity: tuple[tuple[int, ...], ...]
+    merged: tuple[dict[int, tuple[str, ...]], ...]
+    alignments: tuple[Any, ...]
+
+    def inserted_levels(self, k: int) -> list[int]:
+        return list(self.identity[k])
+
+
+def align_depth(prep: Prepared, cfg: FuseConfig) -> Prepared:
+    """Make the models' level plans correspond one to one with the fused model's (CLAFusion's cross-layer alignment).
+
+    Models with the fused model's depth pass through. Every other model is aligned to a
+    reference, a base model of that depth (:func:`fxfuse.passes.align_depth`: 1 − linear
+    CKA of level outputs on ``cla_samples`` fusion samples, a dynamic program between
+    pinned levels; when no base model has the fused depth, the uniform mapping). A
+    shallower model gets identity levels where it lacks one
+    (:func:`fxfuse.passes.insert_identity`, checked to leave its function unchanged); a
+    deeper one (fusing into a shallower ``target=``) has its unmatched levels merged into
+    the matched level that follows them (:func:`fxfuse.passes._depth.merge_levels`), so
+    that level's targets are the output of the merged levels.
     """
     from fxfuse.passes import align_depth as cla
     from fxfuse.passes import insert_identity
+    from fxfuse.passes._depth import merge_levels
 
     depths = [len(p) for p in prep.plans]
-    if len(set(depths)) == 1:
+    T = len(prep.fused_plan)
+    if all(d == T for d in depths):
         return prep
-    deepest = max(range(len(depths)), key=lambda k: (depths[k], -k))
-    alignment = cla(prep.plans, level_features(prep, cfg), target=deepest)
+    ref = next((k for k, d in enumerate(depths) if d == T), None)
+    cost = "cka" if ref is not None else "uniform"
+    feats = level_features(prep, cfg) if ref is not None else None
+    ref_plan = prep.plans[ref] if ref is not None else prep.fused_plan
     gms, plans = list(prep.models), list(prep.plans)
+    identity: list[tuple[int, ...]] = [() for _ in plans]
+    merged: list[dict[int, tuple[str, ...]]] = [{} for _ in plans]
+    alignments: list[Any] = [None for _ in plans]
     example = prep.data.example.to(cfg.device)
-    for k, ins in enumerate(alignment.insertions):
-        if ins:
-            gms[k], plans[k] = insert_identity(gms[k], plans[k], ins, example=example)
-    out = dataclasses.replace(prep, models=gms, plans=plans, alignment=alignment)
-    check_plans(out, cfg, "target" if cfg.target is not None else f"models[{deepest}]")
+    for k, d in enumerate(depths):
+        if d == T:
+            continue
+        if d < T:
+            al = cla([ref_plan, plans[k]], None if feats is None else [feats[ref], feats[k]], target=0, cost=cost)
+            gms[k], plans[k] = insert_identity(gms[k], plans[k], al.insertions[1], example=example)
+            identity[k] = tuple(al.inserted_levels(1))
+        else:
+            try:
+                al = cla([plans[k], ref_plan], None if feats is None else [feats[k], feats[ref]], target=0, cost=cost)
+            except AlignmentError as e:
+                raise AlignmentError(f"models[{k}] is deeper than the fused architecture and cannot be merged into it: "
+                                     f"{e}") from e
+            ends = list(al.mapping[1])
+            old = plans[k]
+            plans[k] = merge_levels(old, ends)
+            starts = [0, *[e + 1 for e in ends[:-1]]]
+            merged[k] = {j: tuple(lv.name for lv in old.levels[a : b + 1])
+                         for j, (a, b) in enumerate(zip(starts, ends)) if b > a}
+        alignments[k] = al
+    depth_plan = DepthPlan(f"models[{ref}]" if ref is not None else "target", cost, tuple(identity), tuple(merged),
+                           tuple(alignments))
+    out = dataclasses.replace(prep, models=gms, plans=plans, alignment=depth_plan)
+    check_plans(out, cfg, "target" if cfg.target is not None else f"models[{ref}]")
     return out
 
 
@@ -743,7 +800,8 @@ def fuse_level(i: int, prep: Prepared, scores: list[list[Tensor]], col: Collecto
         offset += out.shape[0]
     err = sol.error if sol.error is not None else sq_err / max(sq_t, 1e-300)
     return LevelRecord(i, lv.name, lv.kind, grouping.how, sol.how, grouping.cost, err, time.perf_counter() - t0,
-                       rows, columns, sol.ridge, ops, identity=_identity_at(prep, i))
+                       rows, columns, sol.ridge, ops, identity=_identity_at(prep, i),
+                       merged=_merged_at(prep, i))
 
 
 def _collect_and_group(i: int, prep: Prepared, scores: list[list[Tensor]], col: Collector, spec,
@@ -762,7 +820,14 @@ def _identity_at(prep: Prepared, i: int) -> tuple[str, ...]:
     """The models whose level ``i`` is an inserted identity (models of different depth)."""
     if prep.alignment is None:
         return ()
-    return tuple(f"models[{k}]" for k in range(len(prep.plans)) if i in prep.alignment.inserted_levels(k))
+    return tuple(f"models[{k}]" for k in range(len(prep.plans)) if i in prep.alignment.identity[k])
+
+
+def _merged_at(prep: Prepared, i: int) -> tuple[str, ...]:
+    """The deeper models' levels merged into level ``i`` (fusing into a shallower architecture)."""
+    if prep.alignment is None:
+        return ()
+    return tuple(f"models[{k}]: {' + '.join(m[i])}" for k, m in enumerate(prep.alignment.merged) if i in m)
 
 
 def _block_spec(i: int, col: Collector):
@@ -822,9 +887,13 @@ def format_report(fused: GraphModule) -> str:
          f"{r['approx_error']:.3g}", f"{r['seconds']:.2f}")
         for r in meta["levels"]
     ]
-    if any(r.get("identity") for r in meta["levels"]):  # models of different depth
-        rows = [(*row, "identity in" if k == 0 else ", ".join(meta["levels"][k - 1].get("identity") or ()))
-                for k, row in enumerate(rows)]
+    if any(r.get("identity") or r.get("merged") for r in meta["levels"]):  # models of different depth
+
+        def depth_cell(r: dict) -> str:
+            parts = [f"identity in {', '.join(r['identity'])}"] if r.get("identity") else []
+            return "; ".join(parts + [f"merged {m}" for m in r.get("merged") or ()])
+
+        rows = [(*row, "depth alignment" if k == 0 else depth_cell(meta["levels"][k - 1])) for k, row in enumerate(rows)]
         head = rows[0]
     w = [max(len(r[c]) for r in rows) for c in range(len(head))]
     lines = [f"fxfuse: {meta['method']} with {meta['importance']} importance, {meta['n_models']} models, "

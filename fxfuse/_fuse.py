@@ -45,7 +45,9 @@ def fuse(
        cross-layer alignment (CLAFusion: 1 − linear CKA of level outputs, a dynamic
        program between pinned, shape-changing levels) and get exact identity levels
        where they lack one (:func:`fxfuse.passes.align_depth`,
-       :func:`fxfuse.passes.insert_identity`); equal depths pass through;
+       :func:`fxfuse.passes.insert_identity`); into a shallower ``target=``, a deeper
+       model's unmatched levels are merged into the matched level after them; equal
+       depths pass through;
     4. importance scores of every neuron of every level of every model;
     5. for each level i: collect (stream the data once: base outputs, and the
        fused level's input — the fused model's own level i-1 output), group
@@ -76,7 +78,8 @@ def fuse(
         seed: Seed of k-means, data splits and gradient fitting.
         progress: Show progress bars and print the per-level report.
         **options: ``target`` (a model whose architecture the fused model takes;
-            default ``models[0]``, or the deepest model when depths differ), ``cla_samples`` (models of
+            default ``models[0]``, or the deepest model when depths differ; a shallower one merges
+            the deeper models' extra levels), ``cla_samples`` (models of
             different depth: samples the CKA compares, default 256), ``reset_bn``, ``class_weights``, ``max_rows``,
             ``batch_size``, ``memory_budget`` (bytes of level outputs cached between
             levels, default 256 MiB; beyond it they are recomputed), ``n_init``,

@@ -25,7 +25,7 @@ from fxfuse._errors import AlignmentError
 
 from ._partition import Level, LevelPlan, partition_levels
 
-__all__ = ["DepthAlignment", "align_depth", "cla_dp", "insert_identity", "linear_cka", "pinned_levels"]
+__all__ = ["DepthAlignment", "align_depth", "cla_dp", "insert_identity", "linear_cka", "merge_levels", "pinned_levels"]
 
 
 def linear_cka(x: Tensor, y: Tensor) -> float:
@@ -719,3 +719,48 @@ def brute_force_cla(cost: Tensor, *, pin_first: bool = True, pin_last: bool = Tr
         if c < best:
             best, arg = c, list(comb)
     return arg, best
+
+
+def merge_levels(plan: LevelPlan, ends: Sequence[int]) -> LevelPlan:
+    """A plan of the same GraphModule whose level ``j`` runs from after level ``ends[j-1]`` to the end of level
+    ``ends[j]``: a deeper model's levels merged so that it has one level per level of a shallower architecture.
+
+    Args:
+        plan: The deeper model's plan.
+        ends: Strictly increasing level indices; the last must be the head.
+
+    Returns:
+        A new :class:`LevelPlan` over ``plan.gm`` (nothing is rewritten).
+
+    Example:
+        >>> import torch, fxfuse
+        >>> from fxfuse.passes import partition_levels
+        >>> from fxfuse.passes._depth import merge_levels
+        >>> m = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 8), torch.nn.ReLU(),
+        ...                         torch.nn.Linear(8, 3))
+        >>> plan = partition_levels(fxfuse.trace(m, torch.randn(2, 4)))
+        >>> [lv.name for lv in merge_levels(plan, [1, 2])]
+        ['0+2', '4']
+    """
+    ends = [int(e) for e in ends]
+    if not ends or ends[-1] != len(plan) - 1 or any(b <= a for a, b in zip(ends, ends[1:])) or ends[0] < 0:
+        raise ValueError(f"merge_levels: ends must rise strictly and end at the head ({len(plan) - 1}), got {ends}")
+    levels, start = [], 0
+    for j, end in enumerate(ends):
+        parts = plan.levels[start : end + 1]
+        last = parts[-1]
+        levels.append(Level(
+            index=j,
+            name="+".join(lv.name for lv in parts),
+            kind=last.kind if len(parts) == 1 else "general",
+            nodes=tuple(n for lv in parts for n in lv.nodes),
+            input=parts[0].input,
+            output=last.output,
+            neuron_axis=last.neuron_axis,
+            width=last.width,
+            output_shape=last.output_shape,
+            params=tuple(p for lv in parts for p in lv.params),
+            is_head=last.is_head,
+        ))
+        start = end + 1
+    return LevelPlan(plan.gm, tuple(levels), plan.input)

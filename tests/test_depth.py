@@ -263,6 +263,32 @@ def test_fuse_with_a_copy_plus_identities_reproduces_the_model():
     assert err < 1e-3
 
 
+def test_fuse_into_a_shallower_target_merges_the_deeper_models_levels():
+    """Fusing a model with a deeper copy of itself into the model's own (shallower) architecture: the copy's
+    identity levels are merged into the levels that follow them, every level's targets agree, and the model
+    comes back."""
+    x = torch.randn(400, 8, generator=torch.Generator().manual_seed(0))
+    model = mlp(3, width=16)
+    gm, plan = _traced(model, x[:2])
+    deeper, _ = insert_identity(gm, plan, [1, 2], example=x[:2])
+    fused = fxfuse.fuse([deeper, model], x, method="hf-linear", target=model, progress=False)
+    assert [tuple(p.shape) for p in fused.parameters()] == [tuple(p.shape) for p in model.parameters()]
+    levels = fused.meta["fxfuse"]["levels"]
+    assert [len(r["merged"]) for r in levels] == [0, 0, 1, 1]
+    assert all(r["merged"][0].startswith("models[0]: ") and " + " in r["merged"][0] for r in levels[2:])
+    test = torch.randn(200, 8, generator=torch.Generator().manual_seed(1))
+    assert float((fused(test) - model(test)).norm() / model(test).norm()) < 1e-3
+    from fxfuse._engine import format_report
+
+    assert "merged models[0]: " in format_report(fused)
+    # two deep models into a shallow architecture no base model has: the uniform mapping
+    shallow_target = mlp(1, width=16, seed=5)
+    fused = fxfuse.fuse([mlp(3, seed=1), mlp(3, seed=2)], x, method="kf-linear", target=shallow_target,
+                        progress=False)
+    assert [tuple(p.shape) for p in fused.parameters()] == [tuple(p.shape) for p in shallow_target.parameters()]
+    assert sum(len(r["merged"]) for r in fused.meta["fxfuse"]["levels"]) == 2
+
+
 def test_fuse_resnets_of_different_depth_solves_blocks_in_closed_form():
     x = torch.randn(64, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     deep, shallow = resnet([2, 2, 1, 1]), resnet([1, 1, 1, 1])
@@ -283,8 +309,9 @@ def test_depth_alignment_refusals():
         with pytest.raises(fxfuse.AlignmentError, match=f"{method} combines the models' parameters tensor by tensor, "
                            "so the models need the same depth.*kf-linear"):
             fxfuse.fuse([deep, shallow], x, method=method, progress=False)
-    with pytest.raises(fxfuse.AlignmentError, match="depth of the deepest model"):
-        fxfuse.fuse([deep, shallow], x, method="kf-linear", target=mlp(2), progress=False)
+    other_stages = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 3))
+    with pytest.raises(fxfuse.AlignmentError, match="cannot be merged into it: .* pinned levels"):
+        fxfuse.fuse([deep, mlp(4, seed=3)], x, method="kf-linear", target=other_stages, progress=False)
     with pytest.raises(ValueError, match="cla_samples"):
         fxfuse.fuse([deep, shallow], x, method="kf-linear", cla_samples=1, progress=False)
 
