@@ -81,7 +81,7 @@ def _unit_pass(i, prep, col, bspec, unit, *, last: bool):
     want_base = {bspec.pre} if last else {unit.output}
     # a base level that is an inserted identity (models of different depth) has none of the block's inner
     # nodes: its inner neurons are left out, and its level output is its pre-activation
-    use = [k for k, lv in enumerate(bases) if last or has_nodes(lv, want_base)]
+    use = [k for k, lv in enumerate(bases) if last or (same_structure(prep, k, i) and has_nodes(lv, want_base))]
     stats = GramStats()
     rows = 0
     for b, ins, _ in col.inputs(i):
@@ -96,7 +96,8 @@ def _unit_pass(i, prep, col, bspec, unit, *, last: bool):
             env_f = _env(fused, h[sl], in_names | set(bspec.fixed))
             X = torch.cat([design_rows(fused, u.spec, env_f[name]) for u, name in zip(units, op_in)], 1)
             if last:
-                Z = [to_rows(e.get(bspec.pre, e["__output__"]), bspec.terms[0].axis) for e in envs_b]
+                Z = [to_rows(e[bspec.pre] if same_structure(prep, k, i) and bspec.pre in e else e["__output__"],
+                             bspec.terms[0].axis) for k, e in zip(use, envs_b)]
                 if bspec.fixed:
                     Z.append(to_rows(sum(env_f[f] for f in bspec.fixed), bspec.terms[0].axis))
                 for k, e in enumerate(envs_b):
@@ -111,6 +112,13 @@ def _unit_pass(i, prep, col, bspec, unit, *, last: bool):
             for k, parts in enumerate(outs):
                 col.store(k, i, b, torch.cat(parts))
     return stats, rows
+
+
+def same_structure(prep, k: int, i: int) -> bool:
+    """Whether models[k]'s level i is its own level, not an inserted identity or merged levels (models of
+    different depth), whose node names may coincide with the fused level's by accident."""
+    al = getattr(prep, "alignment", None)
+    return al is None or (i not in al.identity[k] and i not in al.merged[k])
 
 
 def has_nodes(level: GraphModule, names) -> bool:
@@ -136,7 +144,8 @@ def fuse_block(i: int, prep, scores: list[Tensor], col, cfg, bspec) -> BlockResu
         stats, rows = _unit_pass(i, prep, col, bspec, u, last=False)
         lam, V = stats.eig()
         gram, _ = stats.grouping_gram(lam, V)
-        widths = [lvl.get_submodule(u.spec.op).weight.shape[0] for lvl in bases if has_nodes(lvl, {u.output})]
+        widths = [lvl.get_submodule(u.spec.op).weight.shape[0] for k, lvl in enumerate(bases)
+                  if same_structure(prep, k, i) and has_nodes(lvl, {u.output})]
         k = fused.get_submodule(u.spec.op).weight.shape[0]
         ones = torch.ones(sum(widths), dtype=torch.float64, device=gram.device)
         g = group(gram, ones, widths, k, is_head=False, strategy=method.grouping, seed=cfg.seed + 1000 * i + j, cfg=cfg)

@@ -746,11 +746,11 @@ def fuse_level(i: int, prep: Prepared, scores: list[list[Tensor]], col: Collecto
     lv = prep.fused_plan[i]
     level = col.chains[-1][i]
     spec = affine_spec(level) if method.solver == "linear" else None
-    bspec = _block_spec(i, col) if method.solver == "linear" and spec is None and cfg.blocks == "closed-form" else None
+    bspec = _block_spec(i, col, prep) if method.solver == "linear" and spec is None and cfg.blocks == "closed-form" else None
     ops = None
     warm = None
     if method.solver == "gradient" and cfg.start == "closed-form":
-        warm = affine_spec(level) or _block_spec(i, col)
+        warm = affine_spec(level) or _block_spec(i, col, prep)
     if warm is not None:
         # a–d. gradient from the closed-form solution: solve and write it, then Adam on the same grouping
         from fxfuse.passes import AffineSpec
@@ -830,19 +830,19 @@ def _merged_at(prep: Prepared, i: int) -> tuple[str, ...]:
     return tuple(f"models[{k}]: {' + '.join(m[i])}" for k, m in enumerate(prep.alignment.merged) if i in m)
 
 
-def _block_spec(i: int, col: Collector):
+def _block_spec(i: int, col: Collector, prep: Prepared):
     """The fused level's :func:`~fxfuse.passes.block_spec` when the base levels have the same nodes, else None."""
     from fxfuse.passes import block_spec
 
     bspec = block_spec(col.chains[-1][i])
     if bspec is None:
         return None
-    from ._blocks import has_nodes
+    from ._blocks import has_nodes, same_structure
 
     names = {bspec.pre, *bspec.fixed, *(u.output for u in bspec.units), *(u.spec.op_node for u in bspec.units)}
     # every base level has the block's nodes, except inserted identity levels (models of different depth),
     # which contribute their level output only; at least one base must have them all
-    if not any(has_nodes(chain[i], names) for chain in col.chains[:-1]):
+    if not any(same_structure(prep, k, i) and has_nodes(chain[i], names) for k, chain in enumerate(col.chains[:-1])):
         return None
     return bspec
 

@@ -298,6 +298,13 @@ def test_fuse_resnets_of_different_depth_solves_blocks_in_closed_form():
     assert [r["name"] for r in inserted] == ["layer1.1", "layer2.1"]
     assert all(r["approximation"].startswith("closed form") for r in levels)
     assert fused(x).shape == (64, 4)
+    # into the shallower architecture: the deeper model's extra blocks merge into the block after them
+    small = fxfuse.fuse([deep, shallow], x, method="kf-linear", target=shallow, progress=False)
+    levels = small.meta["fxfuse"]["levels"]
+    assert [list(r["merged"]) for r in levels if r["merged"]] == [["models[0]: layer1.1 + layer2.0"],
+                                                                  ["models[0]: layer2.1 + layer3.0"]]
+    assert all(r["approximation"].startswith("closed form") for r in levels)
+    assert [tuple(p.shape) for p in small.parameters()] == [tuple(p.shape) for p in shallow.parameters()]
 
 
 def test_depth_alignment_refusals():
