@@ -14,7 +14,8 @@ Rows: the bases; their logit-averaging ensemble (2× the cost); B with identity 
 at the CLA positions (a plain depth-aligned baseline: zero-shot it is B); CLA +
 kf-linear and CLA + hf-linear (``fxfuse.fuse`` aligns depth itself); a naive uniform
 mapping + kf-linear (B's levels spread evenly between the pins,
-``align_depth(cost="uniform")``). Columns: test accuracy zero-shot, and after the same
+``align_depth(cost="uniform")``); and CLA + kf-linear into B's (shallower) architecture,
+``target=b``, where A's unmatched levels are merged into the matched level after them. Columns: test accuracy zero-shot, and after the same
 short fine-tune of every row (``fxfuse.finetune``: ``--ft-epochs`` epochs of Adam,
 lr 1e-3, cross-entropy on the whole training part); for the ensemble, the ensemble
 of the fine-tuned bases. Cells: mean ± std over seeds (seconds of fusion).
@@ -110,10 +111,14 @@ def run(arch: str, seed: int, ft_epochs: int) -> dict[str, tuple[float, float, f
     b_id = insert_identity(gms[1], plans[1], al.insertions[1], example=fusion[:2])[0]
     out["B + identities (depth-aligned)"] = (accuracy(b_id, *test), accuracy(ft(b_id), *test), 0.0)
     for label, method, aligned in (("CLA + kf-linear", "kf-linear", None), ("CLA + hf-linear", "hf-linear", None),
-                                   ("uniform mapping + kf-linear", "kf-linear", "uniform")):
+                                   ("uniform mapping + kf-linear", "kf-linear", "uniform"),
+                                   ("CLA + kf-linear into B's architecture (A's extra levels merged)", "kf-linear",
+                                    "shallow")):
         t0 = time.perf_counter()
         if aligned is None:
             fused = fxfuse.fuse([a, b], fusion, method=method, progress=False, seed=seed)
+        elif aligned == "shallow":
+            fused = fxfuse.fuse([a, b], fusion, method=method, progress=False, seed=seed, target=b)
         else:
             fused = fxfuse.fuse([a, _uniform_aligned(a, b, fusion[:2])], fusion, method=method, progress=False,
                                 seed=seed)
