@@ -72,6 +72,16 @@ def reset_batchnorm(gm: nn.Module, data, batch_size: int = 256, device=None) -> 
         for m, mom, was in saved:
             m.momentum = mom
             m.train(was)
+    from ._dist import all_reduce_, is_distributed
+
+    if is_distributed():  # each rank averaged its own batches: weight the ranks by their batch counts
+        with torch.no_grad():
+            for m in bns:
+                nb = m.num_batches_tracked.to(torch.float64)
+                total = all_reduce_(nb.clone())
+                for buf in (m.running_mean, m.running_var):
+                    buf.copy_(all_reduce_(buf.double() * nb) / total)
+                m.num_batches_tracked.copy_(total.long())
     return gm
 
 
@@ -193,8 +203,12 @@ def space_distances(gms: Sequence[GraphModule], spaces, data: FusionData, *, bat
     def add(acc: dict[int, Tensor], i: int, t: Tensor) -> None:
         acc[i] = t if i not in acc else acc[i] + t
 
+    from ._dist import all_reduce_, all_reduce_number, is_distributed
+
     gen = torch.Generator().manual_seed(seed)
     n_samples = data.n_samples
+    if is_distributed() and n_samples is not None:
+        n_samples = all_reduce_number(n_samples)  # max_rows is shared out over all shards
     for batch, _ in data.batches(batch_size, device):
         for x in batch.split(_CAPTURE_SAMPLES):  # every space activation of these samples is held at once
             for cap in caps:
@@ -218,6 +232,10 @@ def space_distances(gms: Sequence[GraphModule], spaces, data: FusionData, *, bat
                         add(cross[k], s.index, a.T @ b)
             for cap in caps:
                 cap.values.clear()
+    for acc in (*sq, *sums, *cross):  # sums over the shards of a process group (same key order on every rank)
+        for t in acc.values():
+            all_reduce_(t)
+    count = {i: all_reduce_number(c) for i, c in count.items()}
     return [
         {i: _distances(sq[0][i], sq[k][i], cross[k][i], sums[0][i], sums[k][i], count[i], match) for i in cross[k]}
         for k in range(1, len(gms))

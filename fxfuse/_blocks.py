@@ -111,7 +111,10 @@ def _unit_pass(i, prep, col, bspec, unit, *, last: bool):
         if last:
             for k, parts in enumerate(outs):
                 col.store(k, i, b, torch.cat(parts))
-    return stats, rows
+    from ._dist import all_reduce_number
+
+    stats.reduce()  # the shards of a process group join here
+    return stats, all_reduce_number(rows)
 
 
 def same_structure(prep, k: int, i: int) -> bool:

@@ -102,10 +102,10 @@ def all_gather_rows(t: Tensor) -> Tensor:
     return torch.cat([p[: int(k)] for p, k in zip(parts, n)]).to(t.device)
 
 
-def check_same_across_ranks(what: str, value: Tensor | float) -> None:
+def check_same_across_ranks(what: str, value: Tensor | float, rtol: float = 0.0) -> None:
     """Raise :class:`DistributedError` on every rank unless ``value`` is the same on all of them.
 
-    Compares the minimum and the maximum over ranks of each entry (float64).
+    Compares the minimum and the maximum over ranks of each entry (float64), to ``rtol`` of its size.
     """
     if not is_distributed():
         return
@@ -115,7 +115,7 @@ def check_same_across_ranks(what: str, value: Tensor | float) -> None:
     lo, hi = v.clone(), v.clone()
     dist.all_reduce(lo, op=dist.ReduceOp.MIN)
     dist.all_reduce(hi, op=dist.ReduceOp.MAX)
-    if not torch.equal(lo, hi):
+    if bool(((hi - lo).abs() > rtol * torch.maximum(hi.abs(), lo.abs())).any()):
         rank, size = world()
         raise DistributedError(
             f"rank {rank} of {size}: {what} differ across ranks (this rank {v.tolist()[:4]}, range over ranks "
@@ -176,3 +176,15 @@ def init_from_env(device: str | None = None) -> bool:
         torch.cuda.set_device(local)
     dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=TIMEOUT_S))
     return dist.get_world_size() > 1
+
+
+def broadcast_seed(cfg):
+    """``cfg`` with rank 0's seed on every rank (k-means seeding, gradient-fit initialisation)."""
+    import dataclasses
+
+    import torch.distributed as dist
+
+    t = torch.tensor([cfg.seed], dtype=torch.int64, device=_backend_device())
+    dist.broadcast(t, src=0)
+    seed = int(t.item())
+    return dataclasses.replace(cfg, seed=seed, train=cfg.train.replace(seed=seed))

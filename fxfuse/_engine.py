@@ -246,6 +246,14 @@ def prepare(models: Any, data: Any, cfg: FuseConfig) -> Prepared:
     for k, m in enumerate(models):
         _check_finite_params(k, m)
     data = data if isinstance(data, FusionData) else FusionData(data)
+    from ._dist import check_same_across_ranks, is_distributed, model_checksum
+
+    if is_distributed():  # before any work: every rank must hold the same models and data of one shape
+        check_same_across_ranks("the number of models", float(len(models)))
+        check_same_across_ranks("the base models' parameters (checksums)",
+                                torch.stack([model_checksum(m) for m in models]))
+        shape = [float(s) for s in data.example.shape[1:]][:8]
+        check_same_across_ranks("the per-sample shapes of the fusion data", shape + [-1.0] * (8 - len(shape)))
     if method.uses_objective and cfg.objective == "ce" and not data.has_labels:
         raise ValueError(
             f"{method.name} with objective='ce' learns on the labels: pass data as (inputs, labels), or use the "
@@ -389,7 +397,10 @@ def level_features(prep: Prepared, cfg: FuseConfig) -> list[list[Tensor]]:
         seen += x.shape[0]
         if seen >= cfg.cla_samples:
             break
-    return [[torch.cat(f) for f in fk] for fk in feats]
+    from ._dist import all_gather_rows
+
+    # in a process group: the first cla_samples of all shards, in rank order
+    return [[all_gather_rows(torch.cat(f))[: cfg.cla_samples] for f in fk] for fk in feats]
 
 
 @dataclass(frozen=True)
@@ -650,11 +661,17 @@ def collect(i: int, prep: Prepared, col: Collector, spec, cfg: FuseConfig) -> _L
             for c in fit_z[-1].split(8192):
                 c = c.to(torch.float64)
                 K = c.T @ c if K is None else K.addmm_(c.T, c)
+    # statistics are sums over samples: the shards of a process group join here (no-ops in one process)
+    from ._dist import all_reduce_, all_reduce_number
+
+    n_rows = all_reduce_number(n_rows)
     if stats is not None:
+        stats.reduce()
         lam, V = stats.eig()
         gram, _ = stats.grouping_gram(lam, V)
         return _LevelData(stats, (lam, V), gram, None, None, n_rows, stats.d)
     n_params = sum(p.numel() for p in fused.parameters())
+    all_reduce_(K)
     return _LevelData(None, None, K, torch.cat(fit_x), torch.cat(fit_z), n_rows, n_params)
 
 
@@ -798,6 +815,9 @@ def fuse_level(i: int, prep: Prepared, scores: list[list[Tensor]], col: Collecto
             sq_err += float(((out - t) ** 2).sum())
             sq_t += float((t**2).sum())
         offset += out.shape[0]
+    from ._dist import all_reduce_number
+
+    sq_err, sq_t = all_reduce_number(sq_err), all_reduce_number(sq_t)
     err = sol.error if sol.error is not None else sq_err / max(sq_t, 1e-300)
     return LevelRecord(i, lv.name, lv.kind, grouping.how, sol.how, grouping.cost, err, time.perf_counter() - t0,
                        rows, columns, sol.ridge, ops, identity=_identity_at(prep, i),
@@ -856,6 +876,10 @@ def emit(fused: GraphModule, prep: Prepared, records: list[LevelRecord], cfg: Fu
     fused = fused.to(device=cfg.device, dtype=prep.dtype).eval()
     for n, p in fused.named_parameters():
         p.requires_grad_(prep.grad_flags.get(n, True))
+    from ._dist import check_same_across_ranks, model_checksum
+
+    # every rank solved the same all-reduced statistics: their fused models must agree
+    check_same_across_ranks("the fused parameters (checksums)", model_checksum(fused), rtol=1e-9)
     exact = [r for r in records if (r.approximation == "closed form" and r.rows < r.columns)
              or any(op["rows"] < op["columns"] for op in r.ops or [])]
     if exact:

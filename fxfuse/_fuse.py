@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -10,8 +11,9 @@ import torch
 from torch import nn
 from torch.fx import GraphModule
 
-from . import _baselines
+from . import _baselines, _dist
 from ._collect import Collector, FusionData
+from ._errors import FxFuseError
 from ._config import make_config
 from ._engine import align_depth, as_model_list, emit, format_report, fuse_level, prepare, progress_bar, score_neurons
 from ._methods import BASELINES, LEVELWISE, METHODS, get_method
@@ -116,17 +118,44 @@ def fuse(
         >>> torch.allclose(fused(x), a(x), atol=1e-4)
         True
     """
+    if not _dist.is_distributed():
+        return _fuse(models, data, method, importance, device, seed, progress, **options)
+    try:
+        return _fuse(models, data, method, importance, device, seed, progress, **options)
+    except Exception as e:  # every rank says which rank it is; a rank blocked in a collective says why
+        if str(e).startswith("rank "):
+            raise
+        msg = f"{_dist.rank_prefix()}{type(e).__name__}: {e}"
+        if isinstance(e, RuntimeError) and not isinstance(e, FxFuseError):
+            raise _dist.DistributedError(f"{msg}; a collective failed, most likely because another rank stopped: "
+                                         "see that rank's error") from e
+        try:
+            wrapped = type(e)(msg)
+        except Exception:  # an exception type that cannot be rebuilt from a message
+            raise e from None
+        raise wrapped from e
+
+
+def _fuse(models, data, method, importance, device, seed, progress, **options) -> GraphModule:
     t_start = time.perf_counter()
     # 1. validate
     cfg = make_config(method, importance, device, seed, progress, **options)
     spec = get_method(cfg.method)
+    if _dist.is_distributed():
+        # data is this process's shard; every statistic is summed over the ranks (fxfuse._dist)
+        if spec.name in ("np-merge", "np-merge-levelwise", "last-layer-kd"):
+            raise ValueError(f"{spec.name} does not run in a torch.distributed process group yet; run it in one "
+                             "process, or use hf-linear, kf-linear, kf-gradient, hf-gradient or git-rebasin")
+        cfg = _dist.broadcast_seed(cfg)
+        if not progress or _dist.world()[0] != 0:
+            cfg = dataclasses.replace(cfg, progress=False)  # rank 0 alone shows progress
     data = data if isinstance(data, FusionData) else FusionData(data)
     model_list = as_model_list(models)
     if spec.pairwise and spec.levelwise and len(model_list) > 2:
         # NP Merge, section III-C: successive pairwise merges (whole-model np-merge pairs up on its own)
         from ._npmerge import pairwise
 
-        return pairwise(model_list, lambda a, b: fuse([a, b], data, method=method, importance=importance,
+        return pairwise(model_list, lambda a, b: _fuse([a, b], data, method=method, importance=importance,
                                                       device=device, seed=seed, progress=progress, **options))
     # 2. prepare: traced copies, checks, level plans
     prep = prepare(model_list, data, cfg)
@@ -147,6 +176,7 @@ def fuse(
     bar = progress_bar(len(prep.fused_plan), f"fusing ({cfg.method})", cfg.progress)
     records = []
     for i in range(len(prep.fused_plan)):
+        _dist.barrier(f"level {i}")  # a rank that failed stops the others here, by name
         records.append(fuse_level(i, prep, scores, col, cfg))
         if bar is not None:
             bar.update(1)

@@ -78,6 +78,20 @@ def kernel_inertia(gram: Tensor, weights: Tensor, labels: Tensor, k: int) -> flo
     return _inertia(gram, weights, labels, *_cluster_sums(gram, weights, labels, k))
 
 
+# relative tolerance under which two distances count as equal: decisions (Lloyd's assignment, the greedy
+# k-means++ candidate) must not depend on the order in which sums were added (e.g. over the ranks of a
+# torch.distributed process group, or in another BLAS), only on the statistics
+TIE_RTOL = 1e-9
+
+
+def _argmin_tol(x: Tensor, dim: int) -> Tensor:
+    """The first index along ``dim`` within TIE_RTOL (of the largest finite magnitude) of the minimum."""
+    finite = torch.isfinite(x)
+    scale = torch.where(finite, x.abs(), torch.zeros_like(x)).amax(dim, keepdim=True)
+    m = x.min(dim, keepdim=True).values
+    return (x <= m + TIE_RTOL * scale).to(torch.int8).argmax(dim)
+
+
 def _kernel_lloyd(gram: Tensor, weights: Tensor, labels: Tensor, k: int, max_iter: int) -> tuple[Tensor, float]:
     """Weighted Lloyd iterations on a Gram matrix, from initial labels.
 
@@ -94,7 +108,12 @@ def _kernel_lloyd(gram: Tensor, weights: Tensor, labels: Tensor, k: int, max_ite
         score = R * (-2.0 * inv[:, None])
         score += (sq * inv * inv)[:, None]
         score[wsum <= 0] = float("inf")  # an empty cluster has no centre
-        new = score.argmin(0)
+        new = _argmin_tol(score, 0)
+        # a point within the tolerance of its best centre stays where it is (no moves on rounding alone)
+        finite = torch.isfinite(score)
+        scale = torch.where(finite, score.abs(), torch.zeros_like(score)).amax(0)
+        stay = score[labels, rng] <= score.min(0).values + TIE_RTOL * scale
+        new = torch.where(stay, labels, new)
         # empty clusters take the point that currently costs most
         counts = torch.bincount(new, minlength=k)
         if bool((counts == 0).any()):
@@ -124,8 +143,11 @@ def _kernel_kmeans_pp(gram: Tensor, weights: Tensor, k: int, gen: torch.Generato
     diag = gram.diagonal()
     first = int(torch.multinomial(weights / weights.sum(), 1, generator=gen))
     idx = [first]
+    # distances below this are rounding: a chosen centre (or its duplicate) must have exactly zero weight
+    floor = TIE_RTOL * float(diag.abs().max().clamp_min(1e-300))
     closest = (diag[first] + diag - 2.0 * gram[first]).clamp_min_(0.0)
     for _ in range(1, k):
+        closest = torch.where(closest <= floor, torch.zeros_like(closest), closest)
         p = weights * closest
         total = float(p.sum())
         if total <= 0.0:  # every point coincides with a center: pick unused points
@@ -134,10 +156,10 @@ def _kernel_kmeans_pp(gram: Tensor, weights: Tensor, k: int, gen: torch.Generato
             p, total = remaining.to(gram.dtype), float(n - len(idx))
         cand = torch.multinomial(p, min(trials, int((p > 0).sum())), generator=gen)
         new_closest = torch.minimum(closest[None, :], (diag[cand, None] + diag[None, :] - 2.0 * gram[cand]).clamp_min_(0.0))
-        best = int((new_closest * weights[None, :]).sum(1).argmin())
+        best = int(_argmin_tol((new_closest * weights[None, :]).sum(1), 0))
         idx.append(int(cand[best]))
         closest = new_closest[best]
-    return gram_sq_dists(gram, slice(None), torch.tensor(idx, device=gram.device)).argmin(1)
+    return _argmin_tol(gram_sq_dists(gram, slice(None), torch.tensor(idx, device=gram.device)), 1)
 
 
 def kernel_kmeans(

@@ -66,7 +66,9 @@ def _attribute(
         part = a.reshape(a.shape[0], -1, a.shape[-1]).sum(1).sum(0)
         total = part if total is None else total + part
         n += xb.shape[0]
-    score = total / n
+    from ._dist import all_reduce_, all_reduce_number
+
+    score = all_reduce_(total) / all_reduce_number(n)  # sums over the shards of a process group
     return score + 1e-8 * score.mean().clamp_min(1e-30)
 
 

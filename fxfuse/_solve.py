@@ -205,6 +205,19 @@ class GramStats:
                     self.G.addmm_(x.T, x)
         self.rows += X.shape[0]
 
+    def reduce(self) -> None:
+        """Sum the statistics over the ranks of a ``torch.distributed`` process group (one all-reduce each, in
+        float64); a no-op in a single process. The dual form is given up: G = XᵀX is formed first."""
+        from ._dist import all_reduce_, all_reduce_number, is_distributed
+
+        if not is_distributed():
+            return
+        if self.X is not None:
+            self.G, self.X = self.X.T @ self.X, None
+        for t in (self.G, self.C, self.K):
+            all_reduce_(t)
+        self.rows = all_reduce_number(self.rows)
+
     def gram_times(self, W: Tensor) -> Tensor:
         """G W = XᵀX W."""
         return self.X.T @ (self.X @ W) if self.X is not None else self.G @ W
@@ -351,6 +364,10 @@ def fit_gradient(
     Raises:
         ValueError: the module has no trainable parameter.
     """
+    import contextlib
+
+    from ._dist import all_reduce_number, is_distributed
+
     train = train if train is not None else TrainConfig()
     epochs, batch_size, val_split, patience, noise, seed = (
         train.epochs, train.batch_size, train.val_split, train.patience, train.noise, train.seed)
@@ -373,6 +390,15 @@ def fit_gradient(
                 if p.numel() > 1:
                     p.add_(torch.randn(p.shape, generator=gen).to(p) * noise * p.std())
     opt = torch.optim.Adam(params, lr=train.lr, weight_decay=train.weight_decay)
+    # in a torch.distributed process group every rank holds its own shard of rows: DistributedDataParallel
+    # averages the gradients (it also broadcasts rank 0's start), join() covers shards of unequal size, and
+    # the validation loss is summed over ranks so that early stopping decides the same everywhere
+    spread = is_distributed()
+    model = level
+    if spread:
+        from torch.nn.parallel import DistributedDataParallel
+
+        model = DistributedDataParallel(level, find_unused_parameters=True)
 
     # BatchNorm in train mode cannot normalise a batch of one sample
     single_ok = not any(m.training for m in level.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm))
@@ -385,7 +411,10 @@ def fit_gradient(
                 if len(b) < 2 and not single_ok:
                     continue
                 tot += float(loss_fn(level(inputs[b]), targets[b])) * len(b)
-            return tot / len(val_idx)
+            count = len(val_idx)
+            if spread:
+                tot, count = all_reduce_number(float(tot)), all_reduce_number(int(count))
+            return tot / count
 
     best = val_loss()
     init = best
@@ -394,14 +423,15 @@ def fit_gradient(
     done = 0
     for epoch in range(epochs):
         order = tr_idx[torch.randperm(len(tr_idx), generator=gen).to(tr_idx.device)]
-        for s in range(0, len(order), batch_size):
-            b = order[s : s + batch_size]
-            if len(b) < 2 and not single_ok:
-                continue
-            opt.zero_grad(set_to_none=True)
-            loss = loss_fn(level(inputs[b]), targets[b])
-            loss.backward()
-            opt.step()
+        with model.join() if spread else contextlib.nullcontext():
+            for s in range(0, len(order), batch_size):
+                b = order[s : s + batch_size]
+                if len(b) < 2 and not single_ok:
+                    continue
+                opt.zero_grad(set_to_none=True)
+                loss = loss_fn(model(inputs[b]), targets[b])
+                loss.backward()
+                opt.step()
         done = epoch + 1
         if not validate:
             if progress is not None:
