@@ -513,9 +513,12 @@ def run(recipe: Recipe, *, loaded: list[LoadedModel] | None = None) -> RunRecord
     from fxfuse import fuse
 
     from ._config import resolve_device
+    from . import _dist
+
     t_start = time.perf_counter()
     rec = RunRecord(recipe)
-    prog = recipe.progress
+    rank, world = _dist.world()
+    prog = recipe.progress and rank == 0  # under torchrun, rank 0 alone prints and writes
     dev = resolve_device(recipe.fuse_device())
     rec.device = str(dev)
     if dev.type == "cuda":
@@ -528,6 +531,12 @@ def run(recipe: Recipe, *, loaded: list[LoadedModel] | None = None) -> RunRecord
     with rec.stage("load data", prog):
         dc = resolve_data_config(recipe, loaded)
         fusion_ds, fwhat = load_source(recipe, recipe.data.fusion, "data.fusion", dc)
+        if world > 1:  # this rank's contiguous shard; fuse sums the statistics of all shards
+            from torch.utils.data import Subset
+
+            n = len(fusion_ds)
+            fusion_ds = Subset(fusion_ds, range(rank * n // world, (rank + 1) * n // world))
+            fwhat += f" (rank {rank} of {world}: samples {rank * n // world}..{(rank + 1) * n // world - 1})"
         rec.data = {"fusion": fwhat, "preprocessing": {k: dc.get(k) for k in _DC_FIELDS}}
         eval_loader = None
         if recipe.data.eval is not None:
@@ -551,6 +560,8 @@ def run(recipe: Recipe, *, loaded: list[LoadedModel] | None = None) -> RunRecord
                 t0 = time.perf_counter()
                 other = fuse(models, fusion, **{**recipe.fuse_kwargs(m), "progress": False})
                 compared.append((m.name, other, time.perf_counter() - t0))
+    if rank != 0:  # the other ranks took part in every fusion; rank 0 evaluates and writes
+        return rec
     rows = [(lm.spec.name, "base", lm.model, None) for lm in loaded]
     rows += [(name, "compare", m, s) for name, m, s in compared]
     rows.append((f"fused ({recipe.method.name})", "fused", fused, fuse_s))

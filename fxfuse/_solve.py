@@ -207,16 +207,22 @@ class GramStats:
 
     def reduce(self) -> None:
         """Sum the statistics over the ranks of a ``torch.distributed`` process group (one all-reduce each, in
-        float64); a no-op in a single process. The dual form is given up: G = XᵀX is formed first."""
-        from ._dist import all_reduce_, all_reduce_number, is_distributed
+        float64); a no-op in a single process. While all ranks together have fewer rows than columns, the rows
+        are gathered instead and the dual form is kept (as in one process); otherwise G = XᵀX is summed."""
+        from ._dist import all_gather_rows, all_reduce_, all_reduce_number, is_distributed
 
         if not is_distributed():
             return
-        if self.X is not None:
+        rows = all_reduce_number(self.rows)
+        # every rank still in the dual form and fewer rows than columns in all: gather the rows (small), keep it
+        dual = all_reduce_number(0 if self.X is not None else 1) == 0 and rows < self.d
+        if dual:
+            self.X = all_gather_rows(self.X)
+        elif self.X is not None:
             self.G, self.X = self.X.T @ self.X, None
-        for t in (self.G, self.C, self.K):
+        for t in (self.C, self.K) if dual else (self.G, self.C, self.K):
             all_reduce_(t)
-        self.rows = all_reduce_number(self.rows)
+        self.rows = rows
 
     def gram_times(self, W: Tensor) -> Tensor:
         """G W = XᵀX W."""

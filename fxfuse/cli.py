@@ -146,6 +146,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     try:
+        if args.command in ("fuse", "run"):
+            from ._dist import init_from_env
+
+            init_from_env()  # under torchrun: join its process group (gloo on CPU, NCCL on GPUs)
         return args.func(args)
     except (ValueError, TypeError) as e:
         print(f"fxfuse {args.command}: error: {e}", file=sys.stderr)

@@ -90,3 +90,47 @@ def test_ranks_with_different_models_stop_before_any_level(tmp_path):
     for _, err in results:
         assert "base models' parameters (checksums) differ across ranks" in err
     assert not (tmp_path / "x.pt").exists()
+
+
+RECIPE = """\
+format: fxfuse-recipe/1
+models:
+  - {model: test_resnet, checkpoint: a.safetensors, model_args: {num_classes: 10, in_chans: 1}}
+  - {model: test_resnet, checkpoint: b.safetensors, model_args: {num_classes: 10, in_chans: 1}}
+data:
+  fusion: {source: digits, split: train, samples: 96}
+  eval: {source: digits, split: test}
+  transform: {input_size: [1, 16, 16]}
+method: {name: kf-linear, options: {n_init: 2}}
+device: cpu
+output: {path: OUT, formats: [safetensors]}
+"""
+
+
+def test_torchrun_runs_a_recipe_on_two_ranks_like_one_process(tmp_path):
+    """`torchrun --nproc_per_node=2 -m fxfuse run recipe.yaml`: each rank fuses half the samples, rank 0 writes the
+    timm directory, and its weights equal those of a one-process run."""
+    import timm
+    from safetensors.torch import load_file, save_file
+
+    for k, name in enumerate("ab"):
+        torch.manual_seed(k)
+        m = timm.create_model("test_resnet", pretrained=False, num_classes=10, in_chans=1)
+        save_file({n: v.contiguous() for n, v in m.state_dict().items()}, tmp_path / f"{name}.safetensors")
+    (tmp_path / "two.yaml").write_text(RECIPE.replace("OUT", "two"))
+    (tmp_path / "one.yaml").write_text(RECIPE.replace("OUT", "one"))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "FXFUSE_DIST_TIMEOUT": "30"}
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                          f"--master_port={_port()}", "-m", "fxfuse", "run", "two.yaml"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.count("fused (kf-linear)") >= 1 and "rank 0 of 2: samples 0..47" in res.stdout
+    one = subprocess.run([sys.executable, "-m", "fxfuse", "run", "one.yaml", "--quiet"], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    a, b = load_file(tmp_path / "two" / "model.safetensors"), load_file(tmp_path / "one" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        if a[k].is_floating_point():
+            assert float((a[k] - b[k]).abs().max()) <= 1e-4 * max(float(b[k].abs().max()), 1.0), k
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["one", "two"]
