@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections.abc import Sequence
 from typing import Any
@@ -57,6 +58,15 @@ def restandardise_batchnorm(model: nn.Module, batches) -> int:
         for h in handles:
             h.remove()
         model.train(was)
+    from ._dist import all_reduce_, all_reduce_number, is_distributed
+
+    if is_distributed():  # every rank's shard: sum the per-channel sums (same BatchNorms, same order everywhere)
+        for m in bns:
+            s = sums.setdefault(m, [torch.zeros(m.num_features, dtype=torch.float64),
+                                    torch.zeros(m.num_features, dtype=torch.float64), 0])
+            s[0] = all_reduce_(torch.as_tensor(s[0], dtype=torch.float64).clone())
+            s[1] = all_reduce_(torch.as_tensor(s[1], dtype=torch.float64).clone())
+            s[2] = all_reduce_number(int(s[2]))
     for m in bns:
         if m not in sums or sums[m][2] < 2:
             continue
@@ -183,6 +193,15 @@ def finetune(
         p.requires_grad_(p.is_floating_point())
     teach = [copy.deepcopy(t).to(dev).float().eval() for t in teachers]
     opt = torch.optim.Adam([p for p in tuned.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay)
+    from ._dist import all_reduce_number, is_distributed
+
+    # in a torch.distributed process group, data is this rank's shard and the gradients are averaged by DDP
+    spread = is_distributed()
+    net = tuned
+    if spread:
+        from torch.nn.parallel import DistributedDataParallel
+
+        net = DistributedDataParallel(tuned, find_unused_parameters=True)
     gen = torch.Generator().manual_seed(seed)
 
     def batches():
@@ -198,7 +217,7 @@ def finetune(
                 yield _split_item(item, f"data: batch {i}")
 
     def loss_of(x: Tensor, y: Tensor | None) -> Tensor:
-        out = tuned(x)
+        out = net(x)
         if objective == "ce":
             if y is None:
                 raise ValueError("objective='ce' needs labels, but a batch of data has none")
@@ -217,17 +236,20 @@ def finetune(
     try:
         for _ in range(epochs):
             total, count = 0.0, 0
-            for x, y in batches():
-                if x.shape[0] < 2:
-                    continue  # BatchNorm needs two samples
-                x = x.to(dev, torch.float32) if x.is_floating_point() else x.to(dev)
-                y = None if y is None else y.to(dev)
-                opt.zero_grad(set_to_none=True)
-                loss = loss_of(x, y)
-                loss.backward()
-                opt.step()
-                total += float(loss) * x.shape[0]
-                count += x.shape[0]
+            with net.join() if spread else contextlib.nullcontext():
+                for x, y in batches():
+                    if x.shape[0] < 2:
+                        continue  # BatchNorm needs two samples
+                    x = x.to(dev, torch.float32) if x.is_floating_point() else x.to(dev)
+                    y = None if y is None else y.to(dev)
+                    opt.zero_grad(set_to_none=True)
+                    loss = loss_of(x, y)
+                    loss.backward()
+                    opt.step()
+                    total += float(loss) * x.shape[0]
+                    count += x.shape[0]
+            if spread:
+                total, count = all_reduce_number(float(total)), all_reduce_number(int(count))
             history.append(total / max(count, 1))
             if bar is not None:
                 bar.set_postfix(loss=f"{history[-1]:.4f}")

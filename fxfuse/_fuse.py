@@ -143,9 +143,6 @@ def _fuse(models, data, method, importance, device, seed, progress, **options) -
     spec = get_method(cfg.method)
     if _dist.is_distributed():
         # data is this process's shard; every statistic is summed over the ranks (fxfuse._dist)
-        if spec.name in ("np-merge", "np-merge-levelwise", "last-layer-kd"):
-            raise ValueError(f"{spec.name} does not run in a torch.distributed process group yet; run it in one "
-                             "process, or use hf-linear, kf-linear, kf-gradient, hf-gradient or git-rebasin")
         cfg = _dist.broadcast_seed(cfg)
         if not progress or _dist.world()[0] != 0:
             cfg = dataclasses.replace(cfg, progress=False)  # rank 0 alone shows progress

@@ -49,8 +49,13 @@ def main() -> int:
         shard[0, 0] = float("nan")
     fused = fxfuse.fuse(models, shard, method=method, progress=False, device="cpu",
                         **METHOD_OPTIONS.get(method, {}))
+    if "--finetune" in sys.argv:  # then a short fine-tune on the shard, labelled by models[0]
+        with torch.no_grad():
+            labels = models[0](shard).argmax(-1)
+        fused = fxfuse.finetune(fused, (shard, labels), epochs=5, lr=1e-3, progress=False)
     if rank == 0:
-        torch.save({"state": fused.state_dict(), "levels": fused.meta["fxfuse"]["levels"]}, out)
+        torch.save({"state": fused.state_dict(), "levels": fused.meta["fxfuse"].get("levels", []),
+                    "finetune": fused.meta["fxfuse"].get("finetune")}, out)
     import torch.distributed as dist
 
     dist.destroy_process_group()

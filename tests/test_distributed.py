@@ -134,3 +134,44 @@ def test_torchrun_runs_a_recipe_on_two_ranks_like_one_process(tmp_path):
         if a[k].is_floating_point():
             assert float((a[k] - b[k]).abs().max()) <= 1e-4 * max(float(b[k].abs().max()), 1.0), k
     assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["one", "two"]
+
+
+def _kl_to_ensemble(model, models, x):
+    with torch.no_grad():
+        p = torch.stack([m(x).softmax(-1) for m in models]).mean(0)
+        return float(torch.nn.functional.kl_div(model(x).log_softmax(-1), p, reduction="batchmean"))
+
+
+@pytest.mark.parametrize("method", ["np-merge", "np-merge-levelwise", "last-layer-kd"])
+def test_gradient_methods_train_under_ddp(method, tmp_path):
+    """The methods that learn by gradient on the fusion data (NP Merge's α, last-layer distillation) train under
+    DistributedDataParallel on the ranks' shards and end as close to the ensemble as one process on all the data."""
+    import copy
+
+    from dist_worker import case
+
+    out = tmp_path / "fused.pt"
+    results, _ = _launch("mlp", method, out)
+    assert all(rc == 0 for rc, _ in results), [err[-3000:] for _, err in results]
+    single = _single("mlp", method)
+    spread = copy.deepcopy(single)
+    spread.load_state_dict(torch.load(out)["state"])
+    models, x = case("mlp")
+    kl_single, kl_spread = _kl_to_ensemble(single, models, x), _kl_to_ensemble(spread, models, x)
+    assert kl_spread <= 1.5 * kl_single + 1e-4, (kl_spread, kl_single)
+
+
+def test_finetune_under_ddp(tmp_path):
+    from dist_worker import case
+
+    out = tmp_path / "fused.pt"
+    results, _ = _launch("mlp", "kf-linear", out, "--finetune")
+    assert all(rc == 0 for rc, _ in results), [err[-3000:] for _, err in results]
+    losses = torch.load(out)["finetune"]["loss"]
+    models, x = case("mlp")
+    with torch.no_grad():
+        labels = models[0](x).argmax(-1)
+    single = fxfuse.finetune(_single("mlp", "kf-linear"), (x, labels), epochs=5, lr=1e-3, progress=False)
+    want = single.meta["fxfuse"]["finetune"]["loss"]
+    assert len(losses) == 5 and losses[-1] < losses[0]
+    assert losses[-1] <= 1.25 * want[-1] + 1e-3, (losses, want)
