@@ -18,6 +18,7 @@ from fxfuse.passes import (
     pinned_levels,
 )
 from fxfuse.passes._depth import brute_force_cla, level_outputs
+from zoo import randomise_bn
 
 
 def mlp(depth: int, width: int = 16, act=nn.ReLU, seed: int = 0, d_in: int = 8, d_out: int = 3) -> nn.Sequential:
@@ -29,23 +30,13 @@ def mlp(depth: int, width: int = 16, act=nn.ReLU, seed: int = 0, d_in: int = 8, 
     return nn.Sequential(*layers).eval()
 
 
-def _randomise_bn(model: nn.Module) -> nn.Module:
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.running_mean.uniform_(-0.5, 0.5)
-            m.running_var.uniform_(0.5, 2.0)
-            m.weight.data.uniform_(0.5, 1.5)
-            m.bias.data.uniform_(-0.2, 0.2)
-    return model.eval()
-
-
 def vgg_bn(n_convs: int = 4, width: int = 8) -> nn.Sequential:
     torch.manual_seed(0)
     layers: list[nn.Module] = [nn.Conv2d(3, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU()]
     for _ in range(n_convs - 1):
         layers += [nn.Conv2d(width, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU()]
     layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, 4)]
-    return _randomise_bn(nn.Sequential(*layers))
+    return randomise_bn(nn.Sequential(*layers))
 
 
 def resnet(layers, block="basic"):
@@ -53,7 +44,7 @@ def resnet(layers, block="basic"):
 
     torch.manual_seed(0)
     cls = BasicBlock if block == "basic" else Bottleneck
-    return _randomise_bn(ResNet(cls, list(layers), num_classes=4, channels=(8, 16, 16, 32), stem_width=8,
+    return randomise_bn(ResNet(cls, list(layers), num_classes=4, channels=(8, 16, 16, 32), stem_width=8,
                                 zero_init_last=False))
 
 

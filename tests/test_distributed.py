@@ -62,7 +62,7 @@ def test_two_ranks_with_half_the_data_each_equal_one_process_with_all(case, meth
     for k, v in want.items():
         if v.is_floating_point():
             scale = float(v.abs().max()) or 1.0
-            assert float((got[k] - v).abs().max()) <= 1e-4 * scale, k
+            assert float((got[k] - v).abs().max()) <= 1e-5 * scale, k  # statistics are float64
 
 
 def test_kf_gradient_under_ddp_reaches_the_single_process_loss(tmp_path):

@@ -86,10 +86,8 @@ class ResNetTiny(nn.Module):
         return self.head(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
 
 
-def seeded(model_fn, seed: int = 0, *args, **kwargs) -> nn.Module:
-    """Build a model with a fixed seed and randomised BatchNorm statistics, in eval mode."""
-    torch.manual_seed(seed)
-    model = model_fn(*args, **kwargs)
+def randomise_bn(model: nn.Module) -> nn.Module:
+    """Give every BatchNorm random statistics and affine parameters (a trained model's are not 0/1); eval mode."""
     for m in model.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             m.running_mean.uniform_(-0.5, 0.5)
@@ -97,6 +95,12 @@ def seeded(model_fn, seed: int = 0, *args, **kwargs) -> nn.Module:
             m.weight.data.uniform_(0.5, 1.5)
             m.bias.data.uniform_(-0.2, 0.2)
     return model.eval()
+
+
+def seeded(model_fn, seed: int = 0, *args, **kwargs) -> nn.Module:
+    """Build a model with a fixed seed and randomised BatchNorm statistics, in eval mode."""
+    torch.manual_seed(seed)
+    return randomise_bn(model_fn(*args, **kwargs))
 
 
 class Gate(nn.Module):
