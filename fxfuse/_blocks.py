@@ -130,9 +130,55 @@ def has_nodes(level: GraphModule, names) -> bool:
     return set(names) <= have
 
 
+@torch.no_grad()
+def fold_params(level: GraphModule, folds) -> dict[str, Tensor]:
+    """New values of the parameters that fold a block's LayerNorm affines and LayerScales into its Linear units
+    (:class:`fxfuse.passes.Fold`); the norms and scales become the identity and the level's function is unchanged.
+
+    Example:
+        >>> import torch, timm, fxfuse
+        >>> from fxfuse.passes import block_spec, partition_levels, rewrite_params
+        >>> from fxfuse._blocks import fold_params
+        >>> vit = timm.create_model("test_vit", img_size=32, num_classes=4, init_values=0.1).eval()
+        >>> x = torch.randn(2, 3, 32, 32)
+        >>> level = partition_levels(fxfuse.trace(vit, x)).split()[2]  # the first MLP half-block
+        >>> h = torch.randn(2, 5, 64)
+        >>> before = level(h)
+        >>> _ = rewrite_params(level, fold_params(level, block_spec(level).folds), in_place=True)
+        >>> torch.allclose(level(h), before, atol=1e-5), float(level.get_parameter("blocks.0.ls2.gamma").min())
+        (True, 1.0)
+    """
+    out: dict[str, Tensor] = {}
+
+    def cur(name: str) -> Tensor:
+        return out[name] if name in out else level.get_parameter(name).detach().to(torch.float64)
+
+    for f in folds:
+        op = level.get_submodule(f.op)
+        W = cur(f"{f.op}.weight")
+        b = cur(f"{f.op}.bias") if op.bias is not None else None
+        g = cur(f.weight)
+        if f.kind == "norm":
+            if f.bias is not None:
+                b = b + W @ cur(f.bias)
+                out[f.bias] = torch.zeros_like(g)
+            W = W * g[None, :]
+        else:
+            W = g[:, None] * W
+            b = None if b is None else g * b
+        out[f.weight] = torch.ones_like(g)
+        out[f"{f.op}.weight"] = W
+        if b is not None:
+            out[f"{f.op}.bias"] = b
+    return out
+
+
 def fuse_block(i: int, prep, scores: list[Tensor], col, cfg, bspec) -> BlockResult:
     """Solve level ``i`` op by op in closed form (see the module docstring); writes the fused parameters."""
     from fxfuse.passes import rewrite_params
+
+    if bspec.folds:  # LayerNorm affines and LayerScales go into the Linear units next to them first
+        rewrite_params(prep.fused_plan.gm, fold_params(col.chains[-1][i], bspec.folds), in_place=True)
 
     from ._engine import group
     from ._methods import get_method

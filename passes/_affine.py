@@ -12,9 +12,9 @@ from dataclasses import dataclass
 from torch import nn
 from torch.fx import GraphModule, Node
 
-from ._ops import is_foldable_norm_module, is_transparent
+from ._ops import call_arg, is_foldable_norm_module, is_transparent
 
-__all__ = ["AffineSpec", "BlockSpec", "BlockUnit", "affine_spec", "block_spec"]
+__all__ = ["AffineSpec", "BlockSpec", "BlockUnit", "Fold", "affine_spec", "block_spec"]
 
 
 @dataclass(frozen=True)
@@ -76,6 +76,22 @@ class BlockUnit:
 
 
 @dataclass(frozen=True)
+class Fold:
+    """A per-channel affine next to a unit, folded into the unit's Linear before the block is solved.
+
+    ``kind="norm"``: a LayerNorm's γ, β in front of the unit (W ← W·diag γ, b ← b + Wβ);
+    ``kind="scale"``: a LayerScale γ after it (W ← diag γ·W, b ← γ·b). The norm or scale is
+    then the identity (γ = 1, β = 0), so the level computes the same function.
+    """
+
+    kind: str
+    weight: str  # qualname of γ
+    bias: str | None  # qualname of β (norm only)
+    op: str  # qualname of the unit's Linear
+    node: str  # the norm or the multiplication node
+
+
+@dataclass(frozen=True)
 class BlockSpec:
     """A level whose weighted ops are all Linear/Conv2d (+ BatchNorm) units, solvable op by op in closed form.
 
@@ -89,6 +105,7 @@ class BlockSpec:
     terms: tuple[BlockUnit, ...]
     fixed: tuple[str, ...]
     pre: str  # the sum (pre-activation) node
+    folds: tuple[Fold, ...] = ()  # LayerNorm affines and LayerScales folded into units first
 
     @property
     def units(self) -> tuple[BlockUnit, ...]:
@@ -132,8 +149,10 @@ def block_spec(level: GraphModule) -> BlockSpec | None:
     module is such a unit. Single-op levels are :func:`affine_spec`'s.
     """
     nodes = list(level.graph.nodes)
-    if any(n.op == "get_attr" for n in nodes):
+    attr_users = _per_channel_affines(level, nodes)
+    if attr_users is None:
         return None
+    norms, scales = attr_users
     units: dict[str, BlockUnit] = {}  # output node name -> unit
     op_of_norm: dict[str, str] = {}
     for n in nodes:
@@ -159,9 +178,28 @@ def block_spec(level: GraphModule) -> BlockSpec | None:
     by_name = {n.name: n for n in nodes}
 
     def strip(n: Node) -> Node:
-        while is_transparent(level, n) and len(n.all_input_nodes) == 1:
-            n = n.all_input_nodes[0]
-        return n
+        while True:
+            if n.name in scales:  # a LayerScale: the identity once folded
+                n = scales[n.name][0]
+            elif is_transparent(level, n) and len(n.all_input_nodes) == 1:
+                n = n.all_input_nodes[0]
+            else:
+                return n
+
+    folds: list[Fold] = []
+    for ln, (w, b) in norms.items():  # a LayerNorm's only reader must be a Linear unit (with a bias for β)
+        readers = [u for u in by_name[ln].users]
+        while len(readers) == 1 and is_transparent(level, readers[0]):
+            readers = list(readers[0].users)
+        unit = next((u for u in units.values() if len(readers) == 1 and u.spec.op_node == readers[0].name), None)
+        if unit is None or unit.spec.is_conv or unit.spec.norm is not None or (b is not None and not unit.spec.has_bias_column):
+            return None
+        folds.append(Fold("norm", w, b, unit.spec.op, ln))
+    for mul, (src, g) in scales.items():  # a LayerScale right after a Linear unit
+        u = units.get(strip(src).name)
+        if u is None or u.spec.is_conv or u.spec.norm is not None:
+            return None
+        folds.append(Fold("scale", g, None, u.spec.op, mul))
 
     node = strip(next(n for n in nodes if n.op == "output").args[0])
     if not isinstance(node, Node):
@@ -207,4 +245,61 @@ def block_spec(level: GraphModule) -> BlockSpec | None:
         if up & (term_set | term_ops):  # nothing is computed from a term before the sum
             return None
     inner = tuple(units[n.name] for n in nodes if n.name in units and n.name not in term_set)
-    return BlockSpec(inner, tuple(units[t] for t in terms), tuple(fixed), pre.name)
+    return BlockSpec(inner, tuple(units[t] for t in terms), tuple(fixed), pre.name, tuple(folds))
+
+
+def _attr_chain_root(n: Node) -> Node | None:
+    """The get_attr node under a chain of shape ops on a parameter (``gamma.reshape(1, -1, 1, 1)``), or None."""
+    while n.op != "get_attr":
+        if n.op != "call_method" or n.target not in ("reshape", "view") or len(n.all_input_nodes) != 1:
+            return None
+        n = n.all_input_nodes[0]
+    return n
+
+
+def _per_channel_affines(level: GraphModule, nodes: list[Node]):
+    """The level's parameters used outside modules, when each is the affine of a ``layer_norm`` over the last
+    dim or the γ of a LayerScale (a multiplication): ``({norm node: (γ, β)}, {mul node: (other input, γ)})``
+    with parameter qualnames; None when some other op uses a parameter."""
+    norms: dict[str, tuple[str, str | None]] = {}
+    scales: dict[str, tuple[Node, str]] = {}
+    for n in nodes:
+        if n.op != "get_attr":
+            continue
+        for user in n.users:
+            name = getattr(user.target, "__name__", str(user.target))
+            if user.op == "call_function" and name == "layer_norm":
+                w, b = call_arg(user, 2, "weight"), call_arg(user, 3, "bias")
+                shape = call_arg(user, 1, "normalized_shape")
+                if w is None or len(tuple(shape)) != 1 or not all(a is None or (isinstance(a, Node) and
+                                                                                   a.op == "get_attr") for a in (w, b)):
+                    return None
+                norms[user.name] = (str(w.target), None if b is None else str(b.target))
+            elif user.op == "call_method" and user.target in ("reshape", "view") and all(
+                    (u.op == "call_function" and getattr(u.target, "__name__", "") == "mul")
+                    or (u.op == "call_method" and u.target == "mul") for u in user.users):
+                continue  # checked at the multiplication
+            elif (user.op == "call_function" and name == "mul") or (user.op == "call_method" and user.target == "mul"):
+                if len(user.args) != 2 or user.kwargs:
+                    return None
+                roots = [(_attr_chain_root(a) if isinstance(a, Node) else None) for a in user.args]
+                if sum(r is not None for r in roots) != 1:
+                    return None
+                k = 0 if roots[0] is not None else 1
+                other = user.args[1 - k]
+                gamma = roots[k]
+                p = level.get_parameter(str(gamma.target)) if _is_param(level, gamma) else None
+                if p is None or p.ndim != 1 or not isinstance(other, Node):
+                    return None
+                scales[user.name] = (other, str(gamma.target))
+            else:
+                return None
+    return norms, scales
+
+
+def _is_param(level: GraphModule, n: Node) -> bool:
+    try:
+        level.get_parameter(str(n.target))
+        return True
+    except AttributeError:
+        return False

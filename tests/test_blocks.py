@@ -101,6 +101,31 @@ def test_a_copy_permuted_in_every_space_is_recovered(name):
     assert any(op["role"] == "inner" for op in ops) and all(op["error"] < 1e-8 for op in ops)
 
 
+def test_vit_mlp_halves_fold_layernorm_and_layerscale_and_are_solved_in_closed_form():
+    """A ViT MLP half-block, LayerNorm → fc1 → GELU → fc2 → LayerScale → + skip: the norm's affine and the
+    LayerScale fold into fc1 and fc2, and both are solved in closed form; a copy of the ViT permuted in
+    every free space (the MLP's hidden features included) is recovered."""
+    torch.manual_seed(0)
+    a = timm.create_model("test_vit", pretrained=False, num_classes=5, img_size=32, init_values=0.1).eval().double()
+    with torch.no_grad():  # trained-looking norms and scales (timm starts them at 1, 0 and 0.1)
+        for name, p in a.named_parameters():
+            if name.endswith(("norm1.weight", "norm2.weight", "gamma")):
+                p.uniform_(0.5, 1.5)
+            elif name.endswith(("norm1.bias", "norm2.bias")):
+                p.uniform_(-0.3, 0.3)
+    x = torch.randn(300, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    b = _permuted(a, x)
+    test = torch.randn(16, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    fused = fxfuse.fuse([a, b], x, method="hf-linear", progress=False)
+    mlp = [r for r in fused.meta["fxfuse"]["levels"] if r["name"].endswith(".mlp")]
+    assert len(mlp) == 6 and all(r["approximation"] == "closed form (block: 2 ops)" for r in mlp)
+    assert all(op["error"] < 1e-8 for r in mlp for op in r["ops"])
+    with torch.no_grad():
+        assert _rel(fused(test), a(test)) < 1e-5
+    params = dict(fused.named_parameters())
+    assert float(params["blocks.0.ls2.gamma"].min()) == 1.0 == float(params["blocks.0.norm2.weight"].max())
+
+
 def test_joint_sum_solve_equals_least_squares_on_the_concatenated_design():
     """The branch's last unit and the 1×1 shortcut, fitted jointly: μ = 0 gives torch.linalg.lstsq's solution."""
     from fxfuse._blocks import _env, _op_input_name
