@@ -352,7 +352,7 @@ def warn_label_skew(counts: Tensor, uses: str, fix: str) -> bool:
     """
     import warnings
 
-    from ._errors import LabelSkewWarning
+    from ._errors import LabelSkewWarning, user_stacklevel
 
     missing, tv = label_skew(counts)
     if not missing and tv < SKEW_TV:
@@ -363,6 +363,6 @@ def warn_label_skew(counts: Tensor, uses: str, fix: str) -> bool:
         f"the fusion labels {what} (total variation from uniform {tv:.2f}; counts {counts.tolist()[:20]}"
         f"{' ...' if len(counts) > 20 else ''}); {uses} read(s) them, so the result leans towards this "
         f"sample's classes. {fix}",
-        LabelSkewWarning, stacklevel=3,
+        LabelSkewWarning, stacklevel=user_stacklevel(),
     )
     return True

@@ -21,7 +21,7 @@ from torch.fx import GraphModule
 
 from ._collect import Collector, FusionData
 from ._config import FuseConfig
-from ._errors import AlignmentError, FxFuseError, TraceError
+from ._errors import AlignmentError, FxFuseError, TraceError, user_stacklevel
 from ._grouping import gram_pair_costs, hungarian_pairs, kernel_inertia, kernel_kmeans
 from ._methods import Method, get_method
 from ._solve import (
@@ -888,7 +888,7 @@ def emit(fused: GraphModule, prep: Prepared, records: list[LevelRecord], cfg: Fu
             f"fxfuse: {len(exact)} closed-form level(s) had fewer fusion rows than unknowns: levels {names}. Their "
             "regularisation was chosen by cross-validation on those rows, and the reported error is measured on them; "
             "use more fusion samples for a fit and an error that hold on new inputs.",
-            stacklevel=3,
+            stacklevel=user_stacklevel(),
         )
     fused.meta["fxfuse"] = {
         "method": cfg.method, "importance": cfg.importance, "n_models": len(prep.models), "seed": cfg.seed,

@@ -36,3 +36,21 @@ class LabelSkewWarning(UserWarning):
     Methods that learn from labels then learn the sample's class prior; the
     message names the missing classes and the label-free choice.
     """
+
+
+def user_stacklevel() -> int:
+    """The ``stacklevel`` for :func:`warnings.warn` that points at the first caller outside fxfuse (its
+    package and its ``fxfuse.passes`` subpackage), however deep inside fxfuse the warning is raised."""
+    import os
+    import sys
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    roots = [here]
+    passes = sys.modules.get("fxfuse.passes")
+    if passes is not None and getattr(passes, "__file__", None):
+        roots.append(os.path.dirname(os.path.abspath(passes.__file__)))
+    level, frame = 1, sys._getframe(1)
+    while frame is not None and any(os.path.abspath(frame.f_code.co_filename).startswith(r + os.sep) for r in roots):
+        frame = frame.f_back
+        level += 1
+    return level
