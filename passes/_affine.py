@@ -189,7 +189,8 @@ def block_spec(level: GraphModule) -> BlockSpec | None:
     folds: list[Fold] = []
     for ln, (w, b) in norms.items():  # a LayerNorm's only reader must be a Linear unit (with a bias for β)
         readers = [u for u in by_name[ln].users]
-        while len(readers) == 1 and is_transparent(level, readers[0]):
+        # a per-channel affine commutes with picking tokens (a ViT's class token) on the way to the unit
+        while len(readers) == 1 and (is_transparent(level, readers[0]) or _picks_tokens(readers[0])):
             readers = list(readers[0].users)
         unit = next((u for u in units.values() if len(readers) == 1 and u.spec.op_node == readers[0].name), None)
         if unit is None or unit.spec.is_conv or unit.spec.norm is not None or (b is not None and not unit.spec.has_bias_column):
@@ -246,6 +247,18 @@ def block_spec(level: GraphModule) -> BlockSpec | None:
             return None
     inner = tuple(units[n.name] for n in nodes if n.name in units and n.name not in term_set)
     return BlockSpec(inner, tuple(units[t] for t in terms), tuple(fixed), pre.name, tuple(folds))
+
+
+def _picks_tokens(n: Node) -> bool:
+    """``x[:, 0]``-style indexing that leaves the last (channel) dim whole."""
+    import operator
+
+    if n.op != "call_function" or n.target is not operator.getitem or not isinstance(n.args[0], Node):
+        return False
+    shape = n.args[0].meta.get("fxfuse", {}).get("shape")
+    index = n.args[1] if isinstance(n.args[1], tuple) else (n.args[1],)
+    return (shape is not None and len(index) < len(shape)
+            and all(isinstance(i, (int, slice)) and not isinstance(i, bool) for i in index))
 
 
 def _attr_chain_root(n: Node) -> Node | None:

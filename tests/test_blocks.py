@@ -119,6 +119,8 @@ def test_vit_mlp_halves_fold_layernorm_and_layerscale_and_are_solved_in_closed_f
     fused = fxfuse.fuse([a, b], x, method="hf-linear", progress=False)
     mlp = [r for r in fused.meta["fxfuse"]["levels"] if r["name"].endswith(".mlp")]
     assert len(mlp) == 6 and all(r["approximation"] == "closed form (block: 2 ops)" for r in mlp)
+    head = fused.meta["fxfuse"]["levels"][-1]  # final LayerNorm → class token → head: the norm folds into the head
+    assert head["name"] == "head" and head["approximation"] == "closed form (block: 1 ops)"
     assert all(op["error"] < 1e-8 for r in mlp for op in r["ops"])
     with torch.no_grad():
         assert _rel(fused(test), a(test)) < 1e-5
