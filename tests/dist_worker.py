@@ -1,7 +1,7 @@
 """One rank of a distributed fusion, launched by tests/test_distributed.py the way torchrun launches it
 (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT in the environment).
 
-    python tests/dist_worker.py CASE METHOD OUT [--fail] [--other-models]
+    python tests/dist_worker.py CASE METHOD OUT [--fail] [--other-models] [--other-shape] [--finetune]
 
 Rank r fuses the r-th contiguous shard of the case's data; rank 0 saves the fused state dict and report to OUT.
 """
@@ -47,6 +47,8 @@ def main() -> int:
     shard = x.chunk(size)[rank].clone()
     if "--fail" in sys.argv and rank == 1:
         shard[0, 0] = float("nan")
+    if "--other-shape" in sys.argv and rank == 1:
+        shard = shard[:, :-1]
     fused = fxfuse.fuse(models, shard, method=method, progress=False, device="cpu",
                         **METHOD_OPTIONS.get(method, {}))
     if "--finetune" in sys.argv:  # then a short fine-tune on the shard, labelled by models[0]
