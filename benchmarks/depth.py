@@ -32,9 +32,9 @@ import torch
 from torch import nn
 
 import fxfuse
-from fxfuse._collect import FusionData
 from fxfuse._config import make_config
-from fxfuse._engine import Prepared, level_features
+from fxfuse._engine import align_depth as engine_align_depth
+from fxfuse._engine import prepare
 from fxfuse._train import BASE_TRAINING, accuracy, train_classifier
 from fxfuse._trace import out_of_place
 from fxfuse.data import dirichlet_split, load_digits, train_test_split
@@ -102,13 +102,11 @@ def run(arch: str, seed: int, ft_epochs: int) -> dict[str, tuple[float, float, f
     out["base A (deeper)"] = (accuracy(a, *test), accuracy(ft_a, *test), 0.0)
     out["base B (shallower)"] = (accuracy(b, *test), accuracy(ft_b, *test), 0.0)
     out["ensemble (2× cost)"] = (accuracy(_Ensemble([a, b]), *test), accuracy(_Ensemble([ft_a, ft_b]), *test), 0.0)
-    # B made as deep as A by CLA, with identity levels (the same function as B), as fuse does it
-    gms = [out_of_place(fxfuse.trace(m, fusion[:2])) for m in (a, b)]
-    plans = [partition_levels(g) for g in gms]
+    # B made as deep as A by CLA, with identity levels (the same function as B): fuse's own first stages
     cfg = make_config("kf-linear", device="cpu", progress=False, seed=seed)
-    al = align_depth(plans, level_features(Prepared(gms, FusionData(fusion), plans, None, torch.float32, {}), cfg),
-                     target=0)
-    b_id = insert_identity(gms[1], plans[1], al.insertions[1], example=fusion[:2])[0]
+    aligned = engine_align_depth(prepare([a, b], fusion, cfg), cfg)
+    b_id = aligned.models[1]
+    al = aligned.alignment.alignments[1]
     out["B + identities (depth-aligned)"] = (accuracy(b_id, *test), accuracy(ft(b_id), *test), 0.0)
     for label, method, aligned in (("CLA + kf-linear", "kf-linear", None), ("CLA + hf-linear", "hf-linear", None),
                                    ("uniform mapping + kf-linear", "kf-linear", "uniform"),

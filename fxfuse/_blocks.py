@@ -81,7 +81,7 @@ def _unit_pass(i, prep, col, bspec, unit, *, last: bool):
     want_base = {bspec.pre} if last else {unit.output}
     # a base level that is an inserted identity (models of different depth) has none of the block's inner
     # nodes: its inner neurons are left out, and its level output is its pre-activation
-    use = [k for k, lv in enumerate(bases) if last or (same_structure(prep, k, i) and has_nodes(lv, want_base))]
+    use = range(len(bases)) if last else bases_with(prep, i, bases, want_base)
     stats = GramStats()
     rows = 0
     for b, ins, _ in col.inputs(i):
@@ -122,6 +122,11 @@ def same_structure(prep, k: int, i: int) -> bool:
     different depth), whose node names may coincide with the fused level's by accident."""
     al = getattr(prep, "alignment", None)
     return al is None or (i not in al.identity[k] and i not in al.merged[k])
+
+
+def bases_with(prep, i: int, bases, names) -> list[int]:
+    """The base models whose level ``i`` is their own and has nodes of all these names (a block's inner op)."""
+    return [k for k, lv in enumerate(bases) if same_structure(prep, k, i) and has_nodes(lv, names)]
 
 
 def has_nodes(level: GraphModule, names) -> bool:
@@ -193,8 +198,7 @@ def fuse_block(i: int, prep, scores: list[Tensor], col, cfg, bspec) -> BlockResu
         stats, rows = _unit_pass(i, prep, col, bspec, u, last=False)
         lam, V = stats.eig()
         gram, _ = stats.grouping_gram(lam, V)
-        widths = [lvl.get_submodule(u.spec.op).weight.shape[0] for k, lvl in enumerate(bases)
-                  if same_structure(prep, k, i) and has_nodes(lvl, {u.output})]
+        widths = [bases[k].get_submodule(u.spec.op).weight.shape[0] for k in bases_with(prep, i, bases, {u.output})]
         k = fused.get_submodule(u.spec.op).weight.shape[0]
         ones = torch.ones(sum(widths), dtype=torch.float64, device=gram.device)
         g = group(gram, ones, widths, k, is_head=False, strategy=method.grouping, seed=cfg.seed + 1000 * i + j, cfg=cfg)

@@ -116,9 +116,8 @@ def check_same_across_ranks(what: str, value: Tensor | float, rtol: float = 0.0)
     dist.all_reduce(lo, op=dist.ReduceOp.MIN)
     dist.all_reduce(hi, op=dist.ReduceOp.MAX)
     if bool(((hi - lo).abs() > rtol * torch.maximum(hi.abs(), lo.abs())).any()):
-        rank, size = world()
         raise DistributedError(
-            f"rank {rank} of {size}: {what} differ across ranks (this rank {v.tolist()[:4]}, range over ranks "
+            f"{rank_prefix()}{what} differ across ranks (this rank {v.tolist()[:4]}, range over ranks "
             f"{lo.tolist()[:4]} .. {hi.tolist()[:4]}); every rank must fuse the same models with data of the same shape"
         )
 

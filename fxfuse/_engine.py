@@ -68,9 +68,8 @@ class Prepared:
             ``models[0]`` whose parameters the solvers rewrite.
         dtype: The dtype the fused model is emitted in.
         grad_flags: ``requires_grad`` of the fused architecture's parameters, restored at emit.
-        alignment: Models of different depth: the cross-layer alignment
-            (:class:`fxfuse.passes.DepthAlignment`) after which ``models`` and ``plans``
-            hold identity levels; None for models of equal depth.
+        alignment: Models of different depth: the :class:`DepthPlan` after which
+            ``models`` and ``plans`` hold identity or merged levels; None otherwise.
     """
 
     models: list[GraphModule]
@@ -316,8 +315,8 @@ def prepare(models: Any, data: Any, cfg: FuseConfig) -> Prepared:
         gms = GROUPINGS["aligned"].prepare(gms, data, cfg)
         plans = [partition_levels(g) for g in gms]
     # models of different depth: the fused model takes the deepest one's architecture unless target= is given
-    target = cfg.target if cfg.target is not None else models[0] if len(set(depths)) == 1 else models[deepest]
-    target_name = "target" if cfg.target is not None else "models[0]" if len(set(depths)) == 1 else f"models[{deepest}]"
+    t = 0 if len(set(depths)) == 1 else deepest
+    target, target_name = (cfg.target, "target") if cfg.target is not None else (models[t], f"models[{t}]")
     dtype = next((p.dtype for p in target.parameters() if p.is_floating_point()), torch.float32)
     flags = {n: p.requires_grad for n, p in target.named_parameters()}
     fused_gm = _trace_copy(target_name, target, data.example, dev)
@@ -424,9 +423,6 @@ class DepthPlan:
     identity: tuple[tuple[int, ...], ...]
     merged: tuple[dict[int, tuple[str, ...]], ...]
     alignments: tuple[Any, ...]
-
-    def inserted_levels(self, k: int) -> list[int]:
-        return list(self.identity[k])
 
 
 def align_depth(prep: Prepared, cfg: FuseConfig) -> Prepared:

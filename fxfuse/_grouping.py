@@ -84,12 +84,15 @@ def kernel_inertia(gram: Tensor, weights: Tensor, labels: Tensor, k: int) -> flo
 TIE_RTOL = 1e-9
 
 
+def _near_min(x: Tensor, dim: int) -> Tensor:
+    """Boolean mask of the entries within TIE_RTOL (of the largest finite magnitude along ``dim``) of the minimum."""
+    scale = torch.where(torch.isfinite(x), x.abs(), torch.zeros_like(x)).amax(dim, keepdim=True)
+    return x <= x.min(dim, keepdim=True).values + TIE_RTOL * scale
+
+
 def _argmin_tol(x: Tensor, dim: int) -> Tensor:
-    """The first index along ``dim`` within TIE_RTOL (of the largest finite magnitude) of the minimum."""
-    finite = torch.isfinite(x)
-    scale = torch.where(finite, x.abs(), torch.zeros_like(x)).amax(dim, keepdim=True)
-    m = x.min(dim, keepdim=True).values
-    return (x <= m + TIE_RTOL * scale).to(torch.int8).argmax(dim)
+    """The first index along ``dim`` within TIE_RTOL of the minimum (:func:`_near_min`)."""
+    return _near_min(x, dim).to(torch.int8).argmax(dim)
 
 
 def _kernel_lloyd(gram: Tensor, weights: Tensor, labels: Tensor, k: int, max_iter: int) -> tuple[Tensor, float]:
@@ -108,12 +111,9 @@ def _kernel_lloyd(gram: Tensor, weights: Tensor, labels: Tensor, k: int, max_ite
         score = R * (-2.0 * inv[:, None])
         score += (sq * inv * inv)[:, None]
         score[wsum <= 0] = float("inf")  # an empty cluster has no centre
-        new = _argmin_tol(score, 0)
+        near = _near_min(score, 0)
         # a point within the tolerance of its best centre stays where it is (no moves on rounding alone)
-        finite = torch.isfinite(score)
-        scale = torch.where(finite, score.abs(), torch.zeros_like(score)).amax(0)
-        stay = score[labels, rng] <= score.min(0).values + TIE_RTOL * scale
-        new = torch.where(stay, labels, new)
+        new = torch.where(near[labels, rng], labels, near.to(torch.int8).argmax(0))
         # empty clusters take the point that currently costs most
         counts = torch.bincount(new, minlength=k)
         if bool((counts == 0).any()):

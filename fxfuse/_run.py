@@ -535,8 +535,9 @@ def run(recipe: Recipe, *, loaded: list[LoadedModel] | None = None) -> RunRecord
             from torch.utils.data import Subset
 
             n = len(fusion_ds)
-            fusion_ds = Subset(fusion_ds, range(rank * n // world, (rank + 1) * n // world))
-            fwhat += f" (rank {rank} of {world}: samples {rank * n // world}..{(rank + 1) * n // world - 1})"
+            lo, hi = rank * n // world, (rank + 1) * n // world
+            fusion_ds = Subset(fusion_ds, range(lo, hi))
+            fwhat += f" (rank {rank} of {world}: samples {lo}..{hi - 1})"
         rec.data = {"fusion": fwhat, "preprocessing": {k: dc.get(k) for k in _DC_FIELDS}}
         eval_loader = None
         if recipe.data.eval is not None:
@@ -552,7 +553,8 @@ def run(recipe: Recipe, *, loaded: list[LoadedModel] | None = None) -> RunRecord
         fused = fuse(models, fusion, **recipe.fuse_kwargs())
         fuse_s = time.perf_counter() - t0
     meta = fused.meta.get("fxfuse", {})
-    _level_records(rec, meta, fused, _fused_architecture(fused, loaded).model, fusion_ds)
+    if rank == 0:  # the records feed the report, which rank 0 alone writes
+        _level_records(rec, meta, fused, _fused_architecture(fused, loaded).model, fusion_ds)
     compared: list[tuple[str, nn.Module, float]] = []
     if recipe.compare:
         with rec.stage("compare", prog):

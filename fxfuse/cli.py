@@ -51,6 +51,9 @@ def _cmd_alignment(args: argparse.Namespace) -> int:
     from .passes import align_depth, partition_levels
     from .passes._render import alignment_html
 
+    out = args.out or "alignment.html"
+    if not out.endswith(".html"):  # checked before any work
+        raise ValueError(f"an alignment is written as .html, got --out {out}")
     t0 = time.perf_counter()
     built = [build_model(m, input_size=args.input_size, num_classes=args.num_classes) for m in args.model]
     sizes = {tuple(s) for _, s in built}
@@ -70,9 +73,6 @@ def _cmd_alignment(args: argparse.Namespace) -> int:
     for k, ins in enumerate(al.insertions):
         if ins:
             print(f"{names[k]}: an identity level after its level(s) {', '.join(str(a) for a, _ in ins)}")
-    out = args.out or "alignment.html"
-    if not out.endswith(".html"):
-        raise ValueError(f"an alignment is written as .html, got --out {out}")
     with open(out, "w", encoding="utf-8") as f:
         f.write(alignment_html(al, plans, names))
     print(f"wrote {out}")

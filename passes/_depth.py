@@ -13,7 +13,6 @@ identity levels inserted, checked numerically.
 from __future__ import annotations
 
 import copy
-import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -201,11 +200,6 @@ class DepthAlignment:
     pinned: tuple[int, ...]
     costs: tuple[Tensor | None, ...]
     units: tuple[int, ...]
-
-    @property
-    def needed(self) -> bool:
-        """Whether any identity level must be inserted."""
-        return any(self.insertions)
 
     def inserted_levels(self, k: int) -> list[int]:
         """The levels of model ``k`` after insertion that are identities (the target's numbering)."""
@@ -706,19 +700,6 @@ def insert_identity(gm: GraphModule, plan: LevelPlan, positions: Sequence[int | 
                              f"(insertions {records}); this is a bug in fxfuse, please report it")
     new.meta["fxfuse"] = {**gm.meta.get("fxfuse", {}), "inserted": records}
     return new, partition_levels(new)
-
-
-def brute_force_cla(cost: Tensor, *, pin_first: bool = True, pin_last: bool = True) -> tuple[list[int], float]:
-    """The CLA optimum by enumeration (tests only; small n, m)."""
-    n, m = cost.shape
-    best, arg = float("inf"), None
-    for comb in itertools.combinations(range(m), n):
-        if pin_first and n and comb[0] != 0 or pin_last and n and comb[-1] != m - 1:
-            continue
-        c = float(sum(cost[j, i] for j, i in enumerate(comb)))
-        if c < best:
-            best, arg = c, list(comb)
-    return arg, best
 
 
 def merge_levels(plan: LevelPlan, ends: Sequence[int]) -> LevelPlan:

@@ -167,3 +167,9 @@ def test_levels_of_two_models_prints_their_depth_alignment(tmp_path, capsys):
         res = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--dump-dom", out.as_uri()],
                              capture_output=True, text=True, timeout=120)
         assert res.returncode == 0 and res.stdout.count('class="match"') == 6 and 'id="alignment"' in res.stdout
+
+
+def test_levels_of_several_models_needs_an_html_out(tmp_path, capsys):
+    rc = main(["levels", "test_resnet", "test_resnet", "--input-size", "3", "16", "16", "--samples", "8",
+               "--out", str(tmp_path / "al.txt")])
+    assert rc == 2 and "an alignment is written as .html, got --out" in capsys.readouterr().err

@@ -17,7 +17,7 @@ from fxfuse.passes import (
     partition_levels,
     pinned_levels,
 )
-from fxfuse.passes._depth import brute_force_cla, level_outputs
+from fxfuse.passes._depth import level_outputs
 from zoo import randomise_bn
 
 
@@ -54,6 +54,20 @@ def _traced(model, x):
 
 
 # --- the dynamic program ---------------------------------------------------------------------
+
+
+def brute_force_cla(cost: torch.Tensor, *, pin_first: bool = True, pin_last: bool = True) -> tuple[list[int], float]:
+    """The CLA optimum by enumeration (small n, m): the oracle for :func:`cla_dp`."""
+    n, m = cost.shape
+    best, arg = float("inf"), None
+    for comb in itertools.combinations(range(m), n):
+        if pin_first and n and comb[0] != 0 or pin_last and n and comb[-1] != m - 1:
+            continue
+        c = float(sum(cost[j, i] for j, i in enumerate(comb)))
+        if c < best:
+            best, arg = c, list(comb)
+    return arg, best
+
 
 
 @pytest.mark.parametrize("pin_first,pin_last", list(itertools.product([True, False], repeat=2)))
@@ -373,3 +387,18 @@ def test_restandardise_batchnorm_keeps_the_function_and_matches_batch_statistics
     after, folded = float((train_after - before).abs().max()), float((train_before - before).abs().max())
     # batch statistics equal the running ones up to the biased/unbiased variance (n / (n − 1))
     assert after < 5e-3 * float(before.abs().max()) and folded > 20 * after
+
+
+def test_alignment_arguments_are_checked():
+    from fxfuse.passes._depth import merge_levels
+
+    x = torch.randn(8, 8)
+    plans = [_traced(m, x[:2])[1] for m in (mlp(3), mlp(1))]
+    with pytest.raises(ValueError, match="cost must be 'cka' or 'uniform'"):
+        align_depth(plans, None, cost="l2")
+    with pytest.raises(ValueError, match="cost='cka' compares level outputs: pass activations"):
+        align_depth(plans, None)
+    with pytest.raises(ValueError, match="target=5 is not a model index"):
+        align_depth(plans, None, target=5, cost="uniform")
+    with pytest.raises(ValueError, match="ends must rise strictly and end at the head"):
+        merge_levels(plans[0], [2, 1, 3])

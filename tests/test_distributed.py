@@ -84,19 +84,15 @@ def test_a_failing_rank_stops_both_within_the_timeout_and_is_named(tmp_path):
     assert not (tmp_path / "x.pt").exists()
 
 
-def test_ranks_with_data_of_different_shapes_stop_before_any_work(tmp_path):
-    results, _ = _launch("mlp", "kf-linear", tmp_path / "x.pt", "--other-shape")
+@pytest.mark.parametrize("flag,message", [
+    ("--other-shape", "per-sample shapes of the fusion data differ across ranks"),
+    ("--other-models", "base models' parameters (checksums) differ across ranks"),
+])
+def test_ranks_that_disagree_stop_before_any_work(flag, message, tmp_path):
+    results, _ = _launch("mlp", "kf-linear", tmp_path / "x.pt", flag)
     assert all(rc != 0 for rc, _ in results)
     for _, err in results:
-        assert "per-sample shapes of the fusion data differ across ranks" in err
-    assert not (tmp_path / "x.pt").exists()
-
-
-def test_ranks_with_different_models_stop_before_any_level(tmp_path):
-    results, _ = _launch("mlp", "kf-linear", tmp_path / "x.pt", "--other-models")
-    assert all(rc != 0 for rc, _ in results)
-    for _, err in results:
-        assert "base models' parameters (checksums) differ across ranks" in err
+        assert message in err
     assert not (tmp_path / "x.pt").exists()
 
 
