@@ -78,7 +78,7 @@ def _unit_pass(i, prep, col, bspec, unit, *, last: bool):
     units = bspec.terms if last else (unit,)
     op_in = [_op_input_name(fused, u) for u in units]
     in_names = set(op_in)
-    want_base = {bspec.pre} if last else {unit.output}
+    want_base = {bspec.pre} if last else {unit.value}
     # a base level that is an inserted identity (models of different depth) has none of the block's inner
     # nodes: its inner neurons are left out, and its level output is its pre-activation
     use = range(len(bases)) if last else bases_with(prep, i, bases, want_base)
@@ -105,7 +105,7 @@ def _unit_pass(i, prep, col, bspec, unit, *, last: bool):
                     _check_finite(o, f"level {i} (`{prep.plans[k][i].name}`) of models[{k}]")
                     outs[k].append(o)
             else:
-                Z = [to_rows(e[unit.output], unit.axis) for e in envs_b]
+                Z = [to_rows(e[unit.value], unit.axis) for e in envs_b]
             stats.add(X, torch.cat(Z, 1))
             rows += X.shape[0]
         if last:
@@ -132,7 +132,7 @@ def bases_with(prep, i: int, bases, names) -> list[int]:
 def has_nodes(level: GraphModule, names) -> bool:
     """Whether the level module has nodes of all these names."""
     have = {n.name for n in level.graph.nodes}
-    return set(names) <= have
+    return {n.split(":")[0] for n in names} <= have  # "<node>:pre" is a value of <node>
 
 
 @torch.no_grad()
@@ -178,6 +178,99 @@ def fold_params(level: GraphModule, folds) -> dict[str, Tensor]:
     return out
 
 
+def input_grouping(i: int, prep, col, width: int):
+    """The grouping of level ``i``'s input neurons (the fused level ``i-1``'s), or None when it is not known or
+    not ``width`` wide. The first level's input is the model input: fused channel c is the mean of channel c."""
+    from ._engine import Grouping
+
+    if i == 0:
+        m = len(col.chains) - 1
+        labels = torch.arange(width).repeat(m)
+        A = torch.zeros(m * width, width, dtype=torch.float64)
+        A[torch.arange(m * width), labels] = 1.0 / m
+        return Grouping(labels, A, 0.0, "model input")
+    g = col.groupings.get(i - 1)
+    return g if g is not None and g.matrix.shape[1] == width else None
+
+
+def _tied(g, how: str):
+    import dataclasses
+
+    return dataclasses.replace(g, how=f"{how} ({g.how})" if g.how else how)
+
+
+@torch.no_grad()
+def _tied_pass(i, prep, col, bspec, unit, A: Tensor, *, last: bool, axis: int):
+    """One pass for a unit (or a level output) whose neurons are fixed by a known grouping ``A``: for a depthwise
+    ``unit``, its per-channel statistics against T = Z A; with ``last``, the base level outputs are stored for
+    the next level, the Gram matrix K of the grouped values is summed, and without a unit the level output's
+    error against its targets. Returns (stats or None, K, error sum, target sum, rows)."""
+    from ._dist import all_reduce_, all_reduce_number
+    from ._engine import _check_finite
+    from ._solve import DiagonalStats, diagonal_rows
+
+    fused = col.chains[-1][i]
+    bases = [chain[i] for chain in col.chains[:-1]]
+    value = (bspec.pre if unit is not None else "__output__") if last else unit.value
+    op_in = _op_input_name(fused, unit) if unit is not None else None
+    stats = DiagonalStats() if unit is not None else None
+    K = None
+    sq_err = sq_t = 0.0
+    rows = 0
+    A = A.to(torch.float64)
+    for b, ins, _ in col.inputs(i):
+        outs: list[list[Tensor]] = [[] for _ in bases]
+        h = ins[-1]
+        for sl in _chunks(h, _per_sample(fused, unit, op_in, h) if unit is not None else 1 << 12):
+            envs_b = [_env(bases[k], ins[k][sl], {value}) for k in range(len(bases))]
+            env_f = _env(fused, h[sl], {op_in} if op_in else set())
+            Z = torch.cat([to_rows(e[value], axis) for e in envs_b], 1).to(torch.float64)
+            T = Z @ A.to(Z.device)
+            if unit is not None:
+                stats.add(diagonal_rows(fused, unit.spec, env_f[op_in]), T)
+            else:
+                out = to_rows(env_f["__output__"], axis).to(torch.float64)
+                sq_err += float(((out - T) ** 2).sum())
+                sq_t += float((T * T).sum())
+            if last:
+                K = Z.T @ Z if K is None else K.addmm_(Z.T, Z)
+                for k, e in enumerate(envs_b):
+                    o = e["__output__"]
+                    _check_finite(o, f"level {i} (`{prep.plans[k][i].name}`) of models[{k}]")
+                    outs[k].append(o)
+            rows += Z.shape[0]
+        if last:
+            for k, parts in enumerate(outs):
+                col.store(k, i, b, torch.cat(parts))
+    if stats is not None:
+        stats.reduce()
+    if K is not None:
+        all_reduce_(K)
+    return stats, K, all_reduce_number(sq_err), all_reduce_number(sq_t), all_reduce_number(rows)
+
+
+def _per_sample(fused, unit, op_in, h) -> int:
+    from ._solve import diagonal_rows
+
+    x = _env(fused, h[:1], {op_in})[op_in]
+    X = diagonal_rows(fused, unit.spec, x)
+    return X.shape[0] * X.shape[1] * X.shape[2]
+
+
+def _solve_diagonal(i, prep, col, bspec, u, g, ops, *, last: bool, axis: int):
+    """Solve a depthwise unit channel by channel against its neurons' grouping ``g``; writes it."""
+    from fxfuse.passes import rewrite_params
+
+    fused = col.chains[-1][i]
+    stats, K, _, _, rows = _tied_pass(i, prep, col, bspec, u, g.matrix, last=last, axis=axis)
+    W, rss, t2, ridge = stats.solve(read_affine(fused, u.spec))
+    rewrite_params(prep.fused_plan.gm, affine_params(fused, u.spec, W), in_place=True)
+    err = rss / max(t2, 1e-300)
+    ops.append({"op": u.spec.op, "role": "sum" if last else "inner", "grouping": g.how, "error": err,
+                "ridge": ridge, "rows": rows, "columns": stats.d, "how": "per channel"})
+    return K, err, ridge, rows, stats.d
+
+
 def fuse_block(i: int, prep, scores: list[Tensor], col, cfg, bspec) -> BlockResult:
     """Solve level ``i`` op by op in closed form (see the module docstring); writes the fused parameters."""
     from fxfuse.passes import rewrite_params
@@ -186,6 +279,7 @@ def fuse_block(i: int, prep, scores: list[Tensor], col, cfg, bspec) -> BlockResu
         rewrite_params(prep.fused_plan.gm, fold_params(col.chains[-1][i], bspec.folds), in_place=True)
 
     from ._engine import group
+    from ._grouping import kernel_inertia
     from ._methods import get_method
 
     method = get_method(cfg.method)
@@ -193,28 +287,67 @@ def fuse_block(i: int, prep, scores: list[Tensor], col, cfg, bspec) -> BlockResu
     bases = [chain[i] for chain in col.chains[:-1]]
     lv = prep.fused_plan[i]
     ops: list[dict[str, Any]] = []
+    # neurons tied to the level input use its grouping; a space grouped once keeps its grouping
+    by_space: dict[int, Any] = {}
+
+    def known(u):
+        if u.space is None:
+            return None
+        if u.space not in by_space and u.space in bspec.input_spaces:
+            width = fused.get_submodule(u.spec.op).weight.shape[0]
+            g = input_grouping(i, prep, col, width)
+            if g is not None:
+                by_space[u.space] = _tied(g, "level input")
+        return by_space.get(u.space)
+
     # 1. inner units, in graph order
     for j, u in enumerate(bspec.inner):
+        g = known(u)
+        if u.spec.depthwise:
+            _solve_diagonal(i, prep, col, bspec, u, g, ops, last=False, axis=u.axis)
+            continue
         stats, rows = _unit_pass(i, prep, col, bspec, u, last=False)
         lam, V = stats.eig()
-        gram, _ = stats.grouping_gram(lam, V)
-        widths = [bases[k].get_submodule(u.spec.op).weight.shape[0] for k in bases_with(prep, i, bases, {u.output})]
-        k = fused.get_submodule(u.spec.op).weight.shape[0]
-        ones = torch.ones(sum(widths), dtype=torch.float64, device=gram.device)
-        g = group(gram, ones, widths, k, is_head=False, strategy=method.grouping, seed=cfg.seed + 1000 * i + j, cfg=cfg)
-        W, rd = stats.solve(lam, V, g.matrix, W0=read_affine(fused, u.spec))
+        if g is None:
+            gram, _ = stats.grouping_gram(lam, V)
+            widths = [bases[k].get_submodule(u.spec.op).weight.shape[0]
+                      for k in bases_with(prep, i, bases, {u.output})]
+            k = fused.get_submodule(u.spec.op).weight.shape[0]
+            ones = torch.ones(sum(widths), dtype=torch.float64, device=gram.device)
+            g = group(gram, ones, widths, k, is_head=False, strategy=method.grouping, seed=cfg.seed + 1000 * i + j,
+                      cfg=cfg)
+            if u.space is not None:
+                by_space[u.space] = g
+        W, rd = stats.solve(lam, V, g.matrix.to(stats.C.device), W0=read_affine(fused, u.spec))
         rewrite_params(prep.fused_plan.gm, affine_params(fused, u.spec, W), in_place=True)
         t2 = float(torch.einsum("ij,ik,kj->", g.matrix, stats.K, g.matrix))
         ops.append({"op": u.spec.op, "role": "inner", "grouping": g.how, "error": rd.rss / max(t2, 1e-300),
                     "ridge": rd.relative, "rows": rows, "columns": stats.d})
+    widths = [p[i].width for p in prep.plans]
+    s = torch.cat([sc[i] for sc in scores])
+    if bspec.tied:
+        # 2'. the level output keeps its input's neurons (a depthwise conv, a gated input): its grouping is the
+        # input's, and a depthwise term is solved channel by channel against it
+        g = input_grouping(i, prep, col, lv.width)
+        g = _tied(g, "level input")
+        axis = bspec.terms[0].axis if bspec.terms else lv.neuron_axis
+        if bspec.terms:
+            K, err, ridge, rows, columns = _solve_diagonal(i, prep, col, bspec, bspec.terms[0], g, ops, last=True,
+                                                            axis=axis)
+        else:
+            _, K, sq_err, sq_t, rows = _tied_pass(i, prep, col, bspec, None, g.matrix, last=True, axis=axis)
+            err, ridge, columns = sq_err / max(sq_t, 1e-300), 0.0, 0
+        import dataclasses
+
+        g = dataclasses.replace(g, cost=kernel_inertia(K, s.to(K), g.labels.to(K.device), lv.width))
+        return BlockResult(g, err, ridge, rows, columns, ops)
     # 2. the units of the sum, jointly, against the level's grouped pre-activations minus the fixed terms
     stats, rows = _unit_pass(i, prep, col, bspec, None, last=True)
-    widths = [p[i].width for p in prep.plans]
     # the level's neurons are grouped on their pre-activations, the values the sum's units are fitted to
     # (after the activation, dead neurons would tie and pair arbitrarily)
     K = stats.K[: sum(widths), : sum(widths)]
-    s = torch.cat([sc[i] for sc in scores]).to(K.device)
-    g = group(K, s, widths, lv.width, is_head=lv.is_head, strategy=method.grouping, seed=cfg.seed + i, cfg=cfg)
+    g = group(K, s.to(K.device), widths, lv.width, is_head=lv.is_head, strategy=method.grouping, seed=cfg.seed + i,
+              cfg=cfg)
     A = g.matrix
     if bspec.fixed:
         A = torch.cat([A, -torch.eye(lv.width, dtype=A.dtype, device=A.device)])

@@ -255,6 +255,8 @@ class Collector:
         self._bytes = 0
         self.peak_bytes = 0
         self._fingerprints: dict[int, tuple] = {}
+        # the fused model's grouping of each level solved so far: level i's input neurons are level i-1's
+        self.groupings: dict[int, Any] = {}
 
     def inputs(self, i: int, which: Sequence[int] | None = None) -> Iterator[tuple[int, list[Tensor], Tensor | None]]:
         """Yield ``(batch index, [input of level i of each chain in which], labels)`` batch by batch.
@@ -309,10 +311,17 @@ class Capture(Interpreter):
 
     def __init__(self, gm: GraphModule, names):
         super().__init__(gm)
-        self.names = set(names)
+        self.names = {n for n in names if not n.endswith(":pre")}
+        # "<node>:pre": a norm-with-activation module's output before its activation (BlockUnit.value)
+        self.pre = {n[: -len(":pre")] for n in names if n.endswith(":pre")}
         self.values: dict[str, Tensor] = {}
 
     def run_node(self, n):
+        if n.name in self.pre:
+            from fxfuse.passes._ops import norm_pre_activation
+
+            x = self.env[n.args[0]]
+            self.values[f"{n.name}:pre"] = norm_pre_activation(self.module.get_submodule(str(n.target)), x).detach()
         out = super().run_node(n)
         if n.name in self.names:
             self.values[n.name] = out.detach()

@@ -797,6 +797,7 @@ def fuse_level(i: int, prep: Prepared, scores: list[list[Tensor]], col: Collecto
         sol = SOLVERS[method.solver](i, prep, col, spec, data, grouping, cfg)
         # d. write: the fused model's parameters, which the level module shares
         rewrite_params(prep.fused_plan.gm, sol.params, in_place=True)
+    col.groupings[i] = grouping  # the next level's input neurons
     # e. run the solved level once, for the next level's input (and the error of a gradient fit)
     sq_err = sq_t = 0.0
     offset = 0
@@ -858,8 +859,14 @@ def _block_spec(i: int, col: Collector, prep: Prepared):
     names = {bspec.pre, *bspec.fixed, *(u.output for u in bspec.units), *(u.spec.op_node for u in bspec.units)}
     # every base level has the block's nodes, except inserted identity levels (models of different depth),
     # which contribute their level output only; at least one base must have them all
-    if not any(same_structure(prep, k, i) and has_nodes(chain[i], names) for k, chain in enumerate(col.chains[:-1])):
+    have = [same_structure(prep, k, i) and has_nodes(chain[i], names) for k, chain in enumerate(col.chains[:-1])]
+    if not any(have):
         return None
+    # neurons tied to the level input (a depthwise conv, a gate) are grouped as the input: every base must have
+    # them, and the input's grouping must be known
+    if bspec.tied or any(u.space in bspec.input_spaces for u in bspec.units):
+        if not all(have) or (i > 0 and i - 1 not in col.groupings):
+            return None
     return bspec
 
 

@@ -23,11 +23,13 @@ from ._config import TrainConfig
 __all__ = [
     "EIG_RTOL",
     "AffineSpec",
+    "DiagonalStats",
     "GramStats",
     "Ridge",
     "affine_params",
     "affine_spec",
     "choose_ridge",
+    "diagonal_rows",
     "fit_gradient",
     "from_rows",
     "read_affine",
@@ -129,6 +131,106 @@ def design_rows(level: GraphModule, spec: AffineSpec, op_in: Tensor) -> Tensor:
     if spec.has_bias_column:
         rows = torch.cat([rows, torch.ones_like(rows[:, :1])], 1)
     return rows
+
+
+def diagonal_rows(level: GraphModule, spec: AffineSpec, op_in: Tensor) -> Tensor:
+    """A depthwise conv's design, one per channel: Tensor of shape (n_rows, channels, k² [+ 1 bias column]).
+
+    Row order matches :func:`to_rows` of the conv's output (samples, then positions).
+    """
+    m = level.get_submodule(spec.op)
+    cols = F.unfold(op_in, m.kernel_size, dilation=m.dilation, padding=m.padding, stride=m.stride)  # (N, C·k², L)
+    n, _, positions = cols.shape
+    rows = cols.view(n, m.in_channels, -1, positions).permute(0, 3, 1, 2).reshape(n * positions, m.in_channels, -1)
+    if spec.has_bias_column:
+        rows = torch.cat([rows, torch.ones_like(rows[..., :1])], 2)
+    return rows
+
+
+class DiagonalStats:
+    """Second moments of a per-channel least-squares problem (a depthwise conv): one small problem per channel.
+
+    For channel c, with design rows X_c (n_rows, d) and target t_c (n_rows,), accumulates G_c = X_cᵀX_c,
+    b_c = X_cᵀt_c and ‖t_c‖² batch by batch in float64. Memory is channels × d², whatever the rows.
+
+    Example:
+        >>> import torch
+        >>> from fxfuse._solve import DiagonalStats
+        >>> X = torch.randn(300, 4, 3, dtype=torch.float64)
+        >>> W = torch.randn(3, 4, dtype=torch.float64)  # column c: channel c's weights
+        >>> stats = DiagonalStats()
+        >>> stats.add(X, torch.einsum("rcd,dc->rc", X, W))
+        >>> fit, rss, t2, ridge = stats.solve(torch.zeros_like(W))
+        >>> torch.allclose(fit, W, atol=1e-6), rss / t2 < 1e-12
+        (True, True)
+    """
+
+    def __init__(self) -> None:
+        self.G: Tensor | None = None
+        self.b: Tensor | None = None
+        self.tt: Tensor | None = None
+        self.rows = 0
+
+    @property
+    def d(self) -> int:
+        """Columns of one channel's design."""
+        return self.G.shape[1]
+
+    def add(self, X: Tensor, T: Tensor, chunk: int = 8192) -> None:
+        """Add design rows X (n_rows, channels, d) and targets T (n_rows, channels)."""
+        for s in range(0, X.shape[0], chunk):
+            x = X[s : s + chunk].to(torch.float64)
+            t = T[s : s + chunk].to(torch.float64)
+            G = torch.einsum("rcd,rce->cde", x, x)
+            b = torch.einsum("rcd,rc->cd", x, t)
+            tt = (t * t).sum(0)
+            if self.G is None:
+                self.G, self.b, self.tt = G, b, tt
+            else:
+                self.G += G
+                self.b += b
+                self.tt += tt
+        self.rows += X.shape[0]
+
+    def reduce(self) -> None:
+        """Sum over the ranks of a ``torch.distributed`` process group (a no-op in one process)."""
+        from ._dist import all_reduce_, all_reduce_number, is_distributed
+
+        if is_distributed():
+            for t in (self.G, self.b, self.tt):
+                all_reduce_(t)
+            self.rows = all_reduce_number(self.rows)
+
+    def solve(self, W0: Tensor) -> tuple[Tensor, float, float, float]:
+        """Per-channel ridge least squares towards ``W0`` (d, channels), each channel's ridge chosen by generalised
+        cross-validation as in :func:`choose_ridge` (all channels at once).
+
+        Returns:
+            (W of shape (d, channels), residual sum of squares, ‖T‖², median μ / λ_max over channels).
+        """
+        G, n = self.G, self.rows
+        w0 = W0.to(G).T  # (C, d)
+        Gw0 = (G @ w0[..., None])[..., 0]
+        b0 = self.b - Gw0
+        r0 = self.tt - 2.0 * (w0 * self.b).sum(1) + (w0 * Gw0).sum(1)
+        lam, V = torch.linalg.eigh(G)
+        lmax = lam.max(1).values.clamp_min(1e-300)
+        valid = lam > EIG_RTOL * lmax[:, None]
+        lam_s = torch.where(valid, lam, torch.ones_like(lam))
+        u = (V.transpose(1, 2) @ b0[..., None])[..., 0] * valid
+        q_over = u * u / lam_s
+        r_perp = (r0 - q_over.sum(1)).clamp_min(0.0)
+        grid = torch.tensor(RIDGE_GRID, dtype=G.dtype, device=G.device)
+        mus = grid[None, :] * lmax[:, None]  # (C, grid)
+        frac = mus[:, :, None] / (lam_s[:, None, :] + mus[:, :, None]) * valid[:, None, :]
+        rss = r_perp[:, None] + (frac**2 * q_over[:, None, :]).sum(2)
+        resid_dof = (n - valid.sum(1))[:, None] + frac.sum(2)
+        gcv = torch.where(resid_dof > 0.5, rss / resid_dof.clamp_min(1e-300) ** 2, torch.full_like(rss, float("inf")))
+        best = gcv.argmin(1)
+        mu = mus.gather(1, best[:, None])
+        W = w0 + (V @ (u / (lam_s + mu) * valid)[..., None])[..., 0]
+        rss_best = rss.gather(1, best[:, None])[:, 0]
+        return W.T, float(rss_best.sum()), float(self.tt.sum()), float(grid[best].median())
 
 
 def _eigh(M: Tensor) -> tuple[Tensor, Tensor]:

@@ -7,12 +7,13 @@ in closed form.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from torch import nn
 from torch.fx import GraphModule, Node
 
-from ._ops import call_arg, is_foldable_norm_module, is_transparent
+from ._ops import call_arg, is_foldable_norm_module, is_transparent, norm_activation
 
 __all__ = ["AffineSpec", "BlockSpec", "BlockUnit", "Fold", "affine_spec", "block_spec"]
 
@@ -26,6 +27,7 @@ class AffineSpec:
     norm: str | None  # qualname of the foldable BatchNorm, if any
     is_conv: bool
     has_bias_column: bool
+    depthwise: bool = False  # a depthwise Conv2d (groups = in = out channels): solved channel by channel
 
 
 def affine_spec(level: GraphModule) -> AffineSpec | None:
@@ -55,7 +57,7 @@ def affine_spec(level: GraphModule) -> AffineSpec | None:
     if any(n.op == "get_attr" for n in nodes):
         return None
     op = _unit_op(level, node)
-    if op is None:
+    if op is None or op.depthwise:  # a depthwise conv alone is a block (its output space is its input's)
         return None
     return AffineSpec(op.op, op.op_node, norm, op.is_conv, op.has_bias_column or norm is not None)
 
@@ -73,6 +75,14 @@ class BlockUnit:
     spec: AffineSpec
     output: str  # node whose value is the unit's output: the BatchNorm's, else the op's
     axis: int  # neuron axis of that output: 1 for Conv2d, -1 for Linear
+    act: bool = False  # the norm applies an activation after itself (timm's BatchNormAct2d)
+    space: int | None = None  # index of the output's neuron space in the level's neuron_spaces
+
+    @property
+    def value(self) -> str:
+        """The captured value the unit is fitted to (:class:`fxfuse._collect.Capture`): its output, or for a
+        norm with an activation, the norm's output before the activation (``"<node>:pre"``)."""
+        return f"{self.output}:pre" if self.act else self.output
 
 
 @dataclass(frozen=True)
@@ -104,8 +114,10 @@ class BlockSpec:
     inner: tuple[BlockUnit, ...]
     terms: tuple[BlockUnit, ...]
     fixed: tuple[str, ...]
-    pre: str  # the sum (pre-activation) node
+    pre: str  # the sum (pre-activation) value: a node, or ``"<node>:pre"`` (see :attr:`BlockUnit.value`)
     folds: tuple[Fold, ...] = ()  # LayerNorm affines and LayerScales folded into units first
+    input_spaces: tuple[int, ...] = ()  # neuron spaces that hold the level input's axes
+    tied: bool = False  # the level output stays in the input's neuron space (depthwise terms, or none)
 
     @property
     def units(self) -> tuple[BlockUnit, ...]:
@@ -133,9 +145,10 @@ def _unit_op(level: GraphModule, node: Node) -> AffineSpec | None:
     if type(m) is nn.Linear or (isinstance(m, nn.Linear) and type(m).forward is nn.Linear.forward):
         is_conv = False
     elif isinstance(m, nn.Conv2d) and type(m).forward is nn.Conv2d.forward:
-        if m.groups != 1 or m.padding_mode != "zeros" or isinstance(m.padding, str):
+        depthwise = m.groups > 1 and m.groups == m.in_channels == m.out_channels
+        if (m.groups != 1 and not depthwise) or m.padding_mode != "zeros" or isinstance(m.padding, str):
             return None
-        is_conv = True
+        return AffineSpec(str(node.target), node.name, None, True, m.bias is not None, depthwise)
     else:
         return None
     return AffineSpec(str(node.target), node.name, None, is_conv, m.bias is not None)
@@ -161,12 +174,13 @@ def block_spec(level: GraphModule) -> BlockSpec | None:
         m = level.get_submodule(str(n.target))
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             src = n.args[0] if n.args else None
-            if (not is_foldable_norm_module(m) or not isinstance(src, Node) or src.name not in units
+            act = norm_activation(m) if not is_foldable_norm_module(m) else None
+            if ((act is None and not is_foldable_norm_module(m)) or not isinstance(src, Node) or src.name not in units
                     or len(src.users) != 1 or units[src.name].spec.norm is not None):
                 return None
             u = units.pop(src.name)
-            spec = AffineSpec(u.spec.op, u.spec.op_node, str(n.target), u.spec.is_conv, True)
-            units[n.name] = BlockUnit(spec, n.name, u.axis)
+            spec = AffineSpec(u.spec.op, u.spec.op_node, str(n.target), u.spec.is_conv, True, u.spec.depthwise)
+            units[n.name] = BlockUnit(spec, n.name, u.axis, act=act is not None)
             op_of_norm[n.name] = src.name
             continue
         spec = _unit_op(level, n)
@@ -202,29 +216,38 @@ def block_spec(level: GraphModule) -> BlockSpec | None:
             return None
         folds.append(Fold("scale", g, None, u.spec.op, mul))
 
-    node = strip(next(n for n in nodes if n.op == "output").args[0])
-    if not isinstance(node, Node):
+    out = strip(next(n for n in nodes if n.op == "output").args[0])
+    if not isinstance(out, Node):
         return None
-    if node.name not in units and not _is_add(node):
-        if not _is_activation(level, node) or len(node.all_input_nodes) != 1:
-            return None
+    node = out
+    if node.name not in units and not _is_add(node) and _is_activation(level, node) and len(node.all_input_nodes) == 1:
         node = strip(node.all_input_nodes[0])
-    pre = node
+        if node.name in units and units[node.name].act:  # two activations in a row
+            return None
     terms: list[str] = []
     fixed: list[str] = []
-    stack = [pre]
-    while stack:
-        n = strip(stack.pop())
-        if n.name in units:
-            terms.append(n.name)
-        elif _is_add(n):
-            if not all(isinstance(a, Node) for a in n.args):
-                return None
-            stack.extend(reversed(n.args))
-        else:
-            fixed.append(n.name)
+    if node.name in units or _is_add(node):
+        stack = [node]
+        while stack:
+            n = strip(stack.pop())
+            if n.name in units:
+                terms.append(n.name)
+            elif _is_add(n):
+                if not all(isinstance(a, Node) for a in n.args):
+                    return None
+                stack.extend(reversed(n.args))
+            else:
+                fixed.append(n.name)
+    pre = node
     if not terms:
-        return None
+        # no unit feeds the output (a squeeze-excitation gate x·σ(W₂ act(W₁ mean x))): every unit is inner
+        # and the output must stay in the input's neuron space (checked below)
+        pre, fixed = out, []
+    term_units = [units[t] for t in terms]
+    if any(u.act for u in term_units) and not (len(terms) == 1 and pre.name == terms[0]):
+        return None  # an activation inside a sum
+    if any(u.spec.depthwise for u in term_units) and (len(terms) != 1 or fixed):
+        return None  # a depthwise term is solved alone (its neurons are its input's)
 
     def ancestors(n: Node) -> set[str]:
         seen: set[str] = set()
@@ -246,7 +269,47 @@ def block_spec(level: GraphModule) -> BlockSpec | None:
         if up & (term_set | term_ops):  # nothing is computed from a term before the sum
             return None
     inner = tuple(units[n.name] for n in nodes if n.name in units and n.name not in term_set)
-    return BlockSpec(inner, tuple(units[t] for t in terms), tuple(fixed), pre.name, tuple(folds))
+    term_units = tuple(units[t] for t in terms)
+    tied = not terms or term_units[0].spec.depthwise
+    pre_value = term_units[0].value if len(terms) == 1 and pre.name == terms[0] else pre.name
+    return _with_spaces(level, BlockSpec(inner, term_units, tuple(fixed), pre_value, tuple(folds), tied=tied), out)
+
+
+def _with_spaces(level: GraphModule, bspec: BlockSpec, out: Node) -> BlockSpec | None:
+    """``bspec`` with the neuron space of every unit's output and the level input's spaces, or None when a unit or
+    the output must share the input's neurons (a depthwise conv, a tied output) and does not."""
+    import warnings
+
+    from ._spaces import neuron_spaces
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # an op without a handler fixes its spaces; membership is all that is read
+        spaces = neuron_spaces(level)
+    where: dict[tuple[str, int], int] = {}
+    for s in spaces:
+        for name, dim in s.nodes:
+            where[(name, dim)] = s.index
+    by_name = {n.name: n for n in level.graph.nodes}
+    inputs = tuple(sorted({where[(n.name, d)] for n in level.graph.nodes if n.op == "placeholder"
+                           for d in range(8) if (n.name, d) in where}))
+
+    def space(name: str, axis: int) -> int | None:
+        shape = by_name[name].meta.get("fxfuse", {}).get("shape")
+        return None if shape is None else where.get((name, axis % len(shape)))
+
+    units = []
+    known = set(inputs)
+    for u in bspec.units:
+        s = space(u.output, u.axis)
+        if u.spec.depthwise and (s is None or s not in known):
+            return None  # a depthwise conv's neurons are those of its input, which must be grouped already
+        if s is not None:
+            known.add(s)
+        units.append(dataclasses.replace(u, space=s))
+    if bspec.tied and not any(where.get((out.name, d)) in inputs for d in range(8)):
+        return None
+    n_in = len(bspec.inner)
+    return dataclasses.replace(bspec, inner=tuple(units[:n_in]), terms=tuple(units[n_in:]), input_spaces=inputs)
 
 
 def _picks_tokens(n: Node) -> bool:

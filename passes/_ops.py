@@ -53,6 +53,35 @@ def is_foldable_norm_module(m: nn.Module) -> bool:
     return True
 
 
+# elementwise activation modules a norm may apply after itself (timm's BatchNormAct2d)
+_NORM_ACTS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.ELU, nn.Hardswish, nn.Tanh, nn.Sigmoid, nn.Mish,
+              nn.Hardsigmoid)
+
+
+def norm_activation(m: nn.Module) -> nn.Module | None:
+    """The activation of an eval-mode BatchNorm that applies one after itself (timm's ``BatchNormAct2d``:
+    batch norm, then ``drop``, then ``act``), or None when ``m`` is not such a norm.
+
+    Example:
+        >>> from timm.layers import BatchNormAct2d
+        >>> type(norm_activation(BatchNormAct2d(4, act_layer="silu").eval())).__name__
+        'SiLU'
+    """
+    if type(m).__name__ != "BatchNormAct2d" or not isinstance(m, nn.modules.batchnorm._BatchNorm):
+        return None
+    if not m.track_running_stats or m.running_mean is None:
+        return None
+    if not isinstance(getattr(m, "drop", None), (nn.Identity, nn.modules.dropout._DropoutNd)):
+        return None
+    act = getattr(m, "act", None)
+    return act if isinstance(act, _NORM_ACTS) else None
+
+
+def norm_pre_activation(m: nn.Module, x):
+    """The output of a :func:`norm_activation` norm before its activation (eval mode)."""
+    return F.batch_norm(x, m.running_mean, m.running_var, m.weight, m.bias, False, 0.0, m.eps)
+
+
 def is_transparent(gm: GraphModule, n: Node) -> bool:
     """Ops that are the identity in eval mode on the neuron values (Identity, Dropout, contiguous)."""
     if n.op == "call_module":
