@@ -1,8 +1,9 @@
 """Closed form inside blocks vs the gradient fallback, on CNNs trained on the digits; prints markdown tables.
 
-    python benchmarks/blocks.py [--seeds 3] [--realistic] [--epochs 6]
+    python benchmarks/blocks.py [--seeds 3] [--small-arch test_resnet] [--realistic] [--epochs 6]
 
-Table 1: the demo's CNN (timm ``test_resnet``, 16×16 gray digits) on the non-IID
+Table 1: the demo's CNN (timm ``test_resnet``, 16×16 gray digits; ``--small-arch`` picks
+another timm model, e.g. ``mobilenetv3_small_100`` or ``convnext_atto``, at ``--small-size``) on the non-IID
 Dirichlet 2-way split, 400 fusion samples of the first model's split; hf-linear and
 kf-linear with ``blocks="closed-form"`` (every residual and bottleneck level solved
 op by op in closed form, fxfuse._blocks) and ``blocks="gradient"`` (the whole
@@ -70,6 +71,9 @@ def main() -> None:
     p.add_argument("--arch", default="resnet18", help="timm model of table 2 (default resnet18)")
     p.add_argument("--epochs", type=int, default=6, help="base training epochs of table 2")
     p.add_argument("--skip-small", action="store_true", help="skip table 1")
+    p.add_argument("--small-arch", default="test_resnet", help="timm model of table 1 (default test_resnet)")
+    p.add_argument("--small-size", type=int, default=16, help="image size of table 1 (default 16)")
+    p.add_argument("--small-epochs", type=int, default=15, help="base training epochs of table 1 (default 15)")
     p.add_argument("--starts", action="store_true", help="also table 3: where the gradient methods start")
     args = p.parse_args()
     warnings.filterwarnings("ignore")
@@ -80,14 +84,15 @@ def main() -> None:
         res: dict[str, tuple[list[float], list[float]]] = {}
         bases: list[list[float]] = [[], []]
         for seed in range(args.seeds):
-            models, fusion, test = _setting("test_resnet", 16, seed, 15)
+            models, fusion, test = _setting(args.small_arch, args.small_size, seed, args.small_epochs)
             for k, acc in enumerate(sorted((accuracy(m, *test) for m in models), reverse=True)):
                 bases[k].append(acc)
             for label, (acc, secs) in _run(rows, models, fusion, test, seed).items():
                 res.setdefault(label, ([], []))[0].append(acc)
                 res[label][1].append(secs)
             print(f"  seed {seed} done", flush=True)
-        print("\n| test_resnet, Dirichlet 2-way | accuracy % (s) |\n|---|---|")
+        print(f"\n| {args.small_arch}, {args.small_size}×{args.small_size} digits, Dirichlet 2-way | accuracy % (s) |"
+              "\n|---|---|")
         for k in range(2):
             print(f"| base model {k + 1} | {_cell(bases[k])} |")
         for label, (accs, secs) in res.items():

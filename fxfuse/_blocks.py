@@ -163,16 +163,17 @@ def fold_params(level: GraphModule, folds) -> dict[str, Tensor]:
         W = cur(f"{f.op}.weight")
         b = cur(f"{f.op}.bias") if op.bias is not None else None
         g = cur(f.weight)
+        W3 = W.reshape(W.shape[0], W.shape[1], -1)  # (out, in, kernel positions): a Linear has one position
         if f.kind == "norm":
-            if f.bias is not None:
-                b = b + W @ cur(f.bias)
+            if f.bias is not None:  # the unit has no padding (block_spec): β reaches every kernel position
+                b = b + W3.sum(2) @ cur(f.bias)
                 out[f.bias] = torch.zeros_like(g)
-            W = W * g[None, :]
+            W3 = W3 * g[None, :, None]
         else:
-            W = g[:, None] * W
+            W3 = g[:, None, None] * W3
             b = None if b is None else g * b
         out[f.weight] = torch.ones_like(g)
-        out[f"{f.op}.weight"] = W
+        out[f"{f.op}.weight"] = W3.reshape(W.shape)
         if b is not None:
             out[f"{f.op}.bias"] = b
     return out

@@ -200,19 +200,27 @@ def block_spec(level: GraphModule) -> BlockSpec | None:
             else:
                 return n
 
+    def through_moves(n: Node) -> Node:  # back through transparent ops and axis moves (checked with the spaces)
+        while (is_transparent(level, n) or _moves_axes(level, n)) and len(n.all_input_nodes) == 1:
+            n = n.all_input_nodes[0]
+        return n
+
     folds: list[Fold] = []
-    for ln, (w, b) in norms.items():  # a LayerNorm's only reader must be a Linear unit (with a bias for β)
+    for ln, (w, b) in norms.items():  # a LayerNorm's only reader must be a Linear/Conv2d unit (with a bias for β)
         readers = [u for u in by_name[ln].users]
-        # a per-channel affine commutes with picking tokens (a ViT's class token) on the way to the unit
-        while len(readers) == 1 and (is_transparent(level, readers[0]) or _picks_tokens(readers[0])):
+        # a per-channel affine commutes with picking tokens (a ViT's class token) and with moving axes
+        # (channels-last and back) on the way to the unit
+        while len(readers) == 1 and (is_transparent(level, readers[0]) or _picks_tokens(readers[0])
+                                     or _moves_axes(level, readers[0])):
             readers = list(readers[0].users)
         unit = next((u for u in units.values() if len(readers) == 1 and u.spec.op_node == readers[0].name), None)
-        if unit is None or unit.spec.is_conv or unit.spec.norm is not None or (b is not None and not unit.spec.has_bias_column):
-            return None
+        if (unit is None or unit.spec.depthwise or unit.spec.norm is not None
+                or (b is not None and (not unit.spec.has_bias_column or not _no_padding(level, unit.spec)))):
+            return None  # β folds into a conv's bias only where no padding reads zeros instead of β
         folds.append(Fold("norm", w, b, unit.spec.op, ln))
-    for mul, (src, g) in scales.items():  # a LayerScale right after a Linear unit
-        u = units.get(strip(src).name)
-        if u is None or u.spec.is_conv or u.spec.norm is not None:
+    for mul, (src, g) in scales.items():  # a LayerScale right after a Linear/Conv2d unit
+        u = units.get(through_moves(src).name)
+        if u is None or u.spec.depthwise or u.spec.norm is not None:
             return None
         folds.append(Fold("scale", g, None, u.spec.op, mul))
 
@@ -308,8 +316,39 @@ def _with_spaces(level: GraphModule, bspec: BlockSpec, out: Node) -> BlockSpec |
         units.append(dataclasses.replace(u, space=s))
     if bspec.tied and not any(where.get((out.name, d)) in inputs for d in range(8)):
         return None
+    tensor_space = {(name, dim): s.index for s in spaces for name, dim in s.tensors}
+    units_by_op = {u.spec.op: u for u in bspec.units}
+    for f in bspec.folds:  # γ must scale the unit's input channels (norm) or output channels (scale) one to one
+        u = units_by_op[f.op]
+        op_node = by_name[u.spec.op_node]
+        op = level.get_submodule(u.spec.op)
+        gamma = level.get_parameter(f.weight)
+        if f.kind == "norm":
+            x = op_node.args[0]
+            channels = op.weight.shape[1]
+            at = space(x.name, u.axis)
+        else:
+            channels = op.weight.shape[0]
+            at = space(u.spec.op_node, u.axis)
+        if gamma.numel() != channels or at is None or tensor_space.get((f.weight, 0)) != at:
+            return None
     n_in = len(bspec.inner)
     return dataclasses.replace(bspec, inner=tuple(units[:n_in]), terms=tuple(units[n_in:]), input_spaces=inputs)
+
+
+def _moves_axes(level: GraphModule, n: Node) -> bool:
+    """A permute, transpose, flatten or reshape: it moves axes (whether it keeps the channel axis whole is
+    checked on the neuron spaces)."""
+    if n.op == "call_module":
+        return isinstance(level.get_submodule(str(n.target)), nn.Flatten)
+    name = n.target if n.op == "call_method" else getattr(n.target, "__name__", "")
+    return n.op in ("call_method", "call_function") and name in ("permute", "transpose", "flatten", "reshape", "view")
+
+
+def _no_padding(level: GraphModule, spec: AffineSpec) -> bool:
+    if not spec.is_conv:
+        return True
+    return all(p == 0 for p in level.get_submodule(spec.op).padding)
 
 
 def _picks_tokens(n: Node) -> bool:

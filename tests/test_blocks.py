@@ -59,9 +59,61 @@ def test_block_spec_covers_basic_bottleneck_and_resnet_d_blocks(name, n_block_le
 
 
 def test_blocks_that_are_not_units_are_left_to_gradient():
+    # grouped (not depthwise) convs: RegNet's bottlenecks
+    m = timm.create_model("regnetx_002", pretrained=False, num_classes=5).eval()
+    plan = partition_levels(fxfuse.trace(m, torch.randn(2, 3, 32, 32)))
+    grouped = [g for g in plan.split() if any(getattr(mod, "groups", 1) > 1 for mod in g.modules())]
+    assert grouped and all(block_spec(g) is None for g in grouped)
+    # ConvNeXt: every level but the first block, whose stem LayerNorm's β would have to fold into a depthwise
+    # conv that pads with zeros (not β)
     m = timm.create_model("convnext_atto", pretrained=False, num_classes=5).eval()
     plan = partition_levels(fxfuse.trace(m, torch.randn(2, 3, 32, 32)))
-    assert all(block_spec(g) is None for g in plan.split()[1:])  # depthwise convs, LayerNorm, LayerScale
+    open_levels = [lv.name for lv, g in zip(plan, plan.split()) if affine_spec(g) is None and block_spec(g) is None]
+    assert open_levels == ["stages.0.blocks.0"]
+
+
+def test_depthwise_blocks_tie_their_neurons_to_the_level_input():
+    m = timm.create_model("mobilenetv3_small_100", pretrained=False, num_classes=5).eval()
+    plan = partition_levels(fxfuse.trace(m, torch.randn(2, 3, 32, 32)))
+    specs = {lv.name: block_spec(g) for lv, g in zip(plan, plan.split())}
+    dw = specs["blocks.0.0.conv_dw"]  # depthwise conv + BatchNorm with a ReLU: the output is the input's neurons
+    assert dw.tied and dw.terms[0].spec.depthwise and dw.terms[0].act and dw.pre == "blocks_0_0_bn1:pre"
+    se = specs["blocks.0.0.se"]  # x · σ(W₂ relu(W₁ mean x)): no unit feeds the output; W₂'s neurons are x's
+    assert se.tied and not se.terms and [u.spec.op for u in se.inner] == ["blocks.0.0.se.conv_reduce",
+                                                                          "blocks.0.0.se.conv_expand"]
+    reduce_, expand = se.inner
+    assert reduce_.space not in se.input_spaces and expand.space in se.input_spaces
+
+
+def test_diagonal_least_squares_equals_the_per_channel_solve():
+    """DiagonalStats solves every channel at once: each channel's fit and cross-validated ridge are those of
+    GramStats on that channel alone, and with well-determined channels the fit is torch.linalg.lstsq's."""
+    from fxfuse._solve import DiagonalStats, GramStats
+
+    g = torch.Generator().manual_seed(0)
+    rows, channels, d = 400, 6, 10
+    X = torch.randn(rows, channels, d, dtype=torch.float64, generator=g)
+    X[:, 2, 1] = X[:, 2, 0] + 1e-7 * torch.randn(rows, dtype=torch.float64, generator=g)  # ill-conditioned
+    X[:, 3] *= torch.logspace(0, -6, d, dtype=torch.float64)  # a spread spectrum: GCV shrinks the small end
+    W_true = torch.randn(d, channels, dtype=torch.float64, generator=g)
+    T = torch.einsum("rcd,dc->rc", X, W_true) + 0.1 * torch.randn(rows, channels, dtype=torch.float64, generator=g)
+    W0 = torch.randn(d, channels, dtype=torch.float64, generator=g)
+    stats = DiagonalStats()
+    for s in range(0, rows, 128):  # streamed in batches
+        stats.add(X[s : s + 128], T[s : s + 128])
+    W, rss, t2, _ = stats.solve(W0)
+    total = 0.0
+    for c in range(channels):
+        one = GramStats()
+        one.add(X[:, c], T[:, c : c + 1])
+        lam, V = one.eig()
+        w, rd = one.solve(lam, V, torch.ones(1, 1, dtype=torch.float64), W0=W0[:, c : c + 1])
+        torch.testing.assert_close(W[:, c : c + 1], w, rtol=1e-7, atol=1e-9)
+        total += rd.rss
+        if c in (0, 1, 4, 5):  # well-conditioned: the ridge is negligible
+            ref = torch.linalg.lstsq(X[:, c], T[:, c : c + 1]).solution
+            torch.testing.assert_close(w, ref, rtol=1e-4, atol=1e-4)
+    assert abs(rss - total) <= 1e-8 * total and abs(t2 - float((T * T).sum())) <= 1e-9 * t2
 
 
 @pytest.mark.parametrize("name", ["test_resnet", "resnet26d", "resnet18"])
@@ -99,6 +151,37 @@ def test_a_copy_permuted_in_every_space_is_recovered(name):
     # the inner spaces were matched too: hungarian on the inner units, every op solved
     ops = [op for r in fused.meta["fxfuse"]["levels"] for op in (r["ops"] or [])]
     assert any(op["role"] == "inner" for op in ops) and all(op["error"] < 1e-8 for op in ops)
+
+
+@pytest.mark.parametrize("name", ["test_efficientnet", "mobilenetv3_small_100", "test_convnext"])
+def test_depthwise_se_and_convnext_copies_permuted_in_every_space_are_recovered(name):
+    """Depthwise convs (channel by channel), BatchNorms with activations, squeeze-excitation gates and ConvNeXt
+    blocks (LayerNorm and LayerScale folded into their 1×1 convs / Linears): a copy permuted in every free
+    space is recovered with every op solved in closed form."""
+    a = _timm_net(name)
+    with torch.no_grad():  # timm's BatchNormAct2d too
+        for mod in a.modules():
+            if isinstance(mod, torch.nn.modules.batchnorm._BatchNorm):
+                mod.weight.uniform_(0.5, 1.5)
+                mod.bias.uniform_(-0.3, 0.3)
+                mod.running_mean.uniform_(-0.2, 0.2)
+                mod.running_var.uniform_(0.5, 1.5)
+            if hasattr(mod, "gamma") and isinstance(mod.gamma, torch.nn.Parameter):
+                mod.gamma.uniform_(0.5, 1.5)
+    x = torch.randn(300, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    b = _permuted(a, x)
+    test = torch.randn(16, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    fused = fxfuse.fuse([a, b], x, method="hf-linear", progress=False)
+    levels = fused.meta["fxfuse"]["levels"]
+    ops = [op for r in levels for op in (r["ops"] or [])]
+    assert any(op.get("how") == "per channel" for op in ops)  # a depthwise conv solved channel by channel
+    assert all(op["error"] < 1e-8 for op in ops)
+    gradient = [r["name"] for r in levels if not r["approximation"].startswith("closed form")]
+    # ConvNeXt's first block keeps the stem LayerNorm, whose β cannot fold into a zero-padded depthwise conv
+    assert gradient == (["stages.0.blocks.0"] if "convnext" in name else
+                        ["classifier"] if name == "mobilenetv3_small_100" else [])
+    with torch.no_grad():
+        assert _rel(fused(test), a(test)) < 1e-6
 
 
 def test_vit_mlp_halves_fold_layernorm_and_layerscale_and_are_solved_in_closed_form():
