@@ -250,6 +250,22 @@ def _tied_pass(i, prep, col, bspec, unit, A: Tensor, *, last: bool, axis: int):
     return stats, K, all_reduce_number(sq_err), all_reduce_number(sq_t), all_reduce_number(rows)
 
 
+@torch.no_grad()
+def _base_gram(i, col, bspec) -> Tensor:
+    """K = ZᵀZ of the base models' pre-activations at the level's sum (one pass over the base models only)."""
+    from ._dist import all_reduce_
+
+    bases = [chain[i] for chain in col.chains[:-1]]
+    axis = bspec.terms[0].axis
+    K = None
+    for _, ins, _ in col.inputs(i, which=list(range(len(bases)))):
+        Z = torch.cat([to_rows(_env(lv, x, {bspec.pre})[bspec.pre], axis) for lv, x in zip(bases, ins)], 1)
+        Z = Z.to(torch.float64)
+        K = Z.T @ Z if K is None else K.addmm_(Z.T, Z)
+    all_reduce_(K)
+    return K
+
+
 def _per_sample(fused, unit, op_in, h) -> int:
     from ._solve import diagonal_rows
 
@@ -301,6 +317,14 @@ def fuse_block(i: int, prep, scores: list[Tensor], col, cfg, bspec) -> BlockResu
                 by_space[u.space] = _tied(g, "level input")
         return by_space.get(u.space)
 
+    widths = [p[i].width for p in prep.plans]
+    s = torch.cat([sc[i] for sc in scores])
+    if not bspec.tied and bspec.pre_space is not None and any(u.space == bspec.pre_space for u in bspec.inner):
+        # an inner unit in the level's own neurons (the last conv of a branch gated by squeeze-excitation before
+        # the sum): group the level first, from the base models' pre-activations
+        K = _base_gram(i, col, bspec)
+        by_space[bspec.pre_space] = group(K, s.to(K.device), widths, lv.width, is_head=lv.is_head,
+                                          strategy=method.grouping, seed=cfg.seed + i, cfg=cfg)
     # 1. inner units, in graph order
     for j, u in enumerate(bspec.inner):
         g = known(u)
@@ -311,11 +335,11 @@ def fuse_block(i: int, prep, scores: list[Tensor], col, cfg, bspec) -> BlockResu
         lam, V = stats.eig()
         if g is None:
             gram, _ = stats.grouping_gram(lam, V)
-            widths = [bases[k].get_submodule(u.spec.op).weight.shape[0]
-                      for k in bases_with(prep, i, bases, {u.output})]
+            unit_widths = [bases[k].get_submodule(u.spec.op).weight.shape[0]
+                           for k in bases_with(prep, i, bases, {u.output})]
             k = fused.get_submodule(u.spec.op).weight.shape[0]
-            ones = torch.ones(sum(widths), dtype=torch.float64, device=gram.device)
-            g = group(gram, ones, widths, k, is_head=False, strategy=method.grouping, seed=cfg.seed + 1000 * i + j,
+            ones = torch.ones(sum(unit_widths), dtype=torch.float64, device=gram.device)
+            g = group(gram, ones, unit_widths, k, is_head=False, strategy=method.grouping, seed=cfg.seed + 1000 * i + j,
                       cfg=cfg)
             if u.space is not None:
                 by_space[u.space] = g
@@ -324,8 +348,6 @@ def fuse_block(i: int, prep, scores: list[Tensor], col, cfg, bspec) -> BlockResu
         t2 = float(torch.einsum("ij,ik,kj->", g.matrix, stats.K, g.matrix))
         ops.append({"op": u.spec.op, "role": "inner", "grouping": g.how, "error": rd.rss / max(t2, 1e-300),
                     "ridge": rd.relative, "rows": rows, "columns": stats.d})
-    widths = [p[i].width for p in prep.plans]
-    s = torch.cat([sc[i] for sc in scores])
     if bspec.tied:
         # 2'. the level output keeps its input's neurons (a depthwise conv, a gated input): its grouping is the
         # input's, and a depthwise term is solved channel by channel against it
@@ -347,8 +369,10 @@ def fuse_block(i: int, prep, scores: list[Tensor], col, cfg, bspec) -> BlockResu
     # the level's neurons are grouped on their pre-activations, the values the sum's units are fitted to
     # (after the activation, dead neurons would tie and pair arbitrarily)
     K = stats.K[: sum(widths), : sum(widths)]
-    g = group(K, s.to(K.device), widths, lv.width, is_head=lv.is_head, strategy=method.grouping, seed=cfg.seed + i,
-              cfg=cfg)
+    g = by_space.get(bspec.pre_space) if bspec.pre_space is not None else None
+    if g is None:
+        g = group(K, s.to(K.device), widths, lv.width, is_head=lv.is_head, strategy=method.grouping,
+                  seed=cfg.seed + i, cfg=cfg)
     A = g.matrix
     if bspec.fixed:
         A = torch.cat([A, -torch.eye(lv.width, dtype=A.dtype, device=A.device)])

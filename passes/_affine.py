@@ -117,6 +117,7 @@ class BlockSpec:
     pre: str  # the sum (pre-activation) value: a node, or ``"<node>:pre"`` (see :attr:`BlockUnit.value`)
     folds: tuple[Fold, ...] = ()  # LayerNorm affines and LayerScales folded into units first
     input_spaces: tuple[int, ...] = ()  # neuron spaces that hold the level input's axes
+    pre_space: int | None = None  # the neuron space of the sum (the level's own neurons)
     tied: bool = False  # the level output stays in the input's neuron space (depthwise terms, or none)
 
     @property
@@ -257,6 +258,9 @@ def block_spec(level: GraphModule) -> BlockSpec | None:
     if any(u.spec.depthwise for u in term_units) and (len(terms) != 1 or fixed):
         return None  # a depthwise term is solved alone (its neurons are its input's)
 
+    term_set = set(terms)
+    term_ops = {units[t].spec.op_node for t in terms}
+
     def ancestors(n: Node) -> set[str]:
         seen: set[str] = set()
         todo = list(n.all_input_nodes)
@@ -267,10 +271,8 @@ def block_spec(level: GraphModule) -> BlockSpec | None:
                 todo.extend(a.all_input_nodes)
         return seen
 
-    term_set = set(terms)
-    term_ops = {units[t].spec.op_node for t in terms}
-    for name in fixed:  # parameter-free: no unit feeds them
-        if ancestors(by_name[name]) & (set(units) | set(op_of_norm.values())):
+    for name in fixed:  # computed by the fused model before the sum (an identity skip, a gated branch)
+        if ancestors(by_name[name]) & (term_set | term_ops):
             return None
     for name, u in units.items():
         up = ancestors(by_name[u.spec.op_node])
@@ -333,7 +335,10 @@ def _with_spaces(level: GraphModule, bspec: BlockSpec, out: Node) -> BlockSpec |
         if gamma.numel() != channels or at is None or tensor_space.get((f.weight, 0)) != at:
             return None
     n_in = len(bspec.inner)
-    return dataclasses.replace(bspec, inner=tuple(units[:n_in]), terms=tuple(units[n_in:]), input_spaces=inputs)
+    pre = bspec.pre.split(":")[0]
+    pre_space = space(pre, bspec.terms[0].axis) if bspec.terms else None
+    return dataclasses.replace(bspec, inner=tuple(units[:n_in]), terms=tuple(units[n_in:]), input_spaces=inputs,
+                               pre_space=pre_space)
 
 
 def _moves_axes(level: GraphModule, n: Node) -> bool:

@@ -14,7 +14,8 @@ from fxfuse.passes import (
 import fxfuse
 
 # narrow versions, so that 600 samples at 32 px determine every op (rows > unknowns)
-NARROW = {"resnet26d": {"channels": (8, 16, 32, 32), "stem_width": 8}, "resnet18": {"channels": (8, 16, 16, 32)}}
+NARROW = {"resnet26d": {"channels": (8, 16, 32, 32), "stem_width": 8}, "resnet18": {"channels": (8, 16, 16, 32)},
+          "seresnet50": {"channels": (8, 16, 32, 32)}}
 
 
 def _timm_net(name, seed=0, dtype=torch.float64):
@@ -116,7 +117,7 @@ def test_diagonal_least_squares_equals_the_per_channel_solve():
     assert abs(rss - total) <= 1e-8 * total and abs(t2 - float((T * T).sum())) <= 1e-9 * t2
 
 
-@pytest.mark.parametrize("name", ["test_resnet", "resnet26d", "resnet18"])
+@pytest.mark.parametrize("name", ["test_resnet", "resnet26d", "resnet18", "seresnet50", "test_efficientnet"])
 @pytest.mark.parametrize("method", ["hf-linear", "kf-linear"])
 def test_self_fusion_into_a_fresh_target_is_solved_exactly(name, method):
     """fuse(A, A) with target= a freshly initialised net: only a real solve of every op reproduces A."""
@@ -136,7 +137,7 @@ def test_self_fusion_into_a_fresh_target_is_solved_exactly(name, method):
         assert _rel(fresh(test), a(test)) > 0.1
 
 
-@pytest.mark.parametrize("name", ["test_resnet", "resnet26d"])
+@pytest.mark.parametrize("name", ["test_resnet", "resnet26d", "seresnet50"])
 def test_a_copy_permuted_in_every_space_is_recovered(name):
     a = _timm_net(name)
     x = torch.randn(600, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
@@ -151,6 +152,10 @@ def test_a_copy_permuted_in_every_space_is_recovered(name):
     # the inner spaces were matched too: hungarian on the inner units, every op solved
     ops = [op for r in fused.meta["fxfuse"]["levels"] for op in (r["ops"] or [])]
     assert any(op["role"] == "inner" for op in ops) and all(op["error"] < 1e-8 for op in ops)
+    assert all(r["approximation"].startswith("closed form") for r in fused.meta["fxfuse"]["levels"])
+    if name == "seresnet50":  # squeeze-excitation before the sum: its convs and the gated conv3 are inner ops
+        first = fused.meta["fxfuse"]["levels"][1]
+        assert [op["op"].split(".")[-1] for op in first["ops"]] == ["conv1", "conv2", "conv3", "fc1", "fc2", "0"]
 
 
 @pytest.mark.parametrize("name", ["test_efficientnet", "mobilenetv3_small_100", "test_convnext"])
