@@ -45,6 +45,7 @@ class BlockResult:
     rows: int
     columns: int
     ops: list[dict[str, Any]]
+    targets: list[tuple[str, int, Tensor]]  # per op: the value fitted, its neuron axis, the grouping of its targets
 
 
 def _env(level: GraphModule, x: Tensor, names: set[str]) -> dict[str, Tensor]:
@@ -274,7 +275,7 @@ def _per_sample(fused, unit, op_in, h) -> int:
     return X.shape[0] * X.shape[1] * X.shape[2]
 
 
-def _solve_diagonal(i, prep, col, bspec, u, g, ops, *, last: bool, axis: int):
+def _solve_diagonal(i, prep, col, bspec, u, g, ops, targets, *, last: bool, axis: int):
     """Solve a depthwise unit channel by channel against its neurons' grouping ``g``; writes it."""
     from fxfuse.passes import rewrite_params
 
@@ -285,6 +286,7 @@ def _solve_diagonal(i, prep, col, bspec, u, g, ops, *, last: bool, axis: int):
     err = rss / max(t2, 1e-300)
     ops.append({"op": u.spec.op, "role": "sum" if last else "inner", "grouping": g.how, "error": err,
                 "ridge": ridge, "rows": rows, "columns": stats.d, "how": "per channel"})
+    targets.append((bspec.pre if last else u.value, axis, g.matrix))
     return K, err, ridge, rows, stats.d
 
 
@@ -304,6 +306,7 @@ def fuse_block(i: int, prep, scores: list[Tensor], col, cfg, bspec) -> BlockResu
     bases = [chain[i] for chain in col.chains[:-1]]
     lv = prep.fused_plan[i]
     ops: list[dict[str, Any]] = []
+    targets: list[tuple[str, int, Tensor]] = []
     # neurons tied to the level input use its grouping; a space grouped once keeps its grouping
     by_space: dict[int, Any] = {}
 
@@ -329,7 +332,7 @@ def fuse_block(i: int, prep, scores: list[Tensor], col, cfg, bspec) -> BlockResu
     for j, u in enumerate(bspec.inner):
         g = known(u)
         if u.spec.depthwise:
-            _solve_diagonal(i, prep, col, bspec, u, g, ops, last=False, axis=u.axis)
+            _solve_diagonal(i, prep, col, bspec, u, g, ops, targets, last=False, axis=u.axis)
             continue
         stats, rows = _unit_pass(i, prep, col, bspec, u, last=False)
         lam, V = stats.eig()
@@ -348,6 +351,7 @@ def fuse_block(i: int, prep, scores: list[Tensor], col, cfg, bspec) -> BlockResu
         t2 = float(torch.einsum("ij,ik,kj->", g.matrix, stats.K, g.matrix))
         ops.append({"op": u.spec.op, "role": "inner", "grouping": g.how, "error": rd.rss / max(t2, 1e-300),
                     "ridge": rd.relative, "rows": rows, "columns": stats.d})
+        targets.append((u.value, u.axis, g.matrix))
     if bspec.tied:
         # 2'. the level output keeps its input's neurons (a depthwise conv, a gated input): its grouping is the
         # input's, and a depthwise term is solved channel by channel against it
@@ -355,7 +359,7 @@ def fuse_block(i: int, prep, scores: list[Tensor], col, cfg, bspec) -> BlockResu
         g = _tied(g, "level input")
         axis = bspec.terms[0].axis if bspec.terms else lv.neuron_axis
         if bspec.terms:
-            K, err, ridge, rows, columns = _solve_diagonal(i, prep, col, bspec, bspec.terms[0], g, ops, last=True,
+            K, err, ridge, rows, columns = _solve_diagonal(i, prep, col, bspec, bspec.terms[0], g, ops, targets, last=True,
                                                             axis=axis)
         else:
             _, K, sq_err, sq_t, rows = _tied_pass(i, prep, col, bspec, None, g.matrix, last=True, axis=axis)
@@ -363,7 +367,7 @@ def fuse_block(i: int, prep, scores: list[Tensor], col, cfg, bspec) -> BlockResu
         import dataclasses
 
         g = dataclasses.replace(g, cost=kernel_inertia(K, s.to(K), g.labels.to(K.device), lv.width))
-        return BlockResult(g, err, ridge, rows, columns, ops)
+        return BlockResult(g, err, ridge, rows, columns, ops, targets)
     # 2. the units of the sum, jointly, against the level's grouped pre-activations minus the fixed terms
     stats, rows = _unit_pass(i, prep, col, bspec, None, last=True)
     # the level's neurons are grouped on their pre-activations, the values the sum's units are fitted to
@@ -392,4 +396,38 @@ def fuse_block(i: int, prep, scores: list[Tensor], col, cfg, bspec) -> BlockResu
     err = rd.rss / max(t2, 1e-300)
     ops.append({"op": "+".join(u.spec.op for u in bspec.terms), "role": "sum", "grouping": g.how, "error": err,
                 "ridge": rd.relative, "rows": rows, "columns": stats.d})
-    return BlockResult(g, err, rd.relative, rows, stats.d, ops)
+    targets.append((bspec.pre, bspec.terms[0].axis, g.matrix))
+    return BlockResult(g, err, rd.relative, rows, stats.d, ops, targets)
+
+
+@torch.no_grad()
+def held_out_errors(i: int, prep, hcol, targets) -> list[float | None]:
+    """Relative errors ‖f − Z A‖² / ‖Z A‖² of the solved level ``i`` on the held-out samples (``held_out``): for each
+    ``(value, neuron axis, A)`` in ``targets``, the fused model's value against the base models' values grouped by A
+    (``"__output__"``: the level output). None where a base model lacks the value (an inserted identity level).
+    Also stores the held-out level outputs for the next level."""
+    from ._dist import all_reduce_
+
+    bases = [chain[i] for chain in hcol.chains[:-1]]
+    fused = hcol.chains[-1][i]
+    names = {v for v, _, _ in targets if v != "__output__"}
+    sums = torch.zeros(len(targets), 2, dtype=torch.float64)
+    missing = torch.zeros(len(targets), dtype=torch.float64)
+    for b, ins, _ in hcol.inputs(i):
+        envs = [_env(lv, x, names) for lv, x in zip(bases, ins[:-1])]
+        env_f = _env(fused, ins[-1], names)
+        for k, e in enumerate(envs):
+            hcol.store(k, i, b, e["__output__"])
+        hcol.store(len(bases), i, b, env_f["__output__"])
+        for t, (value, axis, A) in enumerate(targets):
+            if value not in env_f or not all(value in e for e in envs):
+                missing[t] = 1.0
+                continue
+            Z = torch.cat([to_rows(e[value], axis) for e in envs], 1).to(torch.float64)
+            T = Z @ A.to(Z)
+            diff = to_rows(env_f[value], axis).to(torch.float64) - T
+            sums[t, 0] += float((diff * diff).sum())
+            sums[t, 1] += float((T * T).sum())
+    all_reduce_(sums)
+    all_reduce_(missing)
+    return [None if missing[t] > 0 else float(sums[t, 0] / sums[t, 1].clamp_min(1e-300)) for t in range(len(targets))]

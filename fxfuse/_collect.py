@@ -81,6 +81,24 @@ def _split_item(item: Any, where: str) -> tuple[Tensor, Tensor | None]:
     )
 
 
+class _Masked:
+    """The samples of a re-iterable stream of batches that a seeded per-batch draw keeps (or holds out)."""
+
+    def __init__(self, source: Iterable, fraction: float, seed: int, held: bool):
+        self.source, self.fraction, self.seed, self.held = source, fraction, seed, held
+
+    def __iter__(self):
+        for b, item in enumerate(self.source):
+            x, y = _split_item(item, f"batch {b}")
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + b)
+            mask = torch.rand(x.shape[0], generator=g) < self.fraction
+            if not self.held:
+                mask = ~mask
+            if bool(mask.any()):
+                idx = mask.nonzero().flatten()
+                yield x[idx.to(x.device)] if y is None else (x[idx.to(x.device)], y[idx.to(y.device)])
+
+
 class FusionData:
     """Fusion data as a re-iterable stream of ``(inputs, labels or None)`` batches.
 
@@ -139,6 +157,33 @@ class FusionData:
             self.n_samples = sum(_split_item(item, f"{what}: batch {i}")[0].shape[0] for i, item in enumerate(data))
         else:  # None: not known before a pass
             self.n_samples = len(dataset) if hasattr(dataset, "__len__") else None
+
+    def split(self, fraction: float, seed: int = 0) -> tuple[FusionData, FusionData]:
+        """Two disjoint parts: ``(fit, held_out)``, the second with about ``fraction`` of the samples, chosen at
+        random (seeded). Streamed data is split batch by batch, the same way on every pass.
+
+        Example:
+            >>> import torch
+            >>> from fxfuse._collect import FusionData
+            >>> fit, held = FusionData(torch.randn(10, 3)).split(0.2)
+            >>> fit.n_samples, held.n_samples
+            (8, 2)
+        """
+        if self._x is not None:
+            n = self.n_samples
+            if n < 2:
+                raise ValueError(f"held_out: {self.what} has {n} sample; it needs at least 2 to keep some out of the fit")
+            n_held = min(n - 1, max(1, round(n * fraction)))
+            perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+            parts = []
+            for idx in (perm[n_held:].sort().values, perm[:n_held].sort().values):
+                x = self._x[idx]
+                parts.append(FusionData(x if self._y is None else (x, self._y[idx]), self.what))
+        else:
+            parts = [FusionData(_Masked(self._source, fraction, seed, held), self.what) for held in (False, True)]
+        for p in parts:
+            p.n_classes, p.input_dtype = self.n_classes, self.input_dtype
+        return parts[0], parts[1]
 
     def batches(self, batch_size: int = 256, device: torch.device | str | None = None) -> Iterator[tuple[Tensor, Tensor | None]]:
         """Yield ``(inputs, labels or None)`` on ``device``; a DataLoader keeps its own batch size."""

@@ -96,6 +96,7 @@ OPTION_DEFAULTS: dict[str, Any] = {
     "blocks": "closed-form",  # *-linear: block levels op by op in closed form, or "gradient" (the whole level by Adam)
     "start": "closed-form",  # *-gradient: Adam starts from the closed form where one exists, or models[0]'s ("first")
     "cla_samples": 256,  # models of different depth: samples whose level outputs cross-layer alignment compares
+    "held_out": 0.0,  # fraction of the fusion samples kept out of every fit, on which per-op and level errors are measured
     "train_batch_size": 32,
     **{name: getattr(TrainConfig(), name) for name in _TRAIN_FIELDS},
 }
@@ -128,6 +129,9 @@ class FuseConfig:
             target's weights) or ``"closed-form"`` (the ``*-linear`` solution, where one exists).
         cla_samples: Models of different depth: how many fusion samples the cross-layer alignment's
             linear CKA compares level outputs on (CLAFusion uses 200).
+        held_out: Fraction of the fusion samples (0 ≤ f < 0.5) that no fit sees: every level and every op of a
+            block level is fitted on the rest, and its relative error against its grouped targets is also
+            measured on these samples (``held_out_error`` in the report). 0 (default): every sample fits.
         train: Settings of gradient fits.
     """
 
@@ -150,6 +154,7 @@ class FuseConfig:
     blocks: str
     start: str
     cla_samples: int
+    held_out: float
     train: TrainConfig
 
     @property
@@ -235,6 +240,12 @@ def make_config(
     t = opts["temperature"]
     if isinstance(t, bool) or not isinstance(t, (int, float)) or not t > 0:
         raise ValueError(f"option temperature must be a positive number, got {t!r}")
+    h = opts["held_out"]
+    if isinstance(h, bool) or not isinstance(h, (int, float)) or not 0 <= h < 0.5:
+        raise ValueError(f"option held_out must be a fraction of the fusion samples in [0, 0.5), got {h!r}")
+    if h and not (spec.levelwise and spec.solver in ("linear", "gradient")):
+        users = ", ".join(m.name for m in METHODS.values() if m.levelwise and m.solver in ("linear", "gradient"))
+        raise ValueError(f"{method} has no held_out option (it applies to {users}); remove it")
     if not isinstance(opts["reset_bn"], bool):
         raise TypeError(f"option reset_bn must be True or False, got {opts['reset_bn']!r}")
     train = TrainConfig(batch_size=opts["train_batch_size"], seed=seed, **{k: opts[k] for k in _TRAIN_FIELDS})
@@ -244,5 +255,5 @@ def make_config(
         max_rows=opts["max_rows"], batch_size=opts["batch_size"], memory_budget=opts["memory_budget"],
         n_init=opts["n_init"], importance_steps=opts["importance_steps"], objective=opts["objective"],
         temperature=float(t), match=opts["match"], blocks=opts["blocks"], start=opts["start"],
-        cla_samples=opts["cla_samples"], train=train,
+        cla_samples=opts["cla_samples"], held_out=float(h), train=train,
     )

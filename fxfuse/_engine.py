@@ -116,6 +116,7 @@ class LevelRecord:
     ops: list[dict[str, Any]] | None = None  # block levels solved op by op: one record per op (or sum of ops)
     identity: tuple[str, ...] = ()  # models of different depth: the models whose level here is an inserted identity
     merged: tuple[str, ...] = ()  # a deeper model's levels merged into this one ("models[k]: a + b")
+    held_out_error: float | None = None  # held_out > 0: the relative error on the samples no fit saw
 
 
 def progress_bar(total: int, desc: str, enabled: bool, leave: bool = True):
@@ -750,8 +751,12 @@ def _solve_linear(i, prep, col, spec, data, grouping, cfg):
 SOLVERS: dict[str, Any] = {"linear": _solve_linear, "gradient": _solve_gradient, "np": _solve_np}
 
 
-def fuse_level(i: int, prep: Prepared, scores: list[list[Tensor]], col: Collector, cfg: FuseConfig) -> LevelRecord:
-    """Fuse level ``i``: collect, group, solve, write (Algorithm 1, lines 3–8); returns its record."""
+def fuse_level(i: int, prep: Prepared, scores: list[list[Tensor]], col: Collector, cfg: FuseConfig,
+               held: Collector | None = None) -> LevelRecord:
+    """Fuse level ``i``: collect, group, solve, write (Algorithm 1, lines 3–8); returns its record.
+
+    With ``held`` (a collector over the held-out samples, option ``held_out``), the level's and its ops' errors
+    are also measured there."""
     from fxfuse.passes import affine_spec, rewrite_params
 
     t0 = time.perf_counter()
@@ -761,6 +766,7 @@ def fuse_level(i: int, prep: Prepared, scores: list[list[Tensor]], col: Collecto
     spec = affine_spec(level) if method.solver == "linear" else None
     bspec = _block_spec(i, col, prep) if method.solver == "linear" and spec is None and cfg.blocks == "closed-form" else None
     ops = None
+    op_targets: list = []
     warm = None
     if method.solver == "gradient" and cfg.start == "closed-form":
         warm = affine_spec(level) or _block_spec(i, col, prep)
@@ -786,7 +792,7 @@ def fuse_level(i: int, prep: Prepared, scores: list[list[Tensor]], col: Collecto
         from ._blocks import fuse_block
 
         res = fuse_block(i, prep, scores, col, cfg, bspec)
-        grouping, ops = res.grouping, res.ops
+        grouping, ops, op_targets = res.grouping, res.ops, res.targets
         sol = Solution({}, f"closed form (block: {len(bspec.units)} ops)", error=res.error, ridge=res.ridge)
         rows, columns = res.rows, res.columns
     else:
@@ -816,9 +822,17 @@ def fuse_level(i: int, prep: Prepared, scores: list[list[Tensor]], col: Collecto
 
     sq_err, sq_t = all_reduce_number(sq_err), all_reduce_number(sq_t)
     err = sol.error if sol.error is not None else sq_err / max(sq_t, 1e-300)
+    held_err = None
+    if held is not None:
+        from ._blocks import held_out_errors
+
+        errs = held_out_errors(i, prep, held, [("__output__", lv.neuron_axis, grouping.matrix), *op_targets])
+        held_err = errs[0]
+        for op, e in zip(ops or [], errs[1:]):
+            op["held_out_error"] = e
     return LevelRecord(i, lv.name, lv.kind, grouping.how, sol.how, grouping.cost, err, time.perf_counter() - t0,
                        rows, columns, sol.ridge, ops, identity=_identity_at(prep, i),
-                       merged=_merged_at(prep, i))
+                       merged=_merged_at(prep, i), held_out_error=held_err)
 
 
 def _collect_and_group(i: int, prep: Prepared, scores: list[list[Tensor]], col: Collector, spec,
@@ -891,7 +905,8 @@ def emit(fused: GraphModule, prep: Prepared, records: list[LevelRecord], cfg: Fu
         warnings.warn(
             f"fxfuse: {len(exact)} closed-form level(s) had fewer fusion rows than unknowns: levels {names}. Their "
             "regularisation was chosen by cross-validation on those rows, and the reported error is measured on them; "
-            "use more fusion samples for a fit and an error that hold on new inputs.",
+            "use more fusion samples for a fit and an error that hold on new inputs (held_out=0.1 measures each "
+            "level's error on samples no fit sees).",
             stacklevel=user_stacklevel(),
         )
     fused.meta["fxfuse"] = {
@@ -901,6 +916,10 @@ def emit(fused: GraphModule, prep: Prepared, records: list[LevelRecord], cfg: Fu
     if cfg.progress:
         print(format_report(fused))
     return fused
+
+
+def _fmt_err(e: float | None) -> str:
+    return "—" if e is None else f"{e:.3g}"
 
 
 def format_report(fused: GraphModule) -> str:
@@ -915,6 +934,10 @@ def format_report(fused: GraphModule) -> str:
          f"{r['approx_error']:.3g}", f"{r['seconds']:.2f}")
         for r in meta["levels"]
     ]
+    if any(r.get("held_out_error") is not None for r in meta["levels"]):  # option held_out
+        rows = [(*row[:8], "held-out err" if k == 0 else _fmt_err(meta["levels"][k - 1].get("held_out_error")),
+                 row[8]) for k, row in enumerate(rows)]
+        head = rows[0]
     if any(r.get("identity") or r.get("merged") for r in meta["levels"]):  # models of different depth
 
         def depth_cell(r: dict) -> str:

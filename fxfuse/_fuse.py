@@ -82,7 +82,9 @@ def fuse(
         **options: ``target`` (a model whose architecture the fused model takes;
             default ``models[0]``, or the deepest model when depths differ; a shallower one merges
             the deeper models' extra levels), ``cla_samples`` (models of
-            different depth: samples the CKA compares, default 256), ``reset_bn``, ``class_weights``, ``max_rows``,
+            different depth: samples the CKA compares, default 256), ``held_out`` (a fraction of the
+            samples no fit sees; every level's and block op's error is also measured on them, default 0),
+            ``reset_bn``, ``class_weights``, ``max_rows``,
             ``batch_size``, ``memory_budget`` (bytes of level outputs cached between
             levels, default 256 MiB; beyond it they are recomputed), ``n_init``,
             ``importance_steps``, ``match`` (alignment methods: ``"correlation"``,
@@ -147,6 +149,9 @@ def _fuse(models, data, method, importance, device, seed, progress, **options) -
         if not progress or _dist.world()[0] != 0:
             cfg = dataclasses.replace(cfg, progress=False)  # rank 0 alone shows progress
     data = data if isinstance(data, FusionData) else FusionData(data)
+    held = None
+    if cfg.held_out:  # samples no fit sees, on which every level's and op's error is measured too
+        data, held = data.split(cfg.held_out, cfg.seed)
     model_list = as_model_list(models)
     if spec.pairwise and spec.levelwise and len(model_list) > 2:
         # NP Merge, section III-C: successive pairwise merges (whole-model np-merge pairs up on its own)
@@ -156,6 +161,8 @@ def _fuse(models, data, method, importance, device, seed, progress, **options) -
                                                       device=device, seed=seed, progress=progress, **options))
     # 2. prepare: traced copies, checks, level plans
     prep = prepare(model_list, data, cfg)
+    if held is not None:
+        held.input_dtype = prep.data.input_dtype  # half-precision inputs are cast as the fit's
     if not spec.levelwise:
         fused = getattr(_baselines, spec.solver)(prep, cfg)
         if cfg.reset_bn and spec.name in ("vanilla", "git-rebasin", "otfusion"):
@@ -170,11 +177,13 @@ def _fuse(models, data, method, importance, device, seed, progress, **options) -
     # 5. level by level: collect, group, solve, write
     chains = [p.split() for p in prep.plans] + [prep.fused_plan.split()]
     col = Collector(prep.data, chains, batch_size=cfg.batch_size, device=cfg.device, budget=cfg.memory_budget)
+    hcol = None if held is None else Collector(held, chains, batch_size=cfg.batch_size, device=cfg.device,
+                                               budget=cfg.memory_budget)
     bar = progress_bar(len(prep.fused_plan), f"fusing ({cfg.method})", cfg.progress)
     records = []
     for i in range(len(prep.fused_plan)):
         _dist.barrier(f"level {i}")  # a rank that failed stops the others here, by name
-        records.append(fuse_level(i, prep, scores, col, cfg))
+        records.append(fuse_level(i, prep, scores, col, cfg, hcol))
         if bar is not None:
             bar.update(1)
     if bar is not None:

@@ -141,6 +141,14 @@ def level_plot(levels: list[dict[str, Any]]) -> str:
     return "\n".join(parts)
 
 
+def _held(r: dict, shown: bool) -> str:
+    """The held-out error cell (option ``held_out``), or nothing when no level has one."""
+    if not shown:
+        return ""
+    v = r.get("held_out_error")
+    return f"<td class='num'>{'—' if v is None else format(v, '.3g')}</td>"
+
+
 def _error_colour(v: float | None, lo: float, hi: float) -> str:
     """Green (small error) to red (large), on the log scale of the run's own errors."""
     if v is None:
@@ -230,18 +238,21 @@ def report_html(rec) -> str:
         f"<td class='num'>{m['parameters']:,}</td><td class='num'>{_fmt(m.get('accuracy'))}</td></tr>"
         for i, m in enumerate(rec.models)
     )
+    # option held_out: errors on the samples no fit saw, next to those on the fitted ones
+    held = any(lv.get("held_out_error") is not None for lv in rec.levels)
+    held_th = "<th>held-out error</th>" if held else ""
     lv_rows = "".join(
         f"<tr data-level='{lv['index']}'><td>{lv['index']}</td><td>{e(lv['name'])}</td><td>{lv['kind']}</td>"
         f"<td>{e(lv['grouping'])}</td><td>{e(lv['approximation'])}"
         f"{'<br><small>identity level in ' + e(', '.join(lv['identity'])) + '</small>' if lv.get('identity') else ''}"
-        f"</td><td class='num'>{lv['error']:.3g}</td>"
+        f"</td><td class='num'>{lv['error']:.3g}</td>{_held(lv, held)}"
         f"<td class='num'>{'' if lv['ridge'] is None else format(lv['ridge'], '.0e')}</td>"
         f"<td class='num'>{lv['rows']}×{lv['columns']}</td><td class='num'>{lv['seconds']:.2f}</td></tr>"
         for lv in rec.levels
     )
     op_rows = "".join(
         f"<tr data-level='{lv['index']}'><td>{lv['index']}</td><td>{e(op['op'])}</td><td>{e(op['role'])}</td>"
-        f"<td>{e(op['grouping'])}</td><td class='num'>{op['error']:.3g}</td>"
+        f"<td>{e(op['grouping'])}</td><td class='num'>{op['error']:.3g}</td>{_held(op, held)}"
         f"<td class='num'>{'' if op['ridge'] is None else format(op['ridge'], '.0e')}</td>"
         f"<td class='num'>{op['rows']}×{op['columns']}</td></tr>"
         for lv in rec.levels for op in lv.get("ops", [])
@@ -249,7 +260,7 @@ def report_html(rec) -> str:
     ops_html = "" if not op_rows else (
         "<h3>Ops of block levels</h3><p>Levels solved op by op in closed form: each inner op against its own "
         "grouped targets, then the ops of the sum jointly (role <i>sum</i>).</p><table><thead><tr><th>level</th>"
-        "<th>op</th><th>role</th><th>grouping</th><th>rel. error</th><th>ridge</th><th>rows × columns</th></tr>"
+        f"<th>op</th><th>role</th><th>grouping</th><th>rel. error</th>{held_th}<th>ridge</th><th>rows × columns</th></tr>"
         f"</thead><tbody>{op_rows}</tbody></table>"
     )
     counts: dict[str, int] = {}
@@ -298,7 +309,7 @@ the level was solved. Hover a mark for details.</p>
 <p class="legend">{legend}</p>
 <div class="graph">{level_plot(rec.levels)}</div>
 <table><thead><tr><th>level</th><th>name</th><th>kind</th><th>grouping</th><th>solved by</th><th>rel. error</th>
-<th>ridge</th><th>rows × columns</th><th>s</th></tr></thead><tbody>{lv_rows}</tbody></table>
+{held_th}<th>ridge</th><th>rows × columns</th><th>s</th></tr></thead><tbody>{lv_rows}</tbody></table>
 {ops_html}
 <h2>Level plan</h2>
 <p>The fused model's graph cut into levels; each band is coloured by its error on a log scale from the

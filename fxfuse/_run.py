@@ -607,7 +607,7 @@ def _level_records(rec: RunRecord, meta: dict, fused: nn.Module, first: nn.Modul
                            "seconds": r["seconds"], "solved_by": solved, "approximation": how,
                            "grouping": r["grouping"], "grouping_cost": r["grouping_cost"], "rows": r["rows"],
                            "columns": r["columns"], "ridge": r.get("ridge"), "ops": r.get("ops") or [],
-                           "identity": list(r.get("identity") or ())})
+                           "identity": list(r.get("identity") or ()), "held_out_error": r.get("held_out_error")})
     x = fusion_ds[0][0].unsqueeze(0)
     try:
         gm = trace(copy.deepcopy(first).cpu(), x)

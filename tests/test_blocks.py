@@ -269,3 +269,46 @@ def test_gradient_methods_start_from_the_closed_form_where_one_exists():
         fxfuse.fuse([a, b], x, method="kf-gradient", start="zero", progress=False)
     with pytest.raises(ValueError, match="kf-linear has no start option"):
         fxfuse.fuse([a, b], x, method="kf-linear", start="first", progress=False)
+
+
+def test_held_out_errors_are_measured_on_samples_no_fit_saw():
+    """held_out=f keeps a fraction of the samples out of every fit and measures each level's and op's error there:
+    on levels with fewer fit rows than unknowns, the fit error is far below the held-out one."""
+    a = _timm_net("test_resnet", dtype=torch.float32)
+    b = _timm_net("test_resnet", seed=3, dtype=torch.float32)
+    x = torch.randn(40, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    fused = fxfuse.fuse([a, b], x, method="kf-linear", held_out=0.25, progress=False)
+    levels = fused.meta["fxfuse"]["levels"]
+    assert levels[0]["rows"] == 30 * 16 * 16  # 10 of the 40 samples were held out of the fit
+    assert all(r["held_out_error"] is not None for r in levels)
+    assert all(op["held_out_error"] is not None for r in levels for op in r["ops"] or [])
+    wide = [r for r in levels if r["rows"] < r["columns"]]
+    assert wide and all(r["held_out_error"] > 5 * r["approx_error"] for r in wide)
+    assert "held-out err" in fxfuse._engine.format_report(fused)
+    # without held_out every sample fits and no held-out error is reported
+    plain = fxfuse.fuse([a, b], x, method="kf-linear", progress=False)
+    assert plain.meta["fxfuse"]["levels"][0]["rows"] == 40 * 16 * 16
+    assert all(r["held_out_error"] is None for r in plain.meta["fxfuse"]["levels"])
+
+
+def test_held_out_on_a_recovered_copy_and_a_streamed_loader():
+    a = _timm_net("test_efficientnet")
+    x = torch.randn(200, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    b = _permuted(a, x)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x), batch_size=50)  # split batch by batch
+    fused = fxfuse.fuse([a, b], loader, method="hf-linear", held_out=0.2, progress=False)
+    levels = fused.meta["fxfuse"]["levels"]
+    # an exact recovery holds on the samples the fit never saw, op by op
+    assert all(r["held_out_error"] < 1e-8 for r in levels)
+    assert all(op["held_out_error"] < 1e-8 for r in levels for op in r["ops"] or [])
+
+
+def test_held_out_is_validated():
+    a = _timm_net("test_resnet", dtype=torch.float32)
+    x = torch.randn(8, 3, 32, 32)
+    with pytest.raises(ValueError, match=r"option held_out must be a fraction of the fusion samples in \[0, 0.5\)"):
+        fxfuse.fuse([a, a], x, method="hf-linear", held_out=0.5, progress=False)
+    with pytest.raises(ValueError, match="vanilla has no held_out option"):
+        fxfuse.fuse([a, a], x, method="vanilla", held_out=0.1, progress=False)
+    with pytest.raises(ValueError, match="needs at least 2"):
+        fxfuse.fuse([a, a], x[:1], method="hf-linear", held_out=0.1, progress=False)

@@ -97,7 +97,7 @@ def test_result_is_a_plain_graphmodule_with_a_report(capsys):
     levels = fused.meta["fxfuse"]["levels"]
     assert [r["approximation"] for r in levels] == ["closed form"] * 3
     assert set(levels[0]) == {"level", "name", "kind", "grouping", "approximation", "grouping_cost", "approx_error", "seconds",
-                              "rows", "columns", "ridge", "ops", "identity", "merged"}
+                              "rows", "columns", "ridge", "ops", "identity", "merged", "held_out_error"}
     assert all(r["ridge"] is not None and 0 < r["ridge"] < 10 for r in levels)  # chosen by cross-validation
     assert "kf-linear with uniform importance" in capsys.readouterr().out
 
