@@ -16,6 +16,18 @@ block) is solved op by op, in graph order (:func:`fxfuse.passes.block_spec`):
    skip's deviation is corrected. The level's neurons are grouped (importance-
    weighted, as any level's) on their pre-activations, the values fitted.
 
+Neurons tied to others are not grouped anew (the spaces come from :func:`fxfuse.passes.neuron_spaces`):
+
+- a unit whose output space holds the level input (a depthwise conv on the input, a squeeze-excitation's
+  expanding conv whose gate multiplies the input) takes the grouping of the input, the previous level's;
+- a unit in a space grouped earlier in the level (a depthwise conv after a 1×1 expansion) takes that grouping;
+- a unit in the level's own space that is not a term of the sum (a branch gated by squeeze-excitation
+  before the sum) takes the level's grouping, computed first from the base models' pre-activations;
+- a level whose output keeps the input's neurons (a depthwise conv + norm, a gate x·σ(…), a block with no
+  unit in its sum) takes the input's grouping as its own.
+
+A depthwise conv is solved channel by channel (:class:`fxfuse._solve.DiagonalStats`). A norm with an
+activation inside (timm's ``BatchNormAct2d``) is fitted to its value before the activation.
 Each unit costs one pass over the fusion data; nothing but d×d statistics is held.
 """
 
@@ -328,9 +340,17 @@ def fuse_block(i: int, prep, scores: list[Tensor], col, cfg, bspec) -> BlockResu
         K = _base_gram(i, col, bspec)
         by_space[bspec.pre_space] = group(K, s.to(K.device), widths, lv.width, is_head=lv.is_head,
                                           strategy=method.grouping, seed=cfg.seed + i, cfg=cfg)
+    def untied(what: str):
+        from ._errors import FxFuseError
+
+        return FxFuseError(f"level {i} (`{lv.name}`): the neurons of {what} are the level input's, but the input's "
+                           "grouping is not known or not as wide; fuse this model with blocks='gradient'")
+
     # 1. inner units, in graph order
     for j, u in enumerate(bspec.inner):
         g = known(u)
+        if u.spec.depthwise and g is None:
+            raise untied(f"the depthwise conv `{u.spec.op}`")
         if u.spec.depthwise:
             _solve_diagonal(i, prep, col, bspec, u, g, ops, targets, last=False, axis=u.axis)
             continue
@@ -356,6 +376,8 @@ def fuse_block(i: int, prep, scores: list[Tensor], col, cfg, bspec) -> BlockResu
         # 2'. the level output keeps its input's neurons (a depthwise conv, a gated input): its grouping is the
         # input's, and a depthwise term is solved channel by channel against it
         g = input_grouping(i, prep, col, lv.width)
+        if g is None:
+            raise untied("its output")
         g = _tied(g, "level input")
         axis = bspec.terms[0].axis if bspec.terms else lv.neuron_axis
         if bspec.terms:

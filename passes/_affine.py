@@ -173,6 +173,10 @@ def block_spec(level: GraphModule) -> BlockSpec | None:
         if n.op != "call_module" or not any(True for _ in level.get_submodule(str(n.target)).parameters()):
             continue
         m = level.get_submodule(str(n.target))
+        if type(m) is nn.LayerNorm and len(m.normalized_shape) == 1 and m.elementwise_affine:
+            # a LayerNorm module over the last dim: its affine folds like a functional layer_norm's
+            norms[n.name] = (f"{n.target}.weight", None if m.bias is None else f"{n.target}.bias")
+            continue
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             src = n.args[0] if n.args else None
             act = norm_activation(m) if not is_foldable_norm_module(m) else None
@@ -212,7 +216,7 @@ def block_spec(level: GraphModule) -> BlockSpec | None:
         # a per-channel affine commutes with picking tokens (a ViT's class token) and with moving axes
         # (channels-last and back) on the way to the unit
         while len(readers) == 1 and (is_transparent(level, readers[0]) or _picks_tokens(readers[0])
-                                     or _moves_axes(level, readers[0])):
+                                     or _moves_axes(level, readers[0]) or _pools_tokens(readers[0])):
             readers = list(readers[0].users)
         unit = next((u for u in units.values() if len(readers) == 1 and u.spec.op_node == readers[0].name), None)
         if (unit is None or unit.spec.depthwise or unit.spec.norm is not None
@@ -348,6 +352,13 @@ def _moves_axes(level: GraphModule, n: Node) -> bool:
         return isinstance(level.get_submodule(str(n.target)), nn.Flatten)
     name = n.target if n.op == "call_method" else getattr(n.target, "__name__", "")
     return n.op in ("call_method", "call_function") and name in ("permute", "transpose", "flatten", "reshape", "view")
+
+
+def _pools_tokens(n: Node) -> bool:
+    """A mean over some dims (global average pooling of tokens or positions): it commutes with a per-channel
+    affine as long as the channel axis is kept, which the neuron spaces check."""
+    name = n.target if n.op == "call_method" else getattr(n.target, "__name__", "")
+    return n.op in ("call_method", "call_function") and name == "mean"
 
 
 def _no_padding(level: GraphModule, spec: AffineSpec) -> bool:

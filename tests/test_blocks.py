@@ -312,3 +312,30 @@ def test_held_out_is_validated():
         fxfuse.fuse([a, a], x, method="vanilla", held_out=0.1, progress=False)
     with pytest.raises(ValueError, match="needs at least 2"):
         fxfuse.fuse([a, a], x[:1], method="hf-linear", held_out=0.1, progress=False)
+
+
+def test_mixer_channel_halves_and_a_pooled_head_fold_layernorm_modules():
+    """MLP-Mixer: nn.LayerNorm modules fold into the channel MLP's fc1 and, through the mean over tokens, into the
+    head; the token-mixing halves (the norm's γ scales channels, fc1 reads tokens) stay with the gradient fit."""
+    from timm.models.mlp_mixer import MlpMixer
+
+    torch.manual_seed(0)
+    a = MlpMixer(num_classes=5, img_size=32, patch_size=8, embed_dim=32, num_blocks=2).eval().double()
+    with torch.no_grad():  # trained-looking norms; timm starts the head at zero
+        for name, p in a.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5) if name.endswith("weight") else p.uniform_(-0.3, 0.3)
+            elif name.startswith("head"):
+                p.normal_(0, 0.3)
+    x = torch.randn(300, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    b = _permuted(a, x)
+    test = torch.randn(16, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    assert not torch.equal(b.state_dict()["blocks.0.mlp_channels.fc1.weight"], a.state_dict()["blocks.0.mlp_channels.fc1.weight"])
+    fused = fxfuse.fuse([a, b], x, method="hf-linear", progress=False)
+    hows = {r["name"]: r["approximation"] for r in fused.meta["fxfuse"]["levels"]}
+    assert hows["blocks.0.mlp_channels"] == hows["blocks.1.mlp_channels"] == "closed form (block: 2 ops)"
+    assert hows["head"] == "closed form (block: 1 ops)"
+    assert hows["blocks.0.mlp_tokens"].startswith("gradient")
+    with torch.no_grad():
+        assert _rel(fused(test), a(test)) < 1e-6
+    assert float(dict(fused.named_parameters())["blocks.0.norm2.weight"].min()) == 1.0

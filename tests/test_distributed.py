@@ -23,6 +23,15 @@ def _port() -> int:
 
 
 def _launch(case, method, out, *flags, world=2, timeout=120):
+    """Run the worker on ``world`` ranks; once more on a new port when the free port found was taken meanwhile."""
+    for attempt in range(3):
+        results, secs = _launch_once(case, method, out, *flags, world=world, timeout=timeout)
+        if not any("address already in use" in err.lower() or "eaddrinuse" in err.lower() for _, err in results):
+            break
+    return results, secs
+
+
+def _launch_once(case, method, out, *flags, world=2, timeout=120):
     env = {**os.environ, "WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_port()),
            "FXFUSE_DIST_TIMEOUT": "20", "OMP_NUM_THREADS": "1"}
     procs = []
