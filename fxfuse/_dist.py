@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from ._errors import FxFuseError
 
-__all__ = ["DistributedError", "all_gather_rows", "all_reduce_", "all_reduce_number", "barrier",
+__all__ = ["DistributedError", "all_gather_rows", "all_reduce_", "all_reduce_number", "barrier", "shutdown",
            "check_same_across_ranks", "init_from_env", "is_distributed", "rank_prefix", "world"]
 
 # seconds a collective or a level-boundary barrier waits for the other ranks before failing
@@ -187,3 +187,17 @@ def broadcast_seed(cfg):
     dist.broadcast(t, src=0)
     seed = int(t.item())
     return dataclasses.replace(cfg, seed=seed, train=cfg.train.replace(seed=seed))
+
+
+def shutdown() -> None:
+    """Leave the process group after a successful run: wait for every rank, then destroy it (a no-op outside one).
+
+    Without the wait, a rank that tears its connections down while another still uses them can make gloo abort at
+    exit.
+    """
+    if not is_distributed():
+        return
+    import torch.distributed as dist
+
+    dist.barrier()
+    dist.destroy_process_group()

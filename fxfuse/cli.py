@@ -150,7 +150,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             from ._dist import init_from_env
 
             init_from_env()  # under torchrun: join its process group (gloo on CPU, NCCL on GPUs)
-        return args.func(args)
+        rc = args.func(args)
+        if args.command in ("fuse", "run") and rc == 0:
+            from ._dist import shutdown
+
+            shutdown()
+        return rc
     except (ValueError, TypeError) as e:
         print(f"fxfuse {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -58,9 +58,7 @@ def main() -> int:
     if rank == 0:
         torch.save({"state": fused.state_dict(), "levels": fused.meta["fxfuse"].get("levels", []),
                     "finetune": fused.meta["fxfuse"].get("finetune")}, out)
-    import torch.distributed as dist
-
-    dist.destroy_process_group()
+    _dist.shutdown()
     return 0
 
 
