@@ -339,3 +339,25 @@ def test_mixer_channel_halves_and_a_pooled_head_fold_layernorm_modules():
     with torch.no_grad():
         assert _rel(fused(test), a(test)) < 1e-6
     assert float(dict(fused.named_parameters())["blocks.0.norm2.weight"].min()) == 1.0
+
+
+# levels solved in closed form / all levels, two differently seeded models at 32 px (measured; update on change)
+ZOO_CLOSED_FORM = {"efficientnet_b0": (39, 39), "mobilenetv3_small_100": (27, 28), "convnext_atto": (16, 17),
+                   "ghostnet_100": (15, 20), "mobilevit_xxs": (18, 21), "regnetx_002": (2, 15),
+                   "seresnext26d_32x4d": (4, 12), "poolformer_s12": (2, 17)}
+
+
+@pytest.mark.parametrize("name", list(ZOO_CLOSED_FORM))
+def test_the_zoo_fuses_with_its_blocks_in_closed_form(name):
+    torch.manual_seed(0)
+    a = timm.create_model(name, pretrained=False, num_classes=5).eval()
+    torch.manual_seed(1)
+    b = timm.create_model(name, pretrained=False, num_classes=5).eval()
+    size = 64 if name == "mobilevit_xxs" else 32
+    x = torch.randn(24, 3, size, size)
+    fused = fxfuse.fuse([a, b], x, method="hf-linear", progress=False, epochs=1)
+    levels = fused.meta["fxfuse"]["levels"]
+    closed = sum(r["approximation"].startswith("closed form") for r in levels)
+    assert (closed, len(levels)) == ZOO_CLOSED_FORM[name]
+    with torch.no_grad():
+        assert bool(torch.isfinite(fused(x[:4])).all())
