@@ -195,14 +195,12 @@ def fold_params(level: GraphModule, folds) -> dict[str, Tensor]:
 def input_grouping(i: int, prep, col, width: int):
     """The grouping of level ``i``'s input neurons (the fused level ``i-1``'s), or None when it is not known or
     not ``width`` wide. The first level's input is the model input: fused channel c is the mean of channel c."""
-    from ._engine import Grouping
+    from ._engine import Grouping, _cluster_matrix
 
     if i == 0:
-        m = len(col.chains) - 1
-        labels = torch.arange(width).repeat(m)
-        A = torch.zeros(m * width, width, dtype=torch.float64)
-        A[torch.arange(m * width), labels] = 1.0 / m
-        return Grouping(labels, A, 0.0, "model input")
+        labels = torch.arange(width).repeat(len(col.chains) - 1)
+        return Grouping(labels, _cluster_matrix(labels, torch.ones(len(labels), dtype=torch.float64), width), 0.0,
+                        "model input")
     g = col.groupings.get(i - 1)
     return g if g is not None and g.matrix.shape[1] == width else None
 
@@ -232,14 +230,18 @@ def _tied_pass(i, prep, col, bspec, unit, A: Tensor, *, last: bool, axis: int):
     sq_err = sq_t = 0.0
     rows = 0
     A = A.to(torch.float64)
+    per_sample = None
     for b, ins, _ in col.inputs(i):
         outs: list[list[Tensor]] = [[] for _ in bases]
         h = ins[-1]
-        for sl in _chunks(h, _per_sample(fused, unit, op_in, h) if unit is not None else 1 << 12):
+        if per_sample is None:  # the design's size per sample, from the first one
+            per_sample = _per_sample(fused, unit, op_in, h) if unit is not None else 1 << 12
+        for sl in _chunks(h, per_sample):
             envs_b = [_env(bases[k], ins[k][sl], {value}) for k in range(len(bases))]
             env_f = _env(fused, h[sl], {op_in} if op_in else set())
             Z = torch.cat([to_rows(e[value], axis) for e in envs_b], 1).to(torch.float64)
-            T = Z @ A.to(Z.device)
+            A = A.to(Z.device)
+            T = Z @ A
             if unit is not None:
                 stats.add(diagonal_rows(fused, unit.spec, env_f[op_in]), T)
             else:
@@ -340,6 +342,7 @@ def fuse_block(i: int, prep, scores: list[Tensor], col, cfg, bspec) -> BlockResu
         K = _base_gram(i, col, bspec)
         by_space[bspec.pre_space] = group(K, s.to(K.device), widths, lv.width, is_head=lv.is_head,
                                           strategy=method.grouping, seed=cfg.seed + i, cfg=cfg)
+
     def untied(what: str):
         from ._errors import FxFuseError
 

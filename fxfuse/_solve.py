@@ -90,14 +90,26 @@ def choose_ridge(lam: Tensor, q: Tensor, r_perp: float, n: int) -> Ridge:
         True
     """
     lam = lam.to(torch.float64)
-    lmax = float(lam.max()) if lam.numel() else 1.0
-    mus = torch.tensor(RIDGE_GRID, dtype=torch.float64, device=lam.device) * lmax
-    frac = mus[:, None] / (lam[None, :] + mus[:, None])  # μ / (λ_i + μ)
-    rss = max(r_perp, 0.0) + (frac**2 * (q / lam)[None, :]).sum(1)
-    resid_dof = (n - lam.numel()) + frac.sum(1)  # n − Σ λ_i / (λ_i + μ)
+    lmax = lam.max()[None] if lam.numel() else torch.ones(1, dtype=torch.float64, device=lam.device)
+    best, mu, rss, dof = _gcv(lam[None], q[None] / lam[None], torch.ones_like(lam, dtype=torch.bool)[None],
+                              torch.tensor([max(r_perp, 0.0)], dtype=torch.float64, device=lam.device), n, lmax)
+    return Ridge(float(mu[0]), float(RIDGE_GRID[int(best[0])]), float(dof[0]), float(rss[0]))
+
+
+def _gcv(lam: Tensor, q_over: Tensor, valid: Tensor, r_perp: Tensor, n: int, lmax: Tensor):
+    """:func:`choose_ridge` for a batch of problems: eigenvalues ``lam`` (B, r) of which ``valid`` count,
+    q_i / λ_i, the unregularised residuals (B,), their λ_max (B,). Returns the chosen grid index, μ, RSS(μ) and
+    the effective degrees of freedom, each of shape (B,)."""
+    lam_s = torch.where(valid, lam, torch.ones_like(lam))
+    mus = torch.tensor(RIDGE_GRID, dtype=lam.dtype, device=lam.device)[None, :] * lmax[:, None]  # (B, grid)
+    frac = mus[:, :, None] / (lam_s[:, None, :] + mus[:, :, None]) * valid[:, None, :]  # μ / (λ_i + μ)
+    rss = r_perp[:, None] + (frac**2 * (q_over * valid)[:, None, :]).sum(2)
+    resid_dof = (n - valid.sum(1))[:, None] + frac.sum(2)  # n − Σ λ_i / (λ_i + μ)
     gcv = torch.where(resid_dof > 0.5, rss / resid_dof.clamp_min(1e-300) ** 2, torch.full_like(rss, float("inf")))
-    b = int(gcv.argmin())
-    return Ridge(float(mus[b]), float(RIDGE_GRID[b]), float(lam.numel() - frac[b].sum()), float(rss[b]))
+    best = gcv.argmin(1)
+    pick = best[:, None]
+    dof = valid.sum(1) - frac.gather(1, pick[:, :, None].expand(-1, 1, frac.shape[2]))[:, 0].sum(1)
+    return best, mus.gather(1, pick)[:, 0], rss.gather(1, pick)[:, 0], dof
 
 
 def to_rows(z: Tensor, axis: int) -> Tensor:
@@ -220,17 +232,10 @@ class DiagonalStats:
         u = (V.transpose(1, 2) @ b0[..., None])[..., 0] * valid
         q_over = u * u / lam_s
         r_perp = (r0 - q_over.sum(1)).clamp_min(0.0)
+        best, mu, rss, _ = _gcv(lam, q_over, valid, r_perp, n, lmax)  # every channel's own ridge
+        W = w0 + (V @ (u / (lam_s + mu[:, None]) * valid)[..., None])[..., 0]
         grid = torch.tensor(RIDGE_GRID, dtype=G.dtype, device=G.device)
-        mus = grid[None, :] * lmax[:, None]  # (C, grid)
-        frac = mus[:, :, None] / (lam_s[:, None, :] + mus[:, :, None]) * valid[:, None, :]
-        rss = r_perp[:, None] + (frac**2 * q_over[:, None, :]).sum(2)
-        resid_dof = (n - valid.sum(1))[:, None] + frac.sum(2)
-        gcv = torch.where(resid_dof > 0.5, rss / resid_dof.clamp_min(1e-300) ** 2, torch.full_like(rss, float("inf")))
-        best = gcv.argmin(1)
-        mu = mus.gather(1, best[:, None])
-        W = w0 + (V @ (u / (lam_s + mu) * valid)[..., None])[..., 0]
-        rss_best = rss.gather(1, best[:, None])[:, 0]
-        return W.T, float(rss_best.sum()), float(self.tt.sum()), float(grid[best].median())
+        return W.T, float(rss.sum()), float(self.tt.sum()), float(grid[best].median())
 
 
 def _eigh(M: Tensor) -> tuple[Tensor, Tensor]:

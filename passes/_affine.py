@@ -304,8 +304,7 @@ def _with_spaces(level: GraphModule, bspec: BlockSpec, out: Node) -> BlockSpec |
         for name, dim in s.nodes:
             where[(name, dim)] = s.index
     by_name = {n.name: n for n in level.graph.nodes}
-    inputs = tuple(sorted({where[(n.name, d)] for n in level.graph.nodes if n.op == "placeholder"
-                           for d in range(8) if (n.name, d) in where}))
+    inputs = tuple(sorted({s for (name, _), s in where.items() if by_name[name].op == "placeholder"}))
 
     def space(name: str, axis: int) -> int | None:
         shape = by_name[name].meta.get("fxfuse", {}).get("shape")
@@ -320,7 +319,7 @@ def _with_spaces(level: GraphModule, bspec: BlockSpec, out: Node) -> BlockSpec |
         if s is not None:
             known.add(s)
         units.append(dataclasses.replace(u, space=s))
-    if bspec.tied and not any(where.get((out.name, d)) in inputs for d in range(8)):
+    if bspec.tied and not any(s in inputs for (name, _), s in where.items() if name == out.name):
         return None
     tensor_space = {(name, dim): s.index for s in spaces for name, dim in s.tensors}
     units_by_op = {u.spec.op: u for u in bspec.units}
