@@ -15,8 +15,18 @@ def _gen(seed):
     return torch.Generator().manual_seed(seed)
 
 
+@pytest.fixture(params=["explicit", "implicit"])
+def eig_route(request, monkeypatch):
+    """Both eigen-decompositions of GramStats: torch.linalg.eigh's explicit V, and the implicit V = QS of
+    TridiagonalBasis (used on the CPU from IMPLICIT_EIG_MIN columns on, forced here on small problems)."""
+    import fxfuse._solve
+
+    monkeypatch.setattr(fxfuse._solve, "IMPLICIT_EIG_MIN", 1 if request.param == "implicit" else 10**9)
+    return request.param
+
+
 @pytest.mark.parametrize("seed", range(3))
-def test_closed_form_matches_lstsq(seed):
+def test_closed_form_matches_lstsq(seed, eig_route):
     g = _gen(seed)
     X = torch.randn(300, 20, generator=g, dtype=torch.float64)
     Z = X @ torch.randn(20, 9, generator=g, dtype=torch.float64) + 0.05 * torch.randn(300, 9, generator=g, dtype=torch.float64)
@@ -37,7 +47,7 @@ def test_closed_form_matches_lstsq(seed):
     assert ridge.rss == pytest.approx(float(((X @ W - Z @ A) ** 2).sum()), rel=1e-8)
 
 
-def test_closed_form_rank_deficient_matches_pinv():
+def test_closed_form_rank_deficient_matches_pinv(eig_route):
     g = _gen(5)
     B = torch.randn(200, 6, generator=g, dtype=torch.float64)
     X = torch.cat([B, B[:, :3] * 2.0], 1)  # rank 6 of 9 columns
@@ -56,7 +66,7 @@ def _explicit_gcv(X, R0, mu):
     return rss / (X.shape[0] - float(H.trace())) ** 2
 
 
-def test_ridge_is_the_generalised_cross_validation_minimum():
+def test_ridge_is_the_generalised_cross_validation_minimum(eig_route):
     from fxfuse._solve import RIDGE_GRID
 
     g = _gen(2)
@@ -72,7 +82,7 @@ def test_ridge_is_the_generalised_cross_validation_minimum():
     assert 1e-9 < ridge.relative < 1  # noise in the small directions: a real ridge
 
 
-def test_regularised_solve_beats_the_cut_off_on_held_out_rows():
+def test_regularised_solve_beats_the_cut_off_on_held_out_rows(eig_route):
     # underdetermined, as deep conv levels are (400 samples x 2 x 2 positions for 4,609 columns): activations
     # with a decaying spectrum, targets that depend on them plus noise
     g = _gen(11)
@@ -98,7 +108,7 @@ def test_regularised_solve_beats_the_cut_off_on_held_out_rows():
     assert err_gcv < 0.5 * err_cut
 
 
-def test_grouping_gram_is_the_gram_of_the_ridge_fitted_neurons():
+def test_grouping_gram_is_the_gram_of_the_ridge_fitted_neurons(eig_route):
     g = _gen(1)
     X = torch.randn(100, 7, generator=g, dtype=torch.float64)
     Z = X @ torch.randn(7, 5, generator=g, dtype=torch.float64) + torch.randn(100, 5, generator=g, dtype=torch.float64)
@@ -189,7 +199,7 @@ def test_weighted_kmeans_bad_arguments():
         weighted_kmeans(torch.randn(3, 2), -torch.ones(3), 2)
 
 
-def test_closed_form_with_start_weights_fits_the_same_and_keeps_undetermined_directions():
+def test_closed_form_with_start_weights_fits_the_same_and_keeps_undetermined_directions(eig_route):
     g = _gen(7)
     B = torch.randn(200, 5, generator=g, dtype=torch.float64)
     X = torch.cat([B, torch.zeros(200, 2, dtype=torch.float64)], 1)  # two inputs never active
@@ -224,6 +234,39 @@ def test_read_affine_matches_the_level_output():
         y = to_rows(level(x), lv.neuron_axis)
         torch.testing.assert_close(design_rows(level, spec, op_input(level, spec, x)) @ read_affine(level, spec), y)
         x = level(x)
+
+
+def test_implicit_eigenbasis_equals_torch_eigh_on_an_ill_conditioned_gram():
+    import fxfuse._solve
+    from fxfuse._solve import TridiagonalBasis
+
+    g = _gen(9)
+    X = torch.randn(400, 90, generator=g, dtype=torch.float64) * torch.logspace(0, -6, 90, dtype=torch.float64)
+    G = X.T @ X
+    lam, V = TridiagonalBasis.eigh(G)
+    ref = torch.linalg.eigvalsh(G)
+    torch.testing.assert_close(lam, ref, rtol=0, atol=1e-13 * float(ref.max()))
+    M = torch.randn(90, 7, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(V.T @ (V @ M), M, rtol=0, atol=1e-12)  # orthogonal
+    torch.testing.assert_close(V @ (lam[:, None] * (V.T @ M)), G @ M, rtol=0, atol=1e-12 * float(ref.max()))
+    assert V[:, lam > 1e-3].shape == (90, int((lam > 1e-3).sum()))
+    # GramStats picks it from IMPLICIT_EIG_MIN columns on (the CPU, float64)
+    stats = GramStats()
+    stats.add(X, X[:, :3])
+    assert isinstance(stats.eig()[1], torch.Tensor) and fxfuse._solve.IMPLICIT_EIG_MIN > 90
+
+
+def test_blocked_gram_accumulation_equals_the_full_product():
+    from fxfuse._solve import _gram_add_, _symmetrised
+
+    g = _gen(6)
+    x = torch.randn(64, 50, generator=g, dtype=torch.float64)
+    G = _gram_add_(None, x[:30], block=8)  # 50 ≥ 3 blocks: only the lower triangle is brought up to date
+    _gram_add_(G, x[30:], block=8)
+    assert not torch.allclose(G, G.T)
+    _symmetrised(G, block=8)
+    assert torch.equal(G, G.T)
+    torch.testing.assert_close(G, x.T @ x, rtol=1e-12, atol=1e-12)
 
 
 def test_dual_form_with_fewer_rows_than_columns_equals_the_gram_form():
