@@ -84,9 +84,12 @@ def kernel_inertia(gram: Tensor, weights: Tensor, labels: Tensor, k: int) -> flo
 TIE_RTOL = 1e-9
 
 
-def _near_min(x: Tensor, dim: int) -> Tensor:
-    """Boolean mask of the entries within TIE_RTOL (of the largest finite magnitude along ``dim``) of the minimum."""
-    scale = torch.where(torch.isfinite(x), x.abs(), torch.zeros_like(x)).amax(dim, keepdim=True)
+def _near_min(x: Tensor, dim: int, finite: bool = False) -> Tensor:
+    """Boolean mask of the entries within TIE_RTOL (of the largest finite magnitude along ``dim``) of the minimum.
+
+    ``finite=True`` promises that x has no infinite entries (one pass fewer over x).
+    """
+    scale = (x.abs() if finite else torch.where(torch.isfinite(x), x.abs(), torch.zeros_like(x))).amax(dim, keepdim=True)
     return x <= x.min(dim, keepdim=True).values + TIE_RTOL * scale
 
 
@@ -110,8 +113,11 @@ def _kernel_lloyd(gram: Tensor, weights: Tensor, labels: Tensor, k: int, max_ite
         # ‖p_j − μ_c‖² − g_jj = ‖μ_c‖² − 2⟨p_j, μ_c⟩, in (k, n) layout
         score = R * (-2.0 * inv[:, None])
         score += (sq * inv * inv)[:, None]
-        score[wsum <= 0] = float("inf")  # an empty cluster has no centre
-        near = _near_min(score, 0)
+        empty = wsum <= 0
+        has_empty = bool(empty.any())
+        if has_empty:
+            score[empty] = float("inf")  # an empty cluster has no centre
+        near = _near_min(score, 0, finite=not has_empty)
         # a point within the tolerance of its best centre stays where it is (no moves on rounding alone)
         new = torch.where(near[labels, rng], labels, near.to(torch.int8).argmax(0))
         # empty clusters take the point that currently costs most
@@ -140,26 +146,35 @@ def _kernel_kmeans_pp(gram: Tensor, weights: Tensor, k: int, gen: torch.Generato
     """
     n = gram.shape[0]
     trials = 2 + int(math.log(k))
-    diag = gram.diagonal()
+    diag = gram.diagonal().contiguous()  # read k times: a strided view would cost a cache line per point
     first = int(torch.multinomial(weights / weights.sum(), 1, generator=gen))
     idx = [first]
     # distances below this are rounding: a chosen centre (or its duplicate) must have exactly zero weight
     floor = TIE_RTOL * float(diag.abs().max().clamp_min(1e-300))
     closest = (diag[first] + diag - 2.0 * gram[first]).clamp_min_(0.0)
     for _ in range(1, k):
-        closest = torch.where(closest <= floor, torch.zeros_like(closest), closest)
+        # one pass per step over n points plus one over the candidates' rows: this loop runs k times
+        closest.masked_fill_(closest <= floor, 0.0)
         p = weights * closest
         total = float(p.sum())
         if total <= 0.0:  # every point coincides with a center: pick unused points
             remaining = torch.ones(n, dtype=torch.bool, device=gram.device)
             remaining[idx] = False
             p, total = remaining.to(gram.dtype), float(n - len(idx))
-        cand = torch.multinomial(p, min(trials, int((p > 0).sum())), generator=gen)
-        new_closest = torch.minimum(closest[None, :], (diag[cand, None] + diag[None, :] - 2.0 * gram[cand]).clamp_min_(0.0))
-        best = int(_argmin_tol((new_closest * weights[None, :]).sum(1), 0))
+        cand = torch.multinomial(p, min(trials, int(torch.count_nonzero(p))), generator=gen)
+        new_closest = torch.add(diag[cand, None] + diag[None, :], gram[cand], alpha=-2.0).clamp_min_(0.0)
+        torch.minimum(closest[None, :], new_closest, out=new_closest)
+        best = _first_near_min((new_closest * weights).sum(1).tolist())
         idx.append(int(cand[best]))
         closest = new_closest[best]
     return _argmin_tol(gram_sq_dists(gram, slice(None), torch.tensor(idx, device=gram.device)), 1)
+
+
+def _first_near_min(values: list[float]) -> int:
+    """:func:`_argmin_tol` of a short list, in Python."""
+    finite = [abs(v) for v in values if math.isfinite(v)]
+    bound = min(values) + TIE_RTOL * (max(finite) if finite else 0.0)
+    return next(j for j, v in enumerate(values) if v <= bound)
 
 
 def kernel_kmeans(
