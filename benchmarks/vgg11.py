@@ -118,6 +118,7 @@ def main() -> None:
         models, (xf, yf), (xt, yt) = _setting(seed, args.epochs, ref, args.cache)
         for k, m in enumerate(models):
             rows.setdefault(f"base model {k + 1}", []).append((accuracy(m, xt, yt), float("nan")))
+        fxfuse.trace(models[0], xf[:1])  # warm-up: the first trace imports timm's registries (about 2 s), once per process
         for method in args.methods:
             t0 = time.perf_counter()
             with warnings.catch_warnings():
