@@ -84,13 +84,14 @@ def kernel_inertia(gram: Tensor, weights: Tensor, labels: Tensor, k: int) -> flo
 TIE_RTOL = 1e-9
 
 
-def _near_min(x: Tensor, dim: int, finite: bool = False) -> Tensor:
+def _near_min(x: Tensor, dim: int, scale: Tensor | None = None) -> Tensor:
     """Boolean mask of the entries within TIE_RTOL (of the largest finite magnitude along ``dim``) of the minimum.
 
-    ``finite=True`` promises that x has no infinite entries (one pass fewer over x).
+    ``scale``: that largest finite magnitude when the caller knows it (one pass fewer over x each).
     """
-    scale = (x.abs() if finite else torch.where(torch.isfinite(x), x.abs(), torch.zeros_like(x))).amax(dim, keepdim=True)
-    return x <= x.min(dim, keepdim=True).values + TIE_RTOL * scale
+    if scale is None:
+        scale = torch.where(torch.isfinite(x), x.abs(), torch.zeros_like(x)).amax(dim, keepdim=True)
+    return x <= torch.amin(x, dim, keepdim=True) + TIE_RTOL * scale
 
 
 def _argmin_tol(x: Tensor, dim: int) -> Tensor:
@@ -113,11 +114,12 @@ def _kernel_lloyd(gram: Tensor, weights: Tensor, labels: Tensor, k: int, max_ite
         # ‖p_j − μ_c‖² − g_jj = ‖μ_c‖² − 2⟨p_j, μ_c⟩, in (k, n) layout
         score = R * (-2.0 * inv[:, None])
         score += (sq * inv * inv)[:, None]
+        # the tolerance's scale: an empty cluster's row is ±0 here, so it does not count
+        scale = score.abs().amax(0, keepdim=True)
         empty = wsum <= 0
-        has_empty = bool(empty.any())
-        if has_empty:
+        if bool(empty.any()):
             score[empty] = float("inf")  # an empty cluster has no centre
-        near = _near_min(score, 0, finite=not has_empty)
+        near = _near_min(score, 0, scale)
         # a point within the tolerance of its best centre stays where it is (no moves on rounding alone)
         new = torch.where(near[labels, rng], labels, near.to(torch.int8).argmax(0))
         # empty clusters take the point that currently costs most
