@@ -122,14 +122,21 @@ def _kernel_lloyd(gram: Tensor, weights: Tensor, labels: Tensor, k: int, max_ite
         near = _near_min(score, 0, scale)
         # a point within the tolerance of its best centre stays where it is (no moves on rounding alone)
         new = torch.where(near[labels, rng], labels, near.to(torch.int8).argmax(0))
-        # empty clusters take the point that currently costs most
+        # empty clusters take the point that currently costs most, never the last point of a cluster (that would
+        # only empty another one: with many coincident points, e.g. dead neurons, every cost is zero and such
+        # moves went round until max_iter)
         counts = torch.bincount(new, minlength=k)
         if bool((counts == 0).any()):
             cost = weights * (gram.diagonal() + score[new, rng])
+            cost[counts[new] <= 1] = -float("inf")
             for c in torch.nonzero(counts == 0).flatten().tolist():
                 j = int(cost.argmax())
+                src = int(new[j])
                 new[j] = c
                 cost[j] = -float("inf")
+                counts[src] -= 1
+                if int(counts[src]) == 1:
+                    cost[new == src] = -float("inf")
         moved = torch.nonzero(new != labels).flatten()
         if moved.numel() == 0:
             break

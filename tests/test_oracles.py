@@ -192,6 +192,31 @@ def test_weighted_kmeans_is_deterministic_and_weighted():
     assert float(c) == pytest.approx(0.1)
 
 
+def test_kmeans_with_more_clusters_than_distinct_points_leaves_none_empty():
+    # coincident points (dead neurons, a model fused with itself) give clusters that cost nothing: refilling an
+    # empty cluster must not empty another one (the old rule went round until max_iter and ended with one empty)
+    from fxfuse._grouping import _kernel_kmeans_pp, _kernel_lloyd
+
+    g = _gen(3)
+    P = torch.randn(50, 40, generator=g, dtype=torch.float64)
+    P[5] = P[3]
+    P[7] = P[3]
+    w = torch.rand(50, generator=g, dtype=torch.float64)
+    w[10] = 0
+    gram = P @ P.T
+    start = _kernel_kmeans_pp(gram, w, 49, torch.Generator().manual_seed(3))
+    labels, inertia = _kernel_lloyd(gram, w, start, 49, max_iter=300)
+    assert torch.bincount(labels, minlength=49).min() == 1  # every cluster used: 48 singletons and one pair
+    assert inertia < 1e-10 * float(gram.diagonal().max())
+    # the same from 1,500 dead neurons and 500 live pairs (k = 1,000)
+    live = torch.randn(500, 8, generator=g, dtype=torch.float64)
+    Q = torch.cat([torch.zeros(1000, 8, dtype=torch.float64), live, live])
+    labels, inertia = _kernel_lloyd(Q @ Q.T, torch.ones(2000, dtype=torch.float64),
+                                    _kernel_kmeans_pp(Q @ Q.T, torch.ones(2000, dtype=torch.float64), 1000,
+                                                      torch.Generator().manual_seed(0)), 1000, max_iter=300)
+    assert torch.bincount(labels, minlength=1000).min() >= 1 and inertia < 1e-9
+
+
 def test_weighted_kmeans_bad_arguments():
     with pytest.raises(ValueError, match="k must be between 1 and"):
         weighted_kmeans(torch.randn(3, 2), torch.ones(3), 4)
