@@ -341,10 +341,12 @@ def symmetric_eig(M: Tensor) -> tuple[Tensor, Tensor | TridiagonalBasis]:
     """Eigen-decomposition of a symmetric matrix: ``TridiagonalBasis`` for a large float64 one on the CPU
     (order ≥ IMPLICIT_EIG_MIN), otherwise :func:`_eigh`."""
     if M.device.type == "cpu" and M.dtype == torch.float64 and M.shape[0] >= IMPLICIT_EIG_MIN:
+        import numpy as np
+
         try:
             return TridiagonalBasis.eigh(M)
-        except (torch.linalg.LinAlgError, ValueError):
-            pass  # a failed tridiagonal eigensolver: the explicit route (with its own fallback)
+        except (torch.linalg.LinAlgError, np.linalg.LinAlgError, ValueError):
+            pass  # a failed tridiagonal eigensolver (scipy raises numpy's error): the explicit route
     return _eigh(M)
 
 

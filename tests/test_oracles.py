@@ -281,6 +281,23 @@ def test_implicit_eigenbasis_equals_torch_eigh_on_an_ill_conditioned_gram():
     assert isinstance(stats.eig()[1], torch.Tensor) and fxfuse._solve.IMPLICIT_EIG_MIN > 90
 
 
+def test_a_failed_tridiagonal_solve_falls_back_to_torch_eigh(monkeypatch):
+    import fxfuse._solve
+    from fxfuse._solve import TridiagonalBasis, symmetric_eig
+
+    def fail(M):
+        raise np.linalg.LinAlgError("stevd did not converge")  # what scipy raises
+
+    monkeypatch.setattr(fxfuse._solve, "IMPLICIT_EIG_MIN", 1)
+    G = torch.randn(30, 8, generator=_gen(2), dtype=torch.float64)
+    G = G.T @ G
+    assert isinstance(symmetric_eig(G)[1], TridiagonalBasis)
+    monkeypatch.setattr(TridiagonalBasis, "eigh", staticmethod(fail))
+    lam, V = symmetric_eig(G)
+    assert isinstance(V, torch.Tensor)
+    torch.testing.assert_close(V @ torch.diag(lam) @ V.T, G)
+
+
 def test_blocked_gram_accumulation_equals_the_full_product():
     from fxfuse._solve import _gram_add_, _symmetrised
 
