@@ -42,11 +42,14 @@ class _Tracer(Tracer):
         self.record_stack_traces = True
         self._leaf_types = leaf_types
         self._leaf_names = leaf_names
+        from fxfuse.passes._ops import plain_layer_subclasses  # (fxfuse.passes imports this module)
+
+        self._plain = plain_layer_subclasses()
         self.failed_module: tuple[str, str] | None = None
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if module_qualified_name in self._leaf_names or isinstance(m, self._leaf_types):
-            return True
+        if module_qualified_name in self._leaf_names or isinstance(m, self._leaf_types) or type(m) in self._plain:
+            return True  # a plain subclass (timm's Linear) stays one module call, as its base class would
         return super().is_leaf_module(m, module_qualified_name)
 
     def call_module(self, m, forward, args, kwargs):

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from torch import nn
 from torch.fx import GraphModule, Node
 
-from ._ops import call_arg, is_foldable_norm_module, is_transparent, norm_activation
+from ._ops import call_arg, computes_like, is_foldable_norm_module, is_transparent, norm_activation
 
 __all__ = ["AffineSpec", "BlockSpec", "BlockUnit", "Fold", "affine_spec", "block_spec"]
 
@@ -143,7 +143,7 @@ def _is_add(n: Node) -> bool:
 def _unit_op(level: GraphModule, node: Node) -> AffineSpec | None:
     """The Linear or Conv2d (groups 1, zero padding) called at ``node`` as an AffineSpec without a norm, or None."""
     m = level.get_submodule(str(node.target))
-    if type(m) is nn.Linear or (isinstance(m, nn.Linear) and type(m).forward is nn.Linear.forward):
+    if computes_like(m, nn.Linear):
         is_conv = False
     elif isinstance(m, nn.Conv2d) and type(m).forward is nn.Conv2d.forward:
         depthwise = m.groups > 1 and m.groups == m.in_channels == m.out_channels

@@ -21,6 +21,22 @@ SHAPE_ATTRS = ("shape", "dtype", "device", "ndim", "is_cuda")
 SHAPE_METHODS = ("size", "dim", "numel", "ndimension", "type_as_shape")
 
 
+def plain_layer_subclasses() -> tuple[type, ...]:
+    """Subclasses of torch.nn layers that override ``forward`` with the same computation (outside TorchScript):
+    timm's ``Linear`` (F.linear(x, weight, bias); the classifier of MobileNetV3, GhostNet and others). ``fxfuse.trace``
+    keeps them as leaf modules and the closed form treats them as their base class."""
+    try:
+        from timm.layers import Linear
+    except ImportError:  # timm is optional for the passes
+        return ()
+    return (Linear,)
+
+
+def computes_like(m: nn.Module, base: type) -> bool:
+    """``m`` is a ``base`` whose forward is ``base.forward`` or a :func:`plain_layer_subclasses` one."""
+    return isinstance(m, base) and (type(m).forward is base.forward or type(m) in plain_layer_subclasses())
+
+
 def target_name(node: Node) -> str:
     """A short readable name for a node's target (``conv2d``, ``add``, ``flatten``...)."""
     t = node.target

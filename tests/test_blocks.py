@@ -183,8 +183,7 @@ def test_depthwise_se_and_convnext_copies_permuted_in_every_space_are_recovered(
     assert all(op["error"] < 1e-8 for op in ops)
     gradient = [r["name"] for r in levels if not r["approximation"].startswith("closed form")]
     # ConvNeXt's first block keeps the stem LayerNorm, whose β cannot fold into a zero-padded depthwise conv
-    assert gradient == (["stages.0.blocks.0"] if "convnext" in name else
-                        ["classifier"] if name == "mobilenetv3_small_100" else [])
+    assert gradient == (["stages.0.blocks.0"] if "convnext" in name else [])  # MobileNetV3's timm Linear head too
     with torch.no_grad():
         assert _rel(fused(test), a(test)) < 1e-6
 
@@ -342,8 +341,8 @@ def test_mixer_channel_halves_and_a_pooled_head_fold_layernorm_modules():
 
 
 # levels solved in closed form / all levels, two differently seeded models at 32 px (measured; update on change)
-ZOO_CLOSED_FORM = {"efficientnet_b0": (39, 39), "mobilenetv3_small_100": (27, 28), "convnext_atto": (16, 17),
-                   "ghostnet_100": (15, 20), "mobilevit_xxs": (18, 21), "regnetx_002": (2, 15),
+ZOO_CLOSED_FORM = {"efficientnet_b0": (39, 39), "mobilenetv3_small_100": (28, 28), "convnext_atto": (16, 17),
+                   "ghostnet_100": (16, 20), "mobilevit_xxs": (18, 21), "regnetx_002": (2, 15),
                    "seresnext26d_32x4d": (4, 12), "poolformer_s12": (2, 17)}
 
 
