@@ -56,6 +56,26 @@ def test_timm_notrace_registries_make_untraceable_models_trace(name):
     torch.testing.assert_close(gm(x), model.eval()(x))
 
 
+def test_timm_linear_stays_a_module_call_and_a_subclass_with_its_own_forward_does_not():
+    from timm.layers import Linear
+
+    from fxfuse.passes import affine_spec, partition_levels
+
+    class Scaled(nn.Linear):  # a subclass that computes something else: traced through, not solved as a Linear
+        def forward(self, x):
+            return super().forward(2.0 * x)
+
+    for cls, module_call in ((Linear, True), (Scaled, False)):
+        model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), cls(8, 3)).eval()
+        gm = fxfuse.trace(model, torch.randn(2, 4))
+        calls = {n.target for n in gm.graph.nodes if n.op == "call_module"}
+        assert ("2" in calls) == module_call
+        x = torch.randn(5, 4)
+        torch.testing.assert_close(gm(x), model(x))
+        head = list(partition_levels(gm).split())[-1]
+        assert (affine_spec(head) is not None) == module_call
+
+
 def test_trace_leaves_model_untouched():
     model = seeded(ConvBN).train()
     model.bn1.eval()  # a mixed state must survive too
