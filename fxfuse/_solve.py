@@ -253,9 +253,9 @@ def _eigh(M: Tensor) -> tuple[Tensor, Tensor]:
 
 
 # on the CPU, float64 symmetric matrices of at least this order are decomposed into an implicit basis
-# (TridiagonalBasis): measured on 2 cores, 4,609²: 13.0 s for torch.linalg.eigh, 5.1 s for the reduction and
-# the tridiagonal's eigenvectors, plus about 1 s per 1,000 columns the basis is applied to
-IMPLICIT_EIG_MIN = 1536
+# (TridiagonalBasis). Measured here (2 cores) with a level's 2,048 columns applied: 4,609²: 13 s for
+# torch.linalg.eigh alone, about 8 s in all the implicit way; 3,073²: 4.2 s against 3.5 s; 2,049² and 2,305²: the same
+IMPLICIT_EIG_MIN = 2560
 
 
 class TridiagonalBasis:
