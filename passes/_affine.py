@@ -145,7 +145,7 @@ def _unit_op(level: GraphModule, node: Node) -> AffineSpec | None:
     m = level.get_submodule(str(node.target))
     if computes_like(m, nn.Linear):
         is_conv = False
-    elif isinstance(m, nn.Conv2d) and type(m).forward is nn.Conv2d.forward:
+    elif computes_like(m, nn.Conv2d):
         depthwise = m.groups > 1 and m.groups == m.in_channels == m.out_channels
         if (m.groups != 1 and not depthwise) or m.padding_mode != "zeros" or isinstance(m.padding, str):
             return None

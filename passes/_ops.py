@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import operator
 from typing import Any
 
@@ -21,6 +22,7 @@ SHAPE_ATTRS = ("shape", "dtype", "device", "ndim", "is_cuda")
 SHAPE_METHODS = ("size", "dim", "numel", "ndimension", "type_as_shape")
 
 
+@functools.cache
 def plain_layer_subclasses() -> tuple[type, ...]:
     """Subclasses of torch.nn layers that override ``forward`` with the same computation (outside TorchScript):
     timm's ``Linear`` (F.linear(x, weight, bias); the classifier of MobileNetV3, GhostNet and others). ``fxfuse.trace``
