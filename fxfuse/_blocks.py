@@ -26,7 +26,11 @@ Neurons tied to others are not grouped anew (the spaces come from :func:`fxfuse.
 - a level whose output keeps the input's neurons (a depthwise conv + norm, a gate x·σ(…), a block with no
   unit in its sum) takes the input's grouping as its own.
 
-A depthwise conv is solved channel by channel (:class:`fxfuse._solve.DiagonalStats`). A norm with an
+A depthwise conv is solved channel by channel (:class:`fxfuse._solve.DiagonalStats`), a grouped conv (ResNeXt,
+RegNet) group by group: its neurons are grouped on the base models' values at its output (its space admits
+only permutations within groups, so no ridge fit from its whole input describes it), and each fused group is
+fitted from that group's fused input channels; fused neurons are ordered like the first model's, so each
+fused group holds the first model's group and what the other models' neurons grouped with it. A norm with an
 activation inside (timm's ``BatchNormAct2d``) is fitted to its value before the activation.
 Each unit costs one pass over the fusion data; nothing but d×d statistics is held.
 """
@@ -268,13 +272,18 @@ def _tied_pass(i, prep, col, bspec, unit, A: Tensor, *, last: bool, axis: int):
 @torch.no_grad()
 def _base_gram(i, col, bspec) -> Tensor:
     """K = ZᵀZ of the base models' pre-activations at the level's sum (one pass over the base models only)."""
+    return _value_gram(i, col, bspec.pre, bspec.terms[0].axis)
+
+
+@torch.no_grad()
+def _value_gram(i, col, value: str, axis: int) -> Tensor:
+    """K = ZᵀZ of all base models' values at node ``value`` (neurons on ``axis``); one pass over the bases only."""
     from ._dist import all_reduce_
 
     bases = [chain[i] for chain in col.chains[:-1]]
-    axis = bspec.terms[0].axis
     K = None
     for _, ins, _ in col.inputs(i, which=list(range(len(bases)))):
-        Z = torch.cat([to_rows(_env(lv, x, {bspec.pre})[bspec.pre], axis) for lv, x in zip(bases, ins)], 1)
+        Z = torch.cat([to_rows(_env(lv, x, {value})[value], axis) for lv, x in zip(bases, ins)], 1)
         Z = Z.to(torch.float64)
         K = Z.T @ Z if K is None else K.addmm_(Z.T, Z)
     all_reduce_(K)
@@ -290,7 +299,8 @@ def _per_sample(fused, unit, op_in, h) -> int:
 
 
 def _solve_diagonal(i, prep, col, bspec, u, g, ops, targets, *, last: bool, axis: int):
-    """Solve a depthwise unit channel by channel against its neurons' grouping ``g``; writes it."""
+    """Solve a depthwise unit channel by channel (a grouped conv group by group) against its neurons' grouping
+    ``g``; writes it."""
     from fxfuse.passes import rewrite_params
 
     fused = col.chains[-1][i]
@@ -299,7 +309,8 @@ def _solve_diagonal(i, prep, col, bspec, u, g, ops, targets, *, last: bool, axis
     rewrite_params(prep.fused_plan.gm, affine_params(fused, u.spec, W), in_place=True)
     err = rss / max(t2, 1e-300)
     ops.append({"op": u.spec.op, "role": "sum" if last else "inner", "grouping": g.how, "error": err,
-                "ridge": ridge, "rows": rows, "columns": stats.d, "how": "per channel"})
+                "ridge": ridge, "rows": rows, "columns": stats.d,
+                "how": "per group" if u.spec.groups != 1 else "per channel"})
     targets.append((bspec.pre if last else u.value, axis, g.matrix))
     return K, err, ridge, rows, stats.d
 
@@ -355,6 +366,19 @@ def fuse_block(i: int, prep, scores: list[Tensor], col, cfg, bspec) -> BlockResu
         if u.spec.depthwise and g is None:
             raise untied(f"the depthwise conv `{u.spec.op}`")
         if u.spec.depthwise:
+            _solve_diagonal(i, prep, col, bspec, u, g, ops, targets, last=False, axis=u.axis)
+            continue
+        if u.spec.groups != 1:
+            # a grouped conv: its neurons are grouped on the base models' values (every base has the unit, see
+            # fxfuse._engine._block_spec), then each group is fitted from its own fused input channels
+            if g is None:
+                K = _value_gram(i, col, u.value, u.axis)
+                widths_u = [lv.get_submodule(u.spec.op).weight.shape[0] for lv in bases]
+                ones = torch.ones(sum(widths_u), dtype=torch.float64, device=K.device)
+                g = group(K, ones, widths_u, fused.get_submodule(u.spec.op).weight.shape[0], is_head=False,
+                          strategy=method.grouping, seed=cfg.seed + 1000 * i + j, cfg=cfg)
+                if u.space is not None:
+                    by_space[u.space] = g
             _solve_diagonal(i, prep, col, bspec, u, g, ops, targets, last=False, axis=u.axis)
             continue
         stats, rows = _unit_pass(i, prep, col, bspec, u, last=False)

@@ -876,6 +876,8 @@ def _block_spec(i: int, col: Collector, prep: Prepared):
     have = [same_structure(prep, k, i) and has_nodes(chain[i], names) for k, chain in enumerate(col.chains[:-1])]
     if not any(have):
         return None
+    if any(u.spec.groups != 1 for u in bspec.inner) and not all(have):
+        return None  # a grouped conv's neurons are grouped on every base model's values
     # neurons tied to the level input (a depthwise conv, a gate) are grouped as the input: every base must have
     # them, and the input's grouping must be known
     if bspec.tied or any(u.space is not None and (u.space in bspec.input_spaces or u.space == bspec.pre_space)

@@ -147,24 +147,28 @@ def design_rows(level: GraphModule, spec: AffineSpec, op_in: Tensor) -> Tensor:
 
 
 def diagonal_rows(level: GraphModule, spec: AffineSpec, op_in: Tensor) -> Tensor:
-    """A depthwise conv's design, one per channel: Tensor of shape (n_rows, channels, k² [+ 1 bias column]).
+    """A depthwise or grouped conv's design, one per group: Tensor of shape (n_rows, groups, d).
 
-    Row order matches :func:`to_rows` of the conv's output (samples, then positions).
+    d is a group's fan-in (channels per group × k²) [+ 1 bias column]; a depthwise conv
+    has one group per channel. Row order matches :func:`to_rows` of the conv's output
+    (samples, then positions).
     """
     m = level.get_submodule(spec.op)
     cols = F.unfold(op_in, m.kernel_size, dilation=m.dilation, padding=m.padding, stride=m.stride)  # (N, C·k², L)
     n, _, positions = cols.shape
-    rows = cols.view(n, m.in_channels, -1, positions).permute(0, 3, 1, 2).reshape(n * positions, m.in_channels, -1)
+    rows = cols.view(n, m.groups, -1, positions).permute(0, 3, 1, 2).reshape(n * positions, m.groups, -1)
     if spec.has_bias_column:
         rows = torch.cat([rows, torch.ones_like(rows[..., :1])], 2)
     return rows
 
 
 class DiagonalStats:
-    """Second moments of a per-channel least-squares problem (a depthwise conv): one small problem per channel.
+    """Second moments of a block-diagonal least-squares problem (a depthwise or grouped conv): one small problem
+    per group, whose m outputs read only that group's inputs.
 
-    For channel c, with design rows X_c (n_rows, d) and target t_c (n_rows,), accumulates G_c = X_cᵀX_c,
-    b_c = X_cᵀt_c and ‖t_c‖² batch by batch in float64. Memory is channels × d², whatever the rows.
+    For group g, with design rows X_g (n_rows, d) and targets T_g (n_rows, m), accumulates G_g = X_gᵀX_g,
+    B_g = X_gᵀT_g and the targets' squared norms batch by batch in float64. Memory is groups × d × (d + m),
+    whatever the rows. A depthwise conv is the case m = 1 (one group per channel).
 
     Example:
         >>> import torch
@@ -186,16 +190,23 @@ class DiagonalStats:
 
     @property
     def d(self) -> int:
-        """Columns of one channel's design."""
+        """Columns of one group's design."""
         return self.G.shape[1]
 
     def add(self, X: Tensor, T: Tensor, chunk: int = 8192) -> None:
-        """Add design rows X (n_rows, channels, d) and targets T (n_rows, channels)."""
+        """Add design rows X (n_rows, groups, d) and targets T (n_rows, groups · m): output column j of
+        group g is T[:, g·m + j], as a grouped conv orders its output channels."""
+        groups = X.shape[1]
+        if T.shape[1] % groups:
+            raise ValueError(f"targets have {T.shape[1]} columns, not a multiple of the {groups} groups")
         for s in range(0, X.shape[0], chunk):
             x = X[s : s + chunk].to(torch.float64)
-            t = T[s : s + chunk].to(torch.float64)
+            t = T[s : s + chunk].to(torch.float64).reshape(x.shape[0], groups, -1)
             G = torch.einsum("rcd,rce->cde", x, x)
-            b = torch.einsum("rcd,rc->cd", x, t)
+            if t.shape[2] == 1:  # one output per group (depthwise): the same sums as a vector einsum
+                b = torch.einsum("rcd,rc->cd", x, t[..., 0])[..., None]
+            else:
+                b = torch.einsum("rcd,rcm->cdm", x, t)
             tt = (t * t).sum(0)
             if self.G is None:
                 self.G, self.b, self.tt = G, b, tt
@@ -215,28 +226,34 @@ class DiagonalStats:
             self.rows = all_reduce_number(self.rows)
 
     def solve(self, W0: Tensor) -> tuple[Tensor, float, float, float]:
-        """Per-channel ridge least squares towards ``W0`` (d, channels), each channel's ridge chosen by generalised
-        cross-validation as in :func:`choose_ridge` (all channels at once).
+        """Per-group ridge least squares towards ``W0`` (d, groups · m), each group's ridge chosen by generalised
+        cross-validation as in :func:`choose_ridge` (all groups at once; a group's m outputs share it).
 
         Returns:
-            (W of shape (d, channels), residual sum of squares, ‖T‖², median μ / λ_max over channels).
+            (W of shape (d, groups · m), residual sum of squares, ‖T‖², median μ / λ_max over groups).
         """
         G, n = self.G, self.rows
-        w0 = W0.to(G).T  # (C, d)
-        Gw0 = (G @ w0[..., None])[..., 0]
+        groups, d, m = self.b.shape
+        w0 = W0.to(G).T.reshape(groups, m, d).transpose(1, 2)  # (groups, d, m)
+        Gw0 = G @ w0
         b0 = self.b - Gw0
-        r0 = self.tt - 2.0 * (w0 * self.b).sum(1) + (w0 * Gw0).sum(1)
-        lam, V = torch.linalg.eigh(G)
+        r0 = self.tt.sum(1) - 2.0 * (w0 * self.b).sum((1, 2)) + (w0 * Gw0).sum((1, 2))
+        try:
+            lam, V = torch.linalg.eigh(G)
+        except torch.linalg.LinAlgError:  # one group's divide-and-conquer failed: each with _eigh's fallback
+            pairs = [_eigh(g) for g in G]
+            lam, V = torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
         lmax = lam.max(1).values.clamp_min(1e-300)
         valid = lam > EIG_RTOL * lmax[:, None]
         lam_s = torch.where(valid, lam, torch.ones_like(lam))
-        u = (V.transpose(1, 2) @ b0[..., None])[..., 0] * valid
-        q_over = u * u / lam_s
+        u = (V.transpose(1, 2) @ b0) * valid[..., None]  # (groups, d, m)
+        q_over = (u * u).sum(2) / lam_s
         r_perp = (r0 - q_over.sum(1)).clamp_min(0.0)
-        best, mu, rss, _ = _gcv(lam, q_over, valid, r_perp, n, lmax)  # every channel's own ridge
-        W = w0 + (V @ (u / (lam_s + mu[:, None]) * valid)[..., None])[..., 0]
+        best, mu, rss, _ = _gcv(lam, q_over, valid, r_perp, n, lmax)  # every group's own ridge
+        W = w0 + V @ (u / (lam_s + mu[:, None])[..., None] * valid[..., None])
         grid = torch.tensor(RIDGE_GRID, dtype=G.dtype, device=G.device)
-        return W.T, float(rss.sum()), float(self.tt.sum()), float(grid[best].median())
+        return W.transpose(1, 2).reshape(groups * m, d).T, float(rss.sum()), float(self.tt.sum()), \
+            float(grid[best].median())
 
 
 def _eigh(M: Tensor) -> tuple[Tensor, Tensor]:

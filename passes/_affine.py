@@ -28,6 +28,7 @@ class AffineSpec:
     is_conv: bool
     has_bias_column: bool
     depthwise: bool = False  # a depthwise Conv2d (groups = in = out channels): solved channel by channel
+    groups: int = 1  # a grouped Conv2d (1 < groups, not depthwise): solved group by group
 
 
 def affine_spec(level: GraphModule) -> AffineSpec | None:
@@ -57,7 +58,7 @@ def affine_spec(level: GraphModule) -> AffineSpec | None:
     if any(n.op == "get_attr" for n in nodes):
         return None
     op = _unit_op(level, node)
-    if op is None or op.depthwise:  # a depthwise conv alone is a block (its output space is its input's)
+    if op is None or op.depthwise or op.groups != 1:  # a depthwise conv alone is a block (its output space is its input's)
         return None
     return AffineSpec(op.op, op.op_node, norm, op.is_conv, op.has_bias_column or norm is not None)
 
@@ -141,15 +142,16 @@ def _is_add(n: Node) -> bool:
 
 
 def _unit_op(level: GraphModule, node: Node) -> AffineSpec | None:
-    """The Linear or Conv2d (groups 1, zero padding) called at ``node`` as an AffineSpec without a norm, or None."""
+    """The Linear or Conv2d (zero padding; any groups) called at ``node`` as an AffineSpec without a norm, or None."""
     m = level.get_submodule(str(node.target))
     if computes_like(m, nn.Linear):
         is_conv = False
     elif computes_like(m, nn.Conv2d):
         depthwise = m.groups > 1 and m.groups == m.in_channels == m.out_channels
-        if (m.groups != 1 and not depthwise) or m.padding_mode != "zeros" or isinstance(m.padding, str):
+        if m.padding_mode != "zeros" or isinstance(m.padding, str):
             return None
-        return AffineSpec(str(node.target), node.name, None, True, m.bias is not None, depthwise)
+        return AffineSpec(str(node.target), node.name, None, True, m.bias is not None, depthwise,
+                          1 if depthwise else m.groups)
     else:
         return None
     return AffineSpec(str(node.target), node.name, None, is_conv, m.bias is not None)
@@ -184,7 +186,7 @@ def block_spec(level: GraphModule) -> BlockSpec | None:
                     or len(src.users) != 1 or units[src.name].spec.norm is not None):
                 return None
             u = units.pop(src.name)
-            spec = AffineSpec(u.spec.op, u.spec.op_node, str(n.target), u.spec.is_conv, True, u.spec.depthwise)
+            spec = dataclasses.replace(u.spec, norm=str(n.target), has_bias_column=True)
             units[n.name] = BlockUnit(spec, n.name, u.axis, act=act is not None)
             op_of_norm[n.name] = src.name
             continue
@@ -219,13 +221,13 @@ def block_spec(level: GraphModule) -> BlockSpec | None:
                                      or _moves_axes(level, readers[0]) or _pools_tokens(readers[0])):
             readers = list(readers[0].users)
         unit = next((u for u in units.values() if len(readers) == 1 and u.spec.op_node == readers[0].name), None)
-        if (unit is None or unit.spec.depthwise or unit.spec.norm is not None
+        if (unit is None or unit.spec.depthwise or unit.spec.groups != 1 or unit.spec.norm is not None
                 or (b is not None and (not unit.spec.has_bias_column or not _no_padding(level, unit.spec)))):
             return None  # β folds into a conv's bias only where no padding reads zeros instead of β
         folds.append(Fold("norm", w, b, unit.spec.op, ln))
     for mul, (src, g) in scales.items():  # a LayerScale right after a Linear/Conv2d unit
         u = units.get(through_moves(src).name)
-        if u is None or u.spec.depthwise or u.spec.norm is not None:
+        if u is None or u.spec.depthwise or u.spec.groups != 1 or u.spec.norm is not None:
             return None
         folds.append(Fold("scale", g, None, u.spec.op, mul))
 
@@ -261,6 +263,8 @@ def block_spec(level: GraphModule) -> BlockSpec | None:
         return None  # an activation inside a sum
     if any(u.spec.depthwise for u in term_units) and (len(terms) != 1 or fixed):
         return None  # a depthwise term is solved alone (its neurons are its input's)
+    if any(u.spec.groups != 1 for u in term_units):
+        return None  # a grouped conv is solved group by group as an inner unit only
 
     term_set = set(terms)
     term_ops = {units[t].spec.op_node for t in terms}

@@ -59,12 +59,24 @@ def test_block_spec_covers_basic_bottleneck_and_resnet_d_blocks(name, n_block_le
         assert first.fixed == ()
 
 
+class _GroupedSum(torch.nn.Module):
+    """x + bn(grouped conv(x)): a grouped conv whose outputs are the level's own neurons."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.conv = torch.nn.Conv2d(8, 8, 3, padding=1, groups=2)
+        self.bn = torch.nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        h = self.stem(x)
+        return h + self.bn(self.conv(h))
+
+
 def test_blocks_that_are_not_units_are_left_to_gradient():
-    # grouped (not depthwise) convs: RegNet's bottlenecks
-    m = timm.create_model("regnetx_002", pretrained=False, num_classes=5).eval()
-    plan = partition_levels(fxfuse.trace(m, torch.randn(2, 3, 32, 32)))
-    grouped = [g for g in plan.split() if any(getattr(mod, "groups", 1) > 1 for mod in g.modules())]
-    assert grouped and all(block_spec(g) is None for g in grouped)
+    # a grouped (not depthwise) conv is solved group by group as an inner unit only, not as a term of the sum
+    plan = partition_levels(fxfuse.trace(_GroupedSum().eval(), torch.randn(2, 3, 8, 8)))
+    assert [block_spec(g) is None and affine_spec(g) is None for g in plan.split()] == [False, True]
     # ConvNeXt: every level but the first block, whose stem LayerNorm's β would have to fold into a depthwise
     # conv that pads with zeros (not β)
     m = timm.create_model("convnext_atto", pretrained=False, num_classes=5).eval()
@@ -156,6 +168,115 @@ def test_a_copy_permuted_in_every_space_is_recovered(name):
     if name == "seresnet50":  # squeeze-excitation before the sum: its convs and the gated conv3 are inner ops
         first = fused.meta["fxfuse"]["levels"][1]
         assert [op["op"].split(".")[-1] for op in first["ops"]] == ["conv1", "conv2", "conv3", "fc1", "fc2", "0"]
+
+
+def _permute_grouped(model, seed=2):
+    """Permute the inner spaces of every grouped conv (RegNet's conv2) in place, as grouped convs allow: whole
+    groups (together on the conv's input and output) and channels within a group. Returns the model."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for blk in model.modules():
+            c1, c2, c3 = (getattr(blk, n, None) for n in ("conv1", "conv2", "conv3"))
+            if c2 is None or not hasattr(c2, "conv") or c2.conv.groups == 1:
+                continue
+            groups, w = c2.conv.groups, c2.conv.in_channels // c2.conv.groups
+            assert c2.conv.out_channels == c1.conv.out_channels == groups * w
+            sigma = torch.randperm(groups, generator=g)
+            within_in = [torch.randperm(w, generator=g) for _ in range(groups)]
+            order_in = torch.cat([sigma[k] * w + within_in[k] for k in range(groups)])  # new channel -> old
+            order_out = torch.cat([sigma[k] * w + torch.randperm(w, generator=g) for k in range(groups)])
+            c1.conv.weight.copy_(c1.conv.weight[order_in])
+            for bn, order in ((c1.bn, order_in), (c2.bn, order_out)):
+                for t in (bn.weight, bn.bias, bn.running_mean, bn.running_var):
+                    t.copy_(t[order])
+            W = c2.conv.weight[order_out]  # new output i reads, at local input l, old local input within_in[k][l]
+            c2.conv.weight.copy_(torch.stack([W[i][within_in[i // w]] for i in range(W.shape[0])]))
+            c3.conv.weight.copy_(c3.conv.weight[:, order_out])
+    return model
+
+
+def test_grouped_conv_blocks_are_solved_group_by_group():
+    """RegNet's bottlenecks (a grouped 3×3 conv between two 1×1 convs): the grouped conv is an inner unit fitted
+    group by group. A copy permuted in every free space and, inside each block, across and within the grouped
+    conv's groups (which the neuron spaces leave fixed) is recovered with every level in closed form."""
+    a = _timm_net("regnetx_002")
+    plan = partition_levels(fxfuse.trace(a, torch.randn(2, 3, 32, 32, dtype=torch.float64)))
+    specs = [block_spec(g) for g in plan.split()]
+    grouped = [u for s in specs if s is not None for u in s.inner if u.spec.groups > 1]
+    assert len(grouped) == 13 and {u.spec.groups for u in grouped} == {3, 7, 19, 46}
+    assert all(u.spec.groups == 1 for s in specs if s is not None for u in s.terms)
+    x = torch.randn(300, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    test = torch.randn(16, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    import copy
+
+    b = _permuted(_permute_grouped(copy.deepcopy(a)), x)
+    with torch.no_grad():
+        assert _rel(b(test), a(test)) < 1e-10  # the permutations preserve the function
+        assert not torch.equal(b.state_dict()["s1.b1.conv2.conv.weight"], a.state_dict()["s1.b1.conv2.conv.weight"])
+    for method in ("hf-linear", "kf-linear"):
+        fused = fxfuse.fuse([a, b], x, method=method, progress=False, n_init=1)
+        levels = fused.meta["fxfuse"]["levels"]
+        assert all(r["approximation"].startswith("closed form") for r in levels)
+        ops = [op for r in levels for op in (r["ops"] or [])]
+        assert sum(op.get("how") == "per group" for op in ops) == 13 and all(op["error"] < 1e-8 for op in ops)
+        with torch.no_grad():
+            assert _rel(fused(test), a(test)) < 1e-6
+
+
+def test_grouped_least_squares_equals_the_per_group_solve():
+    """DiagonalStats with m outputs per group: each group's fit is GramStats' on that group alone (its m outputs
+    share one cross-validated ridge) and, well determined, torch.linalg.lstsq's."""
+    from fxfuse._solve import DiagonalStats, GramStats
+
+    g = torch.Generator().manual_seed(0)
+    rows, groups, d, m = 300, 4, 7, 3
+    X = torch.randn(rows, groups, d, dtype=torch.float64, generator=g)
+    X[:, 1] *= torch.logspace(0, -6, d, dtype=torch.float64)  # GCV shrinks this group's small end
+    W_true = torch.randn(groups, d, m, dtype=torch.float64, generator=g)
+    T = torch.einsum("rgd,gdm->rgm", X, W_true).reshape(rows, groups * m)  # column g·m + j: group g's output j
+    T = T + 0.05 * torch.randn(T.shape, dtype=torch.float64, generator=g)
+    W0 = torch.randn(d, groups * m, dtype=torch.float64, generator=g)
+    stats = DiagonalStats()
+    for s in range(0, rows, 100):
+        stats.add(X[s : s + 100], T[s : s + 100])
+    W, rss, t2, _ = stats.solve(W0)
+    total = 0.0
+    for k in range(groups):
+        cols = slice(k * m, (k + 1) * m)
+        one = GramStats()
+        one.add(X[:, k], T[:, cols])
+        lam, V = one.eig()
+        w, rd = one.solve(lam, V, torch.eye(m, dtype=torch.float64), W0=W0[:, cols])
+        torch.testing.assert_close(W[:, cols], w, rtol=1e-7, atol=1e-9)
+        total += rd.rss
+        if k != 1:
+            torch.testing.assert_close(w, torch.linalg.lstsq(X[:, k], T[:, cols]).solution, rtol=1e-3, atol=1e-3)
+    assert abs(rss - total) <= 1e-8 * total and abs(t2 - float((T * T).sum())) <= 1e-9 * t2
+    with pytest.raises(ValueError, match="multiple of the 4 groups"):
+        stats.add(X, T[:, :5])
+
+
+def test_grouped_solve_falls_back_group_by_group_when_batched_eigh_fails(monkeypatch):
+    """A batched eigh that does not converge (seen on SE-ResNeXt with 24 samples) is redone group by group."""
+    from fxfuse._solve import DiagonalStats
+
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(200, 3, 5, dtype=torch.float64, generator=g)
+    T = torch.randn(200, 6, dtype=torch.float64, generator=g)
+    stats = DiagonalStats()
+    stats.add(X, T)
+    want = stats.solve(torch.zeros(5, 6, dtype=torch.float64))
+    real = torch.linalg.eigh
+
+    def batched_fails(M):
+        if M.dim() == 3:
+            raise torch.linalg.LinAlgError("did not converge")
+        return real(M)
+
+    monkeypatch.setattr(torch.linalg, "eigh", batched_fails)
+    got = stats.solve(torch.zeros(5, 6, dtype=torch.float64))
+    torch.testing.assert_close(got[0], want[0], rtol=1e-10, atol=1e-12)
+    assert abs(got[1] - want[1]) <= 1e-10 * want[1]
 
 
 @pytest.mark.parametrize("name", ["test_efficientnet", "mobilenetv3_small_100", "test_convnext"])
@@ -342,8 +463,8 @@ def test_mixer_channel_halves_and_a_pooled_head_fold_layernorm_modules():
 
 # levels solved in closed form / all levels, two differently seeded models at 32 px (measured; update on change)
 ZOO_CLOSED_FORM = {"efficientnet_b0": (39, 39), "mobilenetv3_small_100": (28, 28), "convnext_atto": (16, 17),
-                   "ghostnet_100": (16, 20), "mobilevit_xxs": (18, 21), "regnetx_002": (2, 15),
-                   "seresnext26d_32x4d": (4, 12), "poolformer_s12": (2, 17)}
+                   "ghostnet_100": (16, 20), "mobilevit_xxs": (18, 21), "regnetx_002": (15, 15),
+                   "seresnext26d_32x4d": (12, 12), "poolformer_s12": (2, 17)}
 
 
 @pytest.mark.parametrize("name", list(ZOO_CLOSED_FORM))
