@@ -290,6 +290,56 @@ def _value_gram(i, col, value: str, axis: int) -> Tensor:
     return K
 
 
+def group_in_blocks(gram: Tensor, scores: Tensor, widths: list[int], k: int, groups: int, match, *, strategy: str,
+                    seed: int, cfg):
+    """Group neurons that a grouped conv reads or writes (``groups`` groups) group by group: a (Grouping, match), or
+    None when a width or ``k`` is not a multiple of ``groups``.
+
+    Each model's groups are matched one to one to the first model's (``match``: a list with one permutation per
+    other model, computed here when None: Hungarian matching of the groups on the cost of the best one-to-one
+    pairing of their neurons, :func:`fxfuse._grouping.gram_pair_costs`), then the neurons of matched groups are
+    grouped among themselves (HF or KF, as the level) into k / groups fused neurons, fused group g taking the
+    first model's group g. The same ``match`` serves a grouped conv's input and output spaces, which move
+    together.
+    """
+    from ._engine import GROUPINGS, Grouping, _cluster_matrix, group
+    from ._grouping import gram_pair_costs, hungarian_pairs, kernel_inertia
+
+    if k % groups or any(w % groups for w in widths):
+        return None
+    starts = [sum(widths[:m]) for m in range(len(widths))]
+    size = [w // groups for w in widths]
+
+    def block(m: int, g: int) -> Tensor:
+        return torch.arange(starts[m] + g * size[m], starts[m] + (g + 1) * size[m], device=gram.device)
+
+    if match is None:
+        from scipy.optimize import linear_sum_assignment
+
+        match = []
+        for m in range(1, len(widths)):
+            cost = torch.empty(groups, groups, dtype=torch.float64)
+            for g in range(groups):
+                for h in range(groups):
+                    idx = torch.cat([block(0, g), block(m, h)])
+                    sub = gram[idx][:, idx]
+                    c = gram_pair_costs(sub, scores[block(0, g)], scores[block(m, h)])
+                    r, col = linear_sum_assignment(c.cpu().numpy())
+                    cost[g, h] = float(c[r, col].sum())
+            match.append(hungarian_pairs(cost))
+    labels = torch.empty(sum(widths), dtype=torch.long, device=gram.device)
+    per = k // groups
+    for g in range(groups):
+        parts = [block(0, g)] + [block(m, int(match[m - 1][g])) for m in range(1, len(widths))]
+        idx = torch.cat(parts)
+        sub = group(gram[idx][:, idx], scores[idx], [len(p) for p in parts], per, is_head=False, strategy=strategy,
+                    seed=seed + g, cfg=cfg)
+        labels[idx] = sub.labels.to(labels.device) + g * per
+    how = f"{GROUPINGS[strategy].how} within {groups} matched groups"
+    cost = kernel_inertia(gram, scores.to(torch.float64), labels, k)
+    return Grouping(labels, _cluster_matrix(labels, scores, k), cost, how), match
+
+
 def _per_sample(fused, unit, op_in, h) -> int:
     from ._solve import diagonal_rows
 
@@ -334,6 +384,7 @@ def fuse_block(i: int, prep, scores: list[Tensor], col, cfg, bspec) -> BlockResu
     targets: list[tuple[str, int, Tensor]] = []
     # neurons tied to the level input use its grouping; a space grouped once keeps its grouping
     by_space: dict[int, Any] = {}
+    group_match: dict[str, list[Tensor]] = {}  # grouped conv (output node) -> its groups' match, from its input
 
     def known(u):
         if u.space is None:
@@ -375,8 +426,11 @@ def fuse_block(i: int, prep, scores: list[Tensor], col, cfg, bspec) -> BlockResu
                 K = _value_gram(i, col, u.value, u.axis)
                 widths_u = [lv.get_submodule(u.spec.op).weight.shape[0] for lv in bases]
                 ones = torch.ones(sum(widths_u), dtype=torch.float64, device=K.device)
-                g = group(K, ones, widths_u, fused.get_submodule(u.spec.op).weight.shape[0], is_head=False,
-                          strategy=method.grouping, seed=cfg.seed + 1000 * i + j, cfg=cfg)
+                k = fused.get_submodule(u.spec.op).weight.shape[0]
+                blocked = group_in_blocks(K, ones, widths_u, k, u.spec.groups, group_match.get(u.output),
+                                          strategy=method.grouping, seed=cfg.seed + 1000 * i + j, cfg=cfg)
+                g = blocked[0] if blocked else group(K, ones, widths_u, k, is_head=False, strategy=method.grouping,
+                                                     seed=cfg.seed + 1000 * i + j, cfg=cfg)
                 if u.space is not None:
                     by_space[u.space] = g
             _solve_diagonal(i, prep, col, bspec, u, g, ops, targets, last=False, axis=u.axis)
@@ -389,8 +443,16 @@ def fuse_block(i: int, prep, scores: list[Tensor], col, cfg, bspec) -> BlockResu
                            for k in bases_with(prep, i, bases, {u.output})]
             k = fused.get_submodule(u.spec.op).weight.shape[0]
             ones = torch.ones(sum(unit_widths), dtype=torch.float64, device=gram.device)
-            g = group(gram, ones, unit_widths, k, is_head=False, strategy=method.grouping, seed=cfg.seed + 1000 * i + j,
-                      cfg=cfg)
+            # the input of a grouped conv: grouped within matched groups (the conv's output follows the match)
+            reader = next((v for v in bspec.inner if v.spec.groups != 1 and u.space is not None
+                           and v.in_space == u.space and len(unit_widths) == len(bases)), None)
+            blocked = reader and group_in_blocks(gram, ones, unit_widths, k, reader.spec.groups, None,
+                                                 strategy=method.grouping, seed=cfg.seed + 1000 * i + j, cfg=cfg)
+            if blocked:
+                g, group_match[reader.output] = blocked
+            else:
+                g = group(gram, ones, unit_widths, k, is_head=False, strategy=method.grouping,
+                          seed=cfg.seed + 1000 * i + j, cfg=cfg)
             if u.space is not None:
                 by_space[u.space] = g
         W, rd = stats.solve(lam, V, g.matrix.to(stats.C.device), W0=read_affine(fused, u.spec))

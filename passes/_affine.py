@@ -78,6 +78,7 @@ class BlockUnit:
     axis: int  # neuron axis of that output: 1 for Conv2d, -1 for Linear
     act: bool = False  # the norm applies an activation after itself (timm's BatchNormAct2d)
     space: int | None = None  # index of the output's neuron space in the level's neuron_spaces
+    in_space: int | None = None  # index of the op input's neuron space (its channels or features)
 
     @property
     def value(self) -> str:
@@ -322,7 +323,9 @@ def _with_spaces(level: GraphModule, bspec: BlockSpec, out: Node) -> BlockSpec |
             return None  # a depthwise conv's neurons are those of its input, which must be grouped already
         if s is not None:
             known.add(s)
-        units.append(dataclasses.replace(u, space=s))
+        x = by_name[u.spec.op_node].args[0]
+        units.append(dataclasses.replace(u, space=s, in_space=space(x.name, 1 if u.spec.is_conv else -1)
+                                         if isinstance(x, Node) else None))
     if bspec.tied and not any(s in inputs for (name, _), s in where.items() if name == out.name):
         return None
     tensor_space = {(name, dim): s.index for s in spaces for name, dim in s.tensors}
