@@ -223,6 +223,33 @@ def test_grouped_conv_blocks_are_solved_group_by_group():
             assert _rel(fused(test), a(test)) < 1e-6
 
 
+@pytest.mark.parametrize("strategy", ["hf", "kf"])
+def test_grouping_within_matched_groups_recovers_a_block_permutation(strategy):
+    """Neurons a grouped conv reads: model B's are model A's with whole groups swapped and channels shuffled within
+    groups. The groups are matched one to one and every neuron finds its copy; a width that is not a multiple of
+    the groups has no such grouping."""
+    from fxfuse._blocks import group_in_blocks
+    from fxfuse._config import make_config
+
+    g = torch.Generator().manual_seed(0)
+    groups, size = 4, 3
+    pts = torch.randn(groups * size, 50, dtype=torch.float64, generator=g)
+    sigma = torch.randperm(groups, generator=g)
+    order = torch.cat([sigma[k] * size + torch.randperm(size, generator=g) for k in range(groups)])  # B's j is A's order[j]
+    both = torch.cat([pts, pts[order]])
+    cfg = make_config(f"{strategy}-linear", "uniform", "cpu", 0, False)
+    ones = torch.ones(2 * groups * size, dtype=torch.float64)
+    grouping, match = group_in_blocks(both @ both.T, ones, [groups * size] * 2, groups * size, groups, None,
+                                      strategy=strategy, seed=0, cfg=cfg)
+    labels = grouping.labels
+    assert torch.equal(labels[: groups * size], torch.arange(groups * size))  # fused neuron j: A's neuron j
+    assert torch.equal(labels[groups * size :], order)  # B's neuron j joins the copy it was made from
+    assert torch.equal(sigma[match[0]], torch.arange(groups))  # A's group g matched to B's group holding it
+    assert grouping.cost < 1e-9 and "within 4 matched groups" in grouping.how
+    assert group_in_blocks(both @ both.T, ones, [groups * size] * 2, groups * size - 1, groups, None,
+                           strategy=strategy, seed=0, cfg=cfg) is None
+
+
 def test_grouped_least_squares_equals_the_per_group_solve():
     """DiagonalStats with m outputs per group: each group's fit is GramStats' on that group alone (its m outputs
     share one cross-validated ridge) and, well determined, torch.linalg.lstsq's."""
