@@ -64,11 +64,12 @@ class BlockResult:
     targets: list[tuple[str, int, Tensor]]  # per op: the value fitted, its neuron axis, the grouping of its targets
 
 
-def _env(level: GraphModule, x: Tensor, names: set[str]) -> dict[str, Tensor]:
-    """Values of the named nodes when ``level`` runs on ``x`` (and the level output as ``"__output__"``)."""
-    cap = Capture(level, names)
-    out = cap.run(x)
-    cap.values["__output__"] = out
+def _env(level: GraphModule, x: Tensor, names: set[str], output: bool = True) -> dict[str, Tensor]:
+    """Values of the named nodes when ``level`` runs on ``x``, and with ``output`` the level output as
+    ``"__output__"``; without it the level runs only as far as the last named node."""
+    cap = Capture(level, names, stop=not output)
+    if cap.capture(x):
+        cap.values["__output__"] = cap.output
     return cap.values
 
 
@@ -105,12 +106,12 @@ def _unit_pass(i, prep, col, bspec, unit, *, last: bool):
         outs: list[list[Tensor]] = [[] for _ in bases]
         h = ins[-1]
         # chunk by samples so that the unfolded designs stay small: size them on one sample
-        env1 = _env(fused, h[:1], in_names)
+        env1 = _env(fused, h[:1], in_names, output=False)
         cols = [design_rows(fused, u.spec, env1[name]) for u, name in zip(units, op_in)]
         per_sample = cols[0].shape[0] * sum(c.shape[1] for c in cols)
         for sl in _chunks(h, per_sample):
-            envs_b = [_env(bases[k], ins[k][sl], want_base) for k in use]
-            env_f = _env(fused, h[sl], in_names | set(bspec.fixed))
+            envs_b = [_env(bases[k], ins[k][sl], want_base, output=last) for k in use]
+            env_f = _env(fused, h[sl], in_names | set(bspec.fixed), output=False)
             X = torch.cat([design_rows(fused, u.spec, env_f[name]) for u, name in zip(units, op_in)], 1)
             if last:
                 Z = [to_rows(e[bspec.pre] if same_structure(prep, k, i) and bspec.pre in e else e["__output__"],
@@ -241,8 +242,8 @@ def _tied_pass(i, prep, col, bspec, unit, A: Tensor, *, last: bool, axis: int):
         if per_sample is None:  # the design's size per sample, from the first one
             per_sample = _per_sample(fused, unit, op_in, h) if unit is not None else 1 << 12
         for sl in _chunks(h, per_sample):
-            envs_b = [_env(bases[k], ins[k][sl], {value}) for k in range(len(bases))]
-            env_f = _env(fused, h[sl], {op_in} if op_in else set())
+            envs_b = [_env(bases[k], ins[k][sl], {value}, output=last) for k in range(len(bases))]
+            env_f = _env(fused, h[sl], {op_in} if op_in else set(), output=unit is None)
             Z = torch.cat([to_rows(e[value], axis) for e in envs_b], 1).to(torch.float64)
             A = A.to(Z.device)
             T = Z @ A
@@ -283,7 +284,7 @@ def _value_gram(i, col, value: str, axis: int) -> Tensor:
     bases = [chain[i] for chain in col.chains[:-1]]
     K = None
     for _, ins, _ in col.inputs(i, which=list(range(len(bases)))):
-        Z = torch.cat([to_rows(_env(lv, x, {value})[value], axis) for lv, x in zip(bases, ins)], 1)
+        Z = torch.cat([to_rows(_env(lv, x, {value}, output=False)[value], axis) for lv, x in zip(bases, ins)], 1)
         Z = Z.to(torch.float64)
         K = Z.T @ Z if K is None else K.addmm_(Z.T, Z)
     all_reduce_(K)
@@ -343,7 +344,7 @@ def group_in_blocks(gram: Tensor, scores: Tensor, widths: list[int], k: int, gro
 def _per_sample(fused, unit, op_in, h) -> int:
     from ._solve import diagonal_rows
 
-    x = _env(fused, h[:1], {op_in})[op_in]
+    x = _env(fused, h[:1], {op_in}, output=False)[op_in]
     X = diagonal_rows(fused, unit.spec, x)
     return X.shape[0] * X.shape[1] * X.shape[2]
 

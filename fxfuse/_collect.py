@@ -354,12 +354,14 @@ class Capture(Interpreter):
     value is not overwritten by a later in-place activation.
     """
 
-    def __init__(self, gm: GraphModule, names):
+    def __init__(self, gm: GraphModule, names, *, stop: bool = False):
         super().__init__(gm)
         self.names = {n for n in names if not n.endswith(":pre")}
         # "<node>:pre": a norm-with-activation module's output before its activation (BlockUnit.value)
         self.pre = {n[: -len(":pre")] for n in names if n.endswith(":pre")}
         self.values: dict[str, Tensor] = {}
+        self._stop = stop
+        self._want = len(self.names) + len(self.pre)
 
     def run_node(self, n):
         if n.name in self.pre:
@@ -370,7 +372,24 @@ class Capture(Interpreter):
         out = super().run_node(n)
         if n.name in self.names:
             self.values[n.name] = out.detach()
+        if self._stop and len(self.values) == self._want:
+            raise _Captured  # every value is kept: the rest of the graph is not needed
         return out
+
+    def capture(self, *args) -> bool:
+        """Run on ``args``; with ``stop``, only as far as the last named node. Returns whether it ran to the end
+        (then ``values`` has every named value that exists)."""
+        if self._stop and self._want == 0:
+            return False
+        try:
+            self.output = self.run(*args)
+        except _Captured:
+            return False
+        return True
+
+
+class _Captured(Exception):
+    """Raised inside :meth:`Capture.run_node` once every named value is kept (``stop=True``)."""
 
 
 # total variation distance from the uniform class distribution at which labels count as skewed

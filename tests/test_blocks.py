@@ -508,3 +508,31 @@ def test_the_zoo_fuses_with_its_blocks_in_closed_form(name):
     assert (closed, len(levels)) == ZOO_CLOSED_FORM[name]
     with torch.no_grad():
         assert bool(torch.isfinite(fused(x[:4])).all())
+
+
+def test_block_passes_run_a_level_only_as_far_as_the_values_they_need():
+    """A pass that needs an inner value stops there (the rest of the level is not computed); one that needs the
+    level output runs it whole."""
+    from fxfuse._blocks import _env
+
+    calls = []
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Conv2d(3, 4, 1), torch.nn.Conv2d(4, 5, 1)
+
+        def forward(self, x):
+            return self.b(torch.relu(self.a(x)))
+
+    gm = torch.fx.symbolic_trace(Net())
+    for conv in (gm.a, gm.b):
+        conv.register_forward_hook(lambda m, i, o: calls.append(m.out_channels))
+    x = torch.randn(2, 3, 4, 4)
+    env = _env(gm, x, {"a"}, output=False)
+    assert calls == [4] and set(env) == {"a"}
+    torch.testing.assert_close(env["a"], gm.a(x))
+    calls.clear()
+    env = _env(gm, x, {"a"})
+    assert calls == [4, 5] and set(env) == {"a", "__output__"}
+    assert _env(gm, x, set(), output=False) == {}
