@@ -319,13 +319,16 @@ def group_in_blocks(gram: Tensor, scores: Tensor, widths: list[int], k: int, gro
 
         match = []
         for m in range(1, len(widths)):
+            # the pair costs of the first model's neurons with model m's, once; then a small matching per group pair
+            idx = torch.cat([block(0, g) for g in range(groups)] + [block(m, h) for h in range(groups)])
+            pair = gram_pair_costs(gram[idx][:, idx], scores[idx[: widths[0]]], scores[idx[widths[0] :]]).cpu()
+            pair = pair.numpy()
             cost = torch.empty(groups, groups, dtype=torch.float64)
+            s0, sm = size[0], size[m]
             for g in range(groups):
                 for h in range(groups):
-                    idx = torch.cat([block(0, g), block(m, h)])
-                    sub = gram[idx][:, idx]
-                    c = gram_pair_costs(sub, scores[block(0, g)], scores[block(m, h)])
-                    r, col = linear_sum_assignment(c.cpu().numpy())
+                    c = pair[g * s0 : (g + 1) * s0, h * sm : (h + 1) * sm]
+                    r, col = linear_sum_assignment(c)
                     cost[g, h] = float(c[r, col].sum())
             match.append(hungarian_pairs(cost))
     labels = torch.empty(sum(widths), dtype=torch.long, device=gram.device)
