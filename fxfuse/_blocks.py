@@ -27,10 +27,10 @@ Neurons tied to others are not grouped anew (the spaces come from :func:`fxfuse.
   unit in its sum) takes the input's grouping as its own.
 
 A depthwise conv is solved channel by channel (:class:`fxfuse._solve.DiagonalStats`), a grouped conv (ResNeXt,
-RegNet) group by group: its neurons are grouped on the base models' values at its output (its space admits
-only permutations within groups, so no ridge fit from its whole input describes it), and each fused group is
-fitted from that group's fused input channels; fused neurons are ordered like the first model's, so each
-fused group holds the first model's group and what the other models' neurons grouped with it. A norm with an
+RegNet) group by group. A grouped conv's spaces admit only permutations of whole groups and within groups, so
+its input space (the inner unit before it) and its output space are grouped within groups matched one to one
+across models (:func:`group_in_blocks`; one match for both), its output on the base models' values there, and
+each fused group is fitted from that group's fused input channels. A norm with an
 activation inside (timm's ``BatchNormAct2d``) is fitted to its value before the activation.
 Each unit costs one pass over the fusion data; nothing but d×d statistics is held.
 """
