@@ -298,13 +298,13 @@ def group_in_blocks(gram: Tensor, scores: Tensor, widths: list[int], k: int, gro
 
     Each model's groups are matched one to one to the first model's (``match``: a list with one permutation per
     other model, computed here when None: Hungarian matching of the groups on the cost of the best one-to-one
-    pairing of their neurons, :func:`fxfuse._grouping.gram_pair_costs`), then the neurons of matched groups are
+    pairing of their neurons, as :func:`fxfuse._grouping.gram_pair_costs`), then the neurons of matched groups are
     grouped among themselves (HF or KF, as the level) into k / groups fused neurons, fused group g taking the
     first model's group g. The same ``match`` serves a grouped conv's input and output spaces, which move
     together.
     """
     from ._engine import GROUPINGS, Grouping, _cluster_matrix, group
-    from ._grouping import gram_pair_costs, hungarian_pairs, kernel_inertia
+    from ._grouping import gram_sq_dists, harmonic_weights, hungarian_pairs, kernel_inertia
 
     if k % groups or any(w % groups for w in widths):
         return None
@@ -320,9 +320,9 @@ def group_in_blocks(gram: Tensor, scores: Tensor, widths: list[int], k: int, gro
         match = []
         for m in range(1, len(widths)):
             # the pair costs of the first model's neurons with model m's, once; then a small matching per group pair
-            idx = torch.cat([block(0, g) for g in range(groups)] + [block(m, h) for h in range(groups)])
-            pair = gram_pair_costs(gram[idx][:, idx], scores[idx[: widths[0]]], scores[idx[widths[0] :]]).cpu()
-            pair = pair.numpy()
+            a = torch.arange(starts[0], starts[0] + widths[0], device=gram.device)
+            b = torch.arange(starts[m], starts[m] + widths[m], device=gram.device)
+            pair = (harmonic_weights(scores[a], scores[b]).to(gram.device) * gram_sq_dists(gram, a, b)).cpu().numpy()
             cost = torch.empty(groups, groups, dtype=torch.float64)
             s0, sm = size[0], size[m]
             for g in range(groups):
@@ -342,6 +342,19 @@ def group_in_blocks(gram: Tensor, scores: Tensor, widths: list[int], k: int, gro
     how = f"{GROUPINGS[strategy].how} within {groups} matched groups"
     cost = kernel_inertia(gram, scores.to(torch.float64), labels, k)
     return Grouping(labels, _cluster_matrix(labels, scores, k), cost, how), match
+
+
+def group_unit(gram: Tensor, widths: list[int], k: int, groups: int, match, *, strategy: str, seed: int, cfg):
+    """An inner unit's grouping (uniform scores) and the match of groups it used: within matched groups
+    (:func:`group_in_blocks`) when ``groups`` > 1 and the widths allow, else over all neurons (match None)."""
+    from ._engine import group
+
+    ones = torch.ones(sum(widths), dtype=torch.float64, device=gram.device)
+    blocked = group_in_blocks(gram, ones, widths, k, groups, match, strategy=strategy, seed=seed, cfg=cfg) \
+        if groups > 1 else None
+    if blocked is not None:
+        return blocked
+    return group(gram, ones, widths, k, is_head=False, strategy=strategy, seed=seed, cfg=cfg), None
 
 
 def _per_sample(fused, unit, op_in, h) -> int:
@@ -429,12 +442,9 @@ def fuse_block(i: int, prep, scores: list[Tensor], col, cfg, bspec) -> BlockResu
             if g is None:
                 K = _value_gram(i, col, u.value, u.axis)
                 widths_u = [lv.get_submodule(u.spec.op).weight.shape[0] for lv in bases]
-                ones = torch.ones(sum(widths_u), dtype=torch.float64, device=K.device)
-                k = fused.get_submodule(u.spec.op).weight.shape[0]
-                blocked = group_in_blocks(K, ones, widths_u, k, u.spec.groups, group_match.get(u.output),
-                                          strategy=method.grouping, seed=cfg.seed + 1000 * i + j, cfg=cfg)
-                g = blocked[0] if blocked else group(K, ones, widths_u, k, is_head=False, strategy=method.grouping,
-                                                     seed=cfg.seed + 1000 * i + j, cfg=cfg)
+                g, _ = group_unit(K, widths_u, fused.get_submodule(u.spec.op).weight.shape[0], u.spec.groups,
+                                  group_match.get(u.output), strategy=method.grouping, seed=cfg.seed + 1000 * i + j,
+                                  cfg=cfg)
                 if u.space is not None:
                     by_space[u.space] = g
             _solve_diagonal(i, prep, col, bspec, u, g, ops, targets, last=False, axis=u.axis)
@@ -445,18 +455,15 @@ def fuse_block(i: int, prep, scores: list[Tensor], col, cfg, bspec) -> BlockResu
             gram, _ = stats.grouping_gram(lam, V)
             unit_widths = [bases[k].get_submodule(u.spec.op).weight.shape[0]
                            for k in bases_with(prep, i, bases, {u.output})]
-            k = fused.get_submodule(u.spec.op).weight.shape[0]
-            ones = torch.ones(sum(unit_widths), dtype=torch.float64, device=gram.device)
-            # the input of a grouped conv: grouped within matched groups (the conv's output follows the match)
+            # the input of a grouped conv (read by every base) is grouped within matched groups, which the
+            # conv's output then follows
             reader = next((v for v in bspec.inner if v.spec.groups != 1 and u.space is not None
-                           and v.in_space == u.space and len(unit_widths) == len(bases)), None)
-            blocked = reader and group_in_blocks(gram, ones, unit_widths, k, reader.spec.groups, None,
-                                                 strategy=method.grouping, seed=cfg.seed + 1000 * i + j, cfg=cfg)
-            if blocked:
-                g, group_match[reader.output] = blocked
-            else:
-                g = group(gram, ones, unit_widths, k, is_head=False, strategy=method.grouping,
-                          seed=cfg.seed + 1000 * i + j, cfg=cfg)
+                           and v.in_space == u.space), None) if len(unit_widths) == len(bases) else None
+            g, match = group_unit(gram, unit_widths, fused.get_submodule(u.spec.op).weight.shape[0],
+                                  reader.spec.groups if reader else 1, None, strategy=method.grouping,
+                                  seed=cfg.seed + 1000 * i + j, cfg=cfg)
+            if match is not None:
+                group_match[reader.output] = match
             if u.space is not None:
                 by_space[u.space] = g
         W, rd = stats.solve(lam, V, g.matrix.to(stats.C.device), W0=read_affine(fused, u.spec))
