@@ -1,12 +1,14 @@
-"""ViT MLP half-blocks in closed form (LayerNorm and LayerScale folded into fc1 / fc2) against the gradient fit.
+"""ViT half-blocks in closed form (attention and MLP halves op by op) against the gradient fit.
 
     python benchmarks/vit_blocks.py [--seeds 3]
 
 Two timm ``test_vit`` (img_size 32, patch 8, in_chans 1, 10 classes) trained 15 epochs on a
-2-way Dirichlet split of the digits upsampled to 32×32, fused with kf-linear on 400 samples of
-the first part: ``blocks="closed-form"`` (the default: MLP halves op by op in closed form) and
-``blocks="gradient"`` (the whole level by Adam, as before). The attention halves are fitted by
-gradient in both. Prints test accuracy mean ± std over seeds and seconds per fusion.
+2-way Dirichlet split of the digits upsampled to 32×32, fused with kf-linear and hf-linear on
+400 samples of the first part: ``blocks="closed-form"`` (the default: MLP halves with their
+LayerNorm and LayerScale folded, and attention halves with qkv grouped within matched heads,
+op by op in closed form; the first attention half, which holds the class token and position
+embedding, by gradient) and ``blocks="gradient"`` (every block level by Adam). Prints test
+accuracy mean ± std over seeds and seconds per fusion.
 """
 
 from __future__ import annotations
@@ -23,8 +25,10 @@ import fxfuse
 from fxfuse._train import BASE_TRAINING, accuracy, train_classifier
 from fxfuse.data import dirichlet_split, load_digits, train_test_split
 
-ROWS = (("kf-linear, MLP halves in closed form (default)", {}),
-        ("kf-linear, MLP halves by gradient (before)", {"blocks": "gradient"}))
+ROWS = (("kf-linear, halves in closed form (default)", "kf-linear", {}),
+        ("kf-linear, halves by gradient", "kf-linear", {"blocks": "gradient"}),
+        ("hf-linear, halves in closed form (default)", "hf-linear", {}),
+        ("hf-linear, halves by gradient", "hf-linear", {"blocks": "gradient"}))
 
 
 def run(seed: int) -> dict[str, tuple[float, float]]:
@@ -38,9 +42,9 @@ def run(seed: int) -> dict[str, tuple[float, float]]:
         models.append(train_classifier(m, x[tr][p], y[tr][p], BASE_TRAINING.replace(epochs=15, seed=seed + k)))
     first = parts[0][torch.randperm(len(parts[0]), generator=torch.Generator().manual_seed(seed))[:400]]
     out = {f"base model {k + 1}": (accuracy(m, x[te], y[te]), 0.0) for k, m in enumerate(models)}
-    for label, opts in ROWS:
+    for label, method, opts in ROWS:
         t0 = time.perf_counter()
-        fused = fxfuse.fuse(models, x[tr][first], method="kf-linear", progress=False, seed=seed, **opts)
+        fused = fxfuse.fuse(models, x[tr][first], method=method, progress=False, seed=seed, **opts)
         out[label] = (accuracy(fused, x[te], y[te]), time.perf_counter() - t0)
     print(f"# seed {seed}: " + ", ".join(f"{k} {v[0]:.1f}" for k, v in out.items()), flush=True)
     return out

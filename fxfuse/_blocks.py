@@ -32,6 +32,13 @@ its input space (the inner unit before it) and its output space are grouped with
 across models (:func:`group_in_blocks`; one match for both), its output on the base models' values there, and
 each fused group is fitted from that group's fused input channels. A norm with an
 activation inside (timm's ``BatchNormAct2d``) is fitted to its value before the activation.
+
+An attention whose q, k and v are slices of one Linear's output (a ViT's qkv, :class:`fxfuse.passes.Attention`)
+has that Linear as an inner unit. Its output space is fixed for ``neuron_spaces`` (the reshape into heads mixes
+axes), but attention is unchanged when whole heads are permuted, q's and k's dims within a head by one
+permutation and v's by another: heads are matched across models and the dims grouped within matched heads
+(:func:`group_attention`), the Linear is solved against those grouped q, k, v targets, and the projection after
+the attention is a unit of the sum, fitted from the fused model's own attention output.
 Each unit costs one pass over the fusion data; nothing but d×d statistics is held.
 """
 
@@ -291,6 +298,82 @@ def _value_gram(i, col, value: str, axis: int) -> Tensor:
     return K
 
 
+def group_match_costs(gram: Tensor, scores: Tensor, widths: list[int], groups: int) -> list[Tensor]:
+    """For each model m > 0, the (groups, groups) cost of matching the first model's group g with model m's group h:
+    the cost of the best one-to-one pairing of their neurons (:func:`fxfuse._grouping.gram_pair_costs`); every
+    width a multiple of ``groups``."""
+    from scipy.optimize import linear_sum_assignment
+
+    from ._grouping import gram_sq_dists, harmonic_weights
+
+    starts = [sum(widths[:m]) for m in range(len(widths))]
+    size = [w // groups for w in widths]
+    costs = []
+    for m in range(1, len(widths)):
+        # the pair costs of the first model's neurons with model m's, once; then a small matching per group pair
+        a = torch.arange(starts[0], starts[0] + widths[0], device=gram.device)
+        b = torch.arange(starts[m], starts[m] + widths[m], device=gram.device)
+        pair = (harmonic_weights(scores[a], scores[b]).to(gram.device) * gram_sq_dists(gram, a, b)).cpu().numpy()
+        cost = torch.empty(groups, groups, dtype=torch.float64)
+        s0, sm = size[0], size[m]
+        for g in range(groups):
+            for h in range(groups):
+                c = pair[g * s0 : (g + 1) * s0, h * sm : (h + 1) * sm]
+                r, col = linear_sum_assignment(c)
+                cost[g, h] = float(c[r, col].sum())
+        costs.append(cost)
+    return costs
+
+
+def group_attention(gram: Tensor, maps: list[tuple[Tensor, Tensor, Tensor]], fused: tuple[Tensor, Tensor, Tensor], *,
+                    strategy: str, seed: int, cfg):
+    """The grouping of an attention's q, k, v unit (:class:`fxfuse.passes.Attention`) from its neurons' Gram matrix.
+
+    ``maps``: for each base model, its (q, k, v) index maps (Tensors of shape (heads, head dim)) into its unit's
+    output, in the order of ``gram``'s blocks; ``fused``: the fused model's. Heads are matched one to one across
+    models on the summed cost of the best pairing of their q·k dims (q's and k's values side by side: one
+    permutation serves both, which leaves every attention logit unchanged) and of their v dims; then, within
+    matched heads, the q·k dims and the v dims are grouped (HF or KF, as the level) like
+    :func:`group_in_blocks`. Fused head g is the first model's head g.
+    """
+    from ._engine import GROUPINGS, Grouping, _cluster_matrix
+    from ._grouping import hungarian_pairs, kernel_inertia
+
+    heads = fused[0].shape[0]
+    starts, s = [], 0
+    for q, k, v in maps:
+        starts.append(s)
+        s += q.numel() + k.numel() + v.numel()
+    dev = gram.device
+    Q = torch.cat([s0 + q.flatten() for s0, (q, _, _) in zip(starts, maps)]).to(dev)
+    K = torch.cat([s0 + k.flatten() for s0, (_, k, _) in zip(starts, maps)]).to(dev)
+    V = torch.cat([s0 + v.flatten() for s0, (_, _, v) in zip(starts, maps)]).to(dev)
+    g_qk = gram[Q][:, Q] + gram[K][:, K]
+    g_v = gram[V][:, V]
+    w_qk = [q.numel() for q, _, _ in maps]
+    w_v = [v.numel() for _, _, v in maps]
+    ones_qk = torch.ones(len(Q), dtype=torch.float64, device=dev)
+    ones_v = torch.ones(len(V), dtype=torch.float64, device=dev)
+    match = [hungarian_pairs(a + b) for a, b in zip(group_match_costs(g_qk, ones_qk, w_qk, heads),
+                                                    group_match_costs(g_v, ones_v, w_v, heads))]
+    qk, _ = group_in_blocks(g_qk, ones_qk, w_qk, fused[0].numel(), heads, match, strategy=strategy, seed=seed, cfg=cfg)
+    vv, _ = group_in_blocks(g_v, ones_v, w_v, fused[2].numel(), heads, match, strategy=strategy, seed=seed + 1,
+                            cfg=cfg)
+    fq, fk, fv = (f.flatten().to(dev) for f in fused)
+    labels = torch.empty(gram.shape[0], dtype=torch.long, device=dev)
+    labels[Q] = fq[qk.labels.to(dev)]
+    labels[K] = fk[qk.labels.to(dev)]
+    labels[V] = fv[vv.labels.to(dev)]
+    n = fq.numel() + fk.numel() + fv.numel()
+    ones = torch.ones(gram.shape[0], dtype=torch.float64, device=dev)
+    how = f"{GROUPINGS[strategy].how} within {heads} matched heads (q, k dims together)"
+    return Grouping(labels, _cluster_matrix(labels, ones, n), kernel_inertia(gram, ones, labels, n), how)
+
+
+def _head_maps(att) -> tuple[Tensor, Tensor, Tensor]:
+    return tuple(torch.tensor(m, dtype=torch.long) for m in (att.q, att.k, att.v))
+
+
 def group_in_blocks(gram: Tensor, scores: Tensor, widths: list[int], k: int, groups: int, match, *, strategy: str,
                     seed: int, cfg):
     """Group neurons that a grouped conv reads or writes (``groups`` groups) group by group: a (Grouping, match), or
@@ -304,7 +387,7 @@ def group_in_blocks(gram: Tensor, scores: Tensor, widths: list[int], k: int, gro
     together.
     """
     from ._engine import GROUPINGS, Grouping, _cluster_matrix, group
-    from ._grouping import gram_sq_dists, harmonic_weights, hungarian_pairs, kernel_inertia
+    from ._grouping import hungarian_pairs, kernel_inertia
 
     if k % groups or any(w % groups for w in widths):
         return None
@@ -315,22 +398,7 @@ def group_in_blocks(gram: Tensor, scores: Tensor, widths: list[int], k: int, gro
         return torch.arange(starts[m] + g * size[m], starts[m] + (g + 1) * size[m], device=gram.device)
 
     if match is None:
-        from scipy.optimize import linear_sum_assignment
-
-        match = []
-        for m in range(1, len(widths)):
-            # the pair costs of the first model's neurons with model m's, once; then a small matching per group pair
-            a = torch.arange(starts[0], starts[0] + widths[0], device=gram.device)
-            b = torch.arange(starts[m], starts[m] + widths[m], device=gram.device)
-            pair = (harmonic_weights(scores[a], scores[b]).to(gram.device) * gram_sq_dists(gram, a, b)).cpu().numpy()
-            cost = torch.empty(groups, groups, dtype=torch.float64)
-            s0, sm = size[0], size[m]
-            for g in range(groups):
-                for h in range(groups):
-                    c = pair[g * s0 : (g + 1) * s0, h * sm : (h + 1) * sm]
-                    r, col = linear_sum_assignment(c)
-                    cost[g, h] = float(c[r, col].sum())
-            match.append(hungarian_pairs(cost))
+        match = [hungarian_pairs(c) for c in group_match_costs(gram, scores, widths, groups)]
     labels = torch.empty(sum(widths), dtype=torch.long, device=gram.device)
     per = k // groups
     for g in range(groups):
@@ -384,7 +452,7 @@ def _solve_diagonal(i, prep, col, bspec, u, g, ops, targets, *, last: bool, axis
 
 def fuse_block(i: int, prep, scores: list[Tensor], col, cfg, bspec) -> BlockResult:
     """Solve level ``i`` op by op in closed form (see the module docstring); writes the fused parameters."""
-    from fxfuse.passes import rewrite_params
+    from fxfuse.passes import attention_heads, rewrite_params
 
     if bspec.folds:  # LayerNorm affines and LayerScales go into the Linear units next to them first
         rewrite_params(prep.fused_plan.gm, fold_params(col.chains[-1][i], bspec.folds), in_place=True)
@@ -451,6 +519,13 @@ def fuse_block(i: int, prep, scores: list[Tensor], col, cfg, bspec) -> BlockResu
             continue
         stats, rows = _unit_pass(i, prep, col, bspec, u, last=False)
         lam, V = stats.eig()
+        att = next((a for a in bspec.attention if a.unit == u.output), None)
+        if att is not None:
+            # the q, k, v of an attention: grouped within heads matched across models (every base has the unit,
+            # see fxfuse._engine._block_spec)
+            gram, _ = stats.grouping_gram(lam, V)
+            g = group_attention(gram, [_head_maps(attention_heads(lv, att.node)) for lv in bases], _head_maps(att),
+                                strategy=method.grouping, seed=cfg.seed + 1000 * i + j, cfg=cfg)
         if g is None:
             gram, _ = stats.grouping_gram(lam, V)
             unit_widths = [bases[k].get_submodule(u.spec.op).weight.shape[0]

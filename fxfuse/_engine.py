@@ -878,6 +878,16 @@ def _block_spec(i: int, col: Collector, prep: Prepared):
         return None
     if any(u.spec.groups != 1 for u in bspec.inner) and not all(have):
         return None  # a grouped conv's neurons are grouped on every base model's values
+    if bspec.attention:
+        from fxfuse.passes import attention_heads
+
+        # an attention's heads are matched across every base model: all of them have it, with as many heads and
+        # head dims as the fused model
+        shape = [(a.heads, len(a.q[0]), len(a.v[0])) for a in bspec.attention]
+        for k, chain in enumerate(col.chains[:-1]):
+            base = [attention_heads(chain[i], a.node) if have[k] else None for a in bspec.attention]
+            if any(b is None for b in base) or [(b.heads, len(b.q[0]), len(b.v[0])) for b in base] != shape:
+                return None
     # neurons tied to the level input (a depthwise conv, a gate) are grouped as the input: every base must have
     # them, and the input's grouping must be known
     if bspec.tied or any(u.space is not None and (u.space in bspec.input_spaces or u.space == bspec.pre_space)

@@ -4,7 +4,7 @@ Analysis passes return frozen plans and only annotate ``node.meta["fxfuse"]``;
 rewriting passes return new GraphModules and never mutate their input.
 """
 
-from ._affine import AffineSpec, BlockSpec, BlockUnit, affine_spec, block_spec
+from ._affine import AffineSpec, Attention, BlockSpec, BlockUnit, affine_spec, attention_heads, block_spec
 from ._depth import DepthAlignment, align_depth, cla_dp, insert_identity, linear_cka, pinned_levels
 from ._partition import Level, LevelPlan, partition_levels
 from ._rewrite import rewrite_params
@@ -13,6 +13,8 @@ from ._spaces import NeuronSpace, NeuronSpaces, check_neuron_spaces, neuron_spac
 __all__ = [
     "AffineSpec",
     "affine_spec",
+    "Attention",
+    "attention_heads",
     "BlockSpec",
     "BlockUnit",
     "block_spec",

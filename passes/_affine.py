@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from torch import nn
 from torch.fx import GraphModule, Node
 
-from ._ops import call_arg, computes_like, is_foldable_norm_module, is_transparent, norm_activation
+from ._ops import call_arg, computes_like, is_foldable_norm_module, is_transparent, norm_activation, tensor_shape
 
-__all__ = ["AffineSpec", "BlockSpec", "BlockUnit", "Fold", "affine_spec", "block_spec"]
+__all__ = ["AffineSpec", "Attention", "BlockSpec", "BlockUnit", "Fold", "affine_spec", "attention_heads", "block_spec"]
 
 
 @dataclass(frozen=True)
@@ -104,6 +104,27 @@ class Fold:
 
 
 @dataclass(frozen=True)
+class Attention:
+    """A ``scaled_dot_product_attention`` whose q, k and v are all slices of one unit's output (a ViT's qkv Linear),
+    reached through data movement only (reshape, permute, unbind, …).
+
+    ``q[h][d]`` is the unit's output feature at head h, dim d of q (likewise ``k``, ``v``): within a head, q's and
+    k's dims may be permuted together and v's dims on their own, and whole heads may be permuted, whatever the
+    reshape; the unit's output space is otherwise fixed (:func:`fxfuse.passes.neuron_spaces`).
+    """
+
+    node: str  # the attention node
+    unit: str  # the unit's output node
+    q: tuple[tuple[int, ...], ...]
+    k: tuple[tuple[int, ...], ...]
+    v: tuple[tuple[int, ...], ...]
+
+    @property
+    def heads(self) -> int:
+        return len(self.q)
+
+
+@dataclass(frozen=True)
 class BlockSpec:
     """A level whose weighted ops are all Linear/Conv2d (+ BatchNorm) units, solvable op by op in closed form.
 
@@ -121,6 +142,7 @@ class BlockSpec:
     input_spaces: tuple[int, ...] = ()  # neuron spaces that hold the level input's axes
     pre_space: int | None = None  # the neuron space of the sum (the level's own neurons)
     tied: bool = False  # the level output stays in the input's neuron space (depthwise terms, or none)
+    attention: tuple[Attention, ...] = ()  # attentions fed by one inner unit (q, k, v grouped by heads)
 
     @property
     def units(self) -> tuple[BlockUnit, ...]:
@@ -215,12 +237,12 @@ def block_spec(level: GraphModule) -> BlockSpec | None:
 
     folds: list[Fold] = []
     for ln, (w, b) in norms.items():  # a LayerNorm's only reader must be a Linear/Conv2d unit (with a bias for β)
-        readers = [u for u in by_name[ln].users]
+        readers = [u for u in by_name[ln].users if not _reads_shape(u)]
         # a per-channel affine commutes with picking tokens (a ViT's class token) and with moving axes
         # (channels-last and back) on the way to the unit
         while len(readers) == 1 and (is_transparent(level, readers[0]) or _picks_tokens(readers[0])
                                      or _moves_axes(level, readers[0]) or _pools_tokens(readers[0])):
-            readers = list(readers[0].users)
+            readers = [u for u in readers[0].users if not _reads_shape(u)]
         unit = next((u for u in units.values() if len(readers) == 1 and u.spec.op_node == readers[0].name), None)
         if (unit is None or unit.spec.depthwise or unit.spec.groups != 1 or unit.spec.norm is not None
                 or (b is not None and (not unit.spec.has_bias_column or not _no_padding(level, unit.spec)))):
@@ -291,7 +313,151 @@ def block_spec(level: GraphModule) -> BlockSpec | None:
     term_units = tuple(units[t] for t in terms)
     tied = not terms or term_units[0].spec.depthwise
     pre_value = term_units[0].value if len(terms) == 1 and pre.name == terms[0] else pre.name
-    return _with_spaces(level, BlockSpec(inner, term_units, tuple(fixed), pre_value, tuple(folds), tied=tied), out)
+    attention = []
+    for n in nodes:  # an attention is solved through its q, k, v unit only when it is one unit's data moved
+        if n.op == "call_function" and getattr(n.target, "__name__", "") == "scaled_dot_product_attention":
+            att = attention_heads(level, n.name)
+            if att is None or att.unit not in {u.output for u in inner}:
+                return None
+            attention.append(att)
+    bspec = BlockSpec(inner, term_units, tuple(fixed), pre_value, tuple(folds), tied=tied, attention=tuple(attention))
+    return _with_spaces(level, bspec, out)
+
+
+_MOVES = ("reshape", "view", "permute", "transpose", "flatten", "unflatten", "unbind", "chunk", "split", "squeeze",
+          "unsqueeze", "contiguous", "clone")
+
+
+def _reads_shape(n: Node) -> bool:
+    """``x.shape``, ``x.size()``, ``x.dim()``: reads no values."""
+    import builtins
+
+    if n.op == "call_function" and n.target is builtins.getattr:
+        return len(n.args) > 1 and n.args[1] in ("shape", "ndim", "dtype", "device")
+    return n.op == "call_method" and n.target in ("size", "dim")
+
+
+def _moves_data(level: GraphModule, n: Node) -> bool:
+    """An op that only moves, splits or picks elements (or is the identity in eval mode)."""
+    import operator
+
+    if is_transparent(level, n):
+        return True
+    if n.op == "call_function" and n.target is operator.getitem:
+        return True
+    name = n.target if n.op == "call_method" else getattr(n.target, "__name__", "")
+    return n.op in ("call_method", "call_function") and name in _MOVES
+
+
+def attention_heads(level: GraphModule, node: str) -> Attention | None:
+    """The :class:`Attention` at the ``scaled_dot_product_attention`` node ``node`` of ``level``, or None when its
+    q, k and v are not all moved data of one Linear's output (4-d, heads on dim 1) or it has a mask.
+
+    Which of the Linear's features lands where in q, k and v is read by running the level once on zeros with the
+    Linear's output replaced by its feature indices, so any reshape and permute order is understood.
+
+    Example:
+        >>> import torch, timm, fxfuse
+        >>> from fxfuse.passes import attention_heads, partition_levels
+        >>> vit = timm.create_model("test_vit", img_size=32, num_classes=4).eval()
+        >>> level = partition_levels(fxfuse.trace(vit, torch.randn(2, 3, 32, 32))).split()[3]  # blocks.1.attn
+        >>> sdpa = next(n.name for n in level.graph.nodes if "attention" in n.name)
+        >>> att = attention_heads(level, sdpa)
+        >>> att.unit, att.heads, len(att.q[0]), att.k[1][0], att.v[0][:3]
+        ('blocks_1_attn_qkv', 2, 32, 96, (128, 129, 130))
+    """
+    import torch
+    from torch.fx import Interpreter
+
+    by_name = {n.name: n for n in level.graph.nodes}
+    sdpa = by_name[node]
+    args = [call_arg(sdpa, j, name) for j, name in enumerate(("query", "key", "value"))]
+    if call_arg(sdpa, 3, "attn_mask") is not None or not all(isinstance(a, Node) for a in args):
+        return None
+    path: set[str] = set()
+    roots: set[str] = set()
+    for a in args:  # back from q, k, v through data movement to a unit (a Linear module)
+        todo = [a]
+        while todo:
+            n = todo.pop()
+            if n.name in path:
+                continue
+            if n.op == "call_module" and computes_like(level.get_submodule(str(n.target)), nn.Linear):
+                roots.add(n.name)
+                continue
+            if not _moves_data(level, n) or not n.all_input_nodes:
+                return None
+            path.add(n.name)
+            todo.extend(x for x in n.all_input_nodes if not _reads_shape(x) and not _is_shape_value(x))
+    if len(roots) != 1:
+        return None
+    unit = by_name[next(iter(roots))]
+    for name in path | roots:  # the unit's output reaches nothing else
+        if any(u.name not in path and u is not sdpa and not _reads_shape(u) for u in by_name[name].users):
+            return None
+    shape = tensor_shape(unit)
+    placeholder = next(n for n in level.graph.nodes if n.op == "placeholder")
+    in_shape = tensor_shape(placeholder)
+    if shape is None or in_shape is None:
+        return None
+    found: dict[str, list] = {}
+
+    class _Stop(Exception):
+        pass
+
+    class _Probe(Interpreter):
+        def run_node(self, n):
+            out = super().run_node(n)
+            if n is unit:  # the output's features, numbered (exact in float32 below 2²⁴)
+                out = torch.arange(out.shape[-1], dtype=out.dtype, device=out.device).expand(out.shape).clone()
+            if n is sdpa:
+                found["qkv"] = [self.env[a] for a in args]
+                raise _Stop
+            return out
+
+    p = next(level.parameters(), None)
+    x = torch.zeros(in_shape, dtype=p.dtype if p is not None else torch.float32,
+                    device=p.device if p is not None else "cpu")
+    try:
+        with torch.no_grad():
+            _Probe(level).run(x)
+    except _Stop:
+        pass
+    except Exception:  # noqa: BLE001 - a level that does not run on zeros is not probed
+        return None
+    maps = []
+    for t in found.get("qkv", []):
+        if t.dim() != 4 or not bool((t == t[:1, :, :1, :]).all()):
+            return None  # the same features at every sample and token, heads on dim 1
+        maps.append(t[0, :, 0, :].round().long())
+    if len(maps) != 3:
+        return None
+    q, k, v = maps
+    if q.shape != k.shape or v.shape[0] != q.shape[0]:
+        return None
+    every = torch.cat([m.flatten() for m in maps]).sort().values
+    if not torch.equal(every, torch.arange(shape[-1], device=every.device)):
+        return None  # each feature once
+    return Attention(node, unit.name, *(tuple(tuple(r) for r in m.tolist()) for m in maps))
+
+
+def _is_shape_value(n: Node) -> bool:
+    """A value computed from shapes only (``x.shape[0]``)."""
+    import operator
+
+    todo, seen = [n], set()
+    while todo:
+        m = todo.pop()
+        if m.name in seen:
+            continue
+        seen.add(m.name)
+        if _reads_shape(m):
+            continue
+        if m.op == "call_function" and m.target is operator.getitem:
+            todo.append(m.args[0])
+            continue
+        return False
+    return True
 
 
 def _with_spaces(level: GraphModule, bspec: BlockSpec, out: Node) -> BlockSpec | None:

@@ -336,10 +336,71 @@ def test_depthwise_se_and_convnext_copies_permuted_in_every_space_are_recovered(
         assert _rel(fused(test), a(test)) < 1e-6
 
 
-def test_vit_mlp_halves_fold_layernorm_and_layerscale_and_are_solved_in_closed_form():
+def _permute_heads(model, seed=3):
+    """Permute every timm attention in place as attention allows, though the neuron spaces leave its qkv output
+    fixed: whole heads (q, k, v and proj's input together), q's and k's dims within a head by one permutation,
+    v's dims by another. Returns the model."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for attn in (m for m in model.modules() if hasattr(m, "qkv") and hasattr(m, "proj")):
+            heads, c = attn.num_heads, attn.proj.in_features
+            hd = c // heads
+            pi = torch.randperm(heads, generator=g)
+            qk = torch.cat([pi[h] * hd + torch.randperm(hd, generator=g) for h in range(heads)])  # new -> old
+            v = torch.cat([pi[h] * hd + torch.randperm(hd, generator=g) for h in range(heads)])
+            order = torch.cat([qk, c + qk, 2 * c + v])
+            attn.qkv.weight.copy_(attn.qkv.weight[order])
+            attn.qkv.bias.copy_(attn.qkv.bias[order])
+            attn.proj.weight.copy_(attn.proj.weight[:, v])
+    return model
+
+
+class _Attention(torch.nn.Module):
+    """x + proj(attention(q, k, v)) with q, k, v from one qkv Linear, in one of three layouts."""
+
+    def __init__(self, layout):
+        super().__init__()
+        self.layout, self.qkv, self.proj = layout, torch.nn.Linear(8, 24), torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        B, N, C = x.shape
+        if self.layout == "heads-first":  # feature h·12 + r·4 + d: head h, r-th of q/k/v, dim d
+            q, k, v = self.qkv(x).reshape(B, N, 2, 3, 4).permute(3, 0, 2, 1, 4).unbind(0)
+        else:  # timm's: feature r·8 + h·4 + d
+            q, k, v = self.qkv(x).reshape(B, N, 3, 2, 4).permute(2, 0, 3, 1, 4).unbind(0)
+        if self.layout == "scaled-q":
+            q = q * 2.0  # computed, not moved: not a slice of qkv's output
+        o = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        return x + self.proj(o.transpose(1, 2).reshape(B, N, C))
+
+
+def test_attention_heads_are_read_from_any_reshape_and_computed_q_k_v_are_left_to_gradient():
+    from fxfuse.passes import attention_heads
+
+    specs = {}
+    for layout in ("timm", "heads-first", "scaled-q"):
+        gm = fxfuse.trace(_Attention(layout).eval(), torch.randn(2, 5, 8))
+        specs[layout] = block_spec(gm)
+        sdpa = next(n.name for n in gm.graph.nodes if "attention" in n.name)
+        att = attention_heads(gm, sdpa)
+        if layout == "scaled-q":
+            assert att is None and specs[layout] is None
+            continue
+        hd = torch.arange(4)
+        if layout == "timm":
+            want = [[(r * 8 + h * 4 + hd).tolist() for h in range(2)] for r in range(3)]
+        else:
+            want = [[(h * 12 + r * 4 + hd).tolist() for h in range(2)] for r in range(3)]
+        assert [list(map(list, m)) for m in (att.q, att.k, att.v)] == want and att.heads == 2
+        assert specs[layout].attention == (att,) and [u.spec.op for u in specs[layout].terms] == ["proj"]
+
+
+def test_vit_halves_are_solved_in_closed_form_and_a_permuted_copy_is_recovered():
     """A ViT MLP half-block, LayerNorm → fc1 → GELU → fc2 → LayerScale → + skip: the norm's affine and the
-    LayerScale fold into fc1 and fc2, and both are solved in closed form; a copy of the ViT permuted in
-    every free space (the MLP's hidden features included) is recovered."""
+    LayerScale fold into fc1 and fc2, and both are solved in closed form. An attention half, LayerNorm → qkv →
+    attention → proj → LayerScale → + skip: qkv is fitted to its targets grouped within heads matched across
+    models, proj and the skip to the level's. A copy of the ViT permuted in every free space (the MLP's hidden
+    features included) and across and within its attention heads is recovered."""
     torch.manual_seed(0)
     a = timm.create_model("test_vit", pretrained=False, num_classes=5, img_size=32, init_values=0.1).eval().double()
     with torch.no_grad():  # trained-looking norms and scales (timm starts them at 1, 0 and 0.1)
@@ -349,18 +410,30 @@ def test_vit_mlp_halves_fold_layernorm_and_layerscale_and_are_solved_in_closed_f
             elif name.endswith(("norm1.bias", "norm2.bias")):
                 p.uniform_(-0.3, 0.3)
     x = torch.randn(300, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    b = _permuted(a, x)
+    import copy
+
     test = torch.randn(16, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-    fused = fxfuse.fuse([a, b], x, method="hf-linear", progress=False)
-    mlp = [r for r in fused.meta["fxfuse"]["levels"] if r["name"].endswith(".mlp")]
-    assert len(mlp) == 6 and all(r["approximation"] == "closed form (block: 2 ops)" for r in mlp)
-    head = fused.meta["fxfuse"]["levels"][-1]  # final LayerNorm → class token → head: the norm folds into the head
-    assert head["name"] == "head" and head["approximation"] == "closed form (block: 1 ops)"
-    assert all(op["error"] < 1e-8 for r in mlp for op in r["ops"])
+    b = _permuted(_permute_heads(copy.deepcopy(a)), x)
     with torch.no_grad():
-        assert _rel(fused(test), a(test)) < 1e-5
+        assert _rel(b(test), a(test)) < 1e-10  # the permutations preserve the function
+        assert not torch.equal(b.state_dict()["blocks.1.attn.qkv.weight"], a.state_dict()["blocks.1.attn.qkv.weight"])
+    for method in ("hf-linear", "kf-linear"):
+        fused = fxfuse.fuse([a, b], x, method=method, progress=False, n_init=1)
+        levels = fused.meta["fxfuse"]["levels"]
+        mlp = [r for r in levels if r["name"].endswith(".mlp")]
+        assert len(mlp) == 6 and all(r["approximation"] == "closed form (block: 2 ops)" for r in mlp)
+        # the first attention half also holds the patch embedding's class token and position embedding
+        attn = [r for r in levels if r["name"].endswith(".attn")][1:]
+        assert len(attn) == 5 and all(r["approximation"] == "closed form (block: 2 ops)" for r in attn)
+        assert all("within 2 matched heads" in r["ops"][0]["grouping"] for r in attn)
+        head = levels[-1]  # final LayerNorm → class token → head: the norm folds into the head
+        assert head["name"] == "head" and head["approximation"] == "closed form (block: 1 ops)"
+        assert all(op["error"] < 1e-8 for r in mlp + attn for op in r["ops"])
+        with torch.no_grad():
+            assert _rel(fused(test), a(test)) < 1e-5
     params = dict(fused.named_parameters())
     assert float(params["blocks.0.ls2.gamma"].min()) == 1.0 == float(params["blocks.0.norm2.weight"].max())
+    assert float(params["blocks.1.ls1.gamma"].min()) == 1.0 == float(params["blocks.1.norm1.weight"].max())
 
 
 def test_joint_sum_solve_equals_least_squares_on_the_concatenated_design():
