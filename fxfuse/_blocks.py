@@ -52,7 +52,7 @@ from torch import Tensor
 from torch.fx import GraphModule
 
 from ._collect import Capture
-from ._solve import GramStats, affine_params, design_rows, read_affine, to_rows
+from ._solve import GramStats, affine_params, design_rows, grouped_sq_norm, read_affine, to_rows
 
 __all__ = ["BlockResult", "fuse_block"]
 
@@ -543,7 +543,7 @@ def fuse_block(i: int, prep, scores: list[Tensor], col, cfg, bspec) -> BlockResu
                 by_space[u.space] = g
         W, rd = stats.solve(lam, V, g.matrix.to(stats.C.device), W0=read_affine(fused, u.spec))
         rewrite_params(prep.fused_plan.gm, affine_params(fused, u.spec, W), in_place=True)
-        t2 = float(torch.einsum("ij,ik,kj->", g.matrix, stats.K, g.matrix))
+        t2 = grouped_sq_norm(g.matrix, stats.K)
         ops.append({"op": u.spec.op, "role": "inner", "grouping": g.how, "error": rd.rss / max(t2, 1e-300),
                     "ridge": rd.relative, "rows": rows, "columns": stats.d})
         targets.append((u.value, u.axis, g.matrix))
@@ -589,7 +589,7 @@ def fuse_block(i: int, prep, scores: list[Tensor], col, cfg, bspec) -> BlockResu
     rewrite_params(prep.fused_plan.gm, params, in_place=True)
     # relative to the level's whole pre-activation target (skip included): a zero-initialised last norm
     # (timm's zero_init_last) leaves the branch's own target at zero
-    t2 = float(torch.einsum("ij,ik,kj->", g.matrix, K, g.matrix))
+    t2 = grouped_sq_norm(g.matrix, K)
     err = rd.rss / max(t2, 1e-300)
     ops.append({"op": "+".join(u.spec.op for u in bspec.terms), "role": "sum", "grouping": g.how, "error": err,
                 "ridge": rd.relative, "rows": rows, "columns": stats.d})

@@ -30,6 +30,7 @@ from ._solve import (
     design_rows,
     fit_gradient,
     from_rows,
+    grouped_sq_norm,
     op_input,
     read_affine,
     to_rows,
@@ -698,7 +699,7 @@ def _solve_closed_form(i, prep, col, spec, data: _LevelData, grouping: Grouping,
     # regularised towards the start weights (models[0]'s, or the target's); directions the data does not
     # determine keep them
     W, ridge = data.stats.solve(lam, V, A, W0=read_affine(level, spec))
-    t2 = float(torch.einsum("ij,ik,kj->", A, data.stats.K, A))
+    t2 = grouped_sq_norm(A, data.stats.K)
     return Solution(affine_params(level, spec, W), "closed form", error=ridge.rss / max(t2, 1e-300), ridge=ridge.relative)
 
 
