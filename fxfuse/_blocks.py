@@ -26,7 +26,9 @@ Neurons tied to others are not grouped anew (the spaces come from :func:`fxfuse.
 - a level whose output keeps the input's neurons (a depthwise conv + norm, a gate x·σ(…), a block with no
   unit in its sum) takes the input's grouping as its own.
 
-A depthwise conv is solved channel by channel (:class:`fxfuse._solve.DiagonalStats`), a grouped conv (ResNeXt,
+A LayerNorm whose affine cannot fold into the op that reads it (β before a zero-padded conv, as ConvNeXt's stem
+norm before its first depthwise conv) has its affine x̂·γ + β as a unit of its own, in its input's neurons, solved
+channel by channel on the normalised input x̂. A depthwise conv is solved channel by channel (:class:`fxfuse._solve.DiagonalStats`), a grouped conv (ResNeXt,
 RegNet) group by group. A grouped conv's spaces admit only permutations of whole groups and within groups, so
 its input space (the inner unit before it) and its output space are grouped within groups matched one to one
 across models (:func:`group_in_blocks`; one match for both), its output on the base models' values there, and
@@ -475,7 +477,7 @@ def fuse_block(i: int, prep, scores: list[Tensor], col, cfg, bspec) -> BlockResu
         if u.space is None:
             return None
         if u.space not in by_space and u.space in bspec.input_spaces:
-            width = fused.get_submodule(u.spec.op).weight.shape[0]
+            width = fused.get_parameter(u.spec.op).shape[0] if u.spec.ln else fused.get_submodule(u.spec.op).weight.shape[0]
             g = input_grouping(i, prep, col, width)
             if g is not None:
                 by_space[u.space] = _tied(g, "level input")
@@ -500,7 +502,7 @@ def fuse_block(i: int, prep, scores: list[Tensor], col, cfg, bspec) -> BlockResu
     for j, u in enumerate(bspec.inner):
         g = known(u)
         if u.spec.depthwise and g is None:
-            raise untied(f"the depthwise conv `{u.spec.op}`")
+            raise untied(f"the LayerNorm affine `{u.spec.op}`" if u.spec.ln else f"the depthwise conv `{u.spec.op}`")
         if u.spec.depthwise:
             _solve_diagonal(i, prep, col, bspec, u, g, ops, targets, last=False, axis=u.axis)
             continue

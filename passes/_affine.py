@@ -29,6 +29,9 @@ class AffineSpec:
     has_bias_column: bool
     depthwise: bool = False  # a depthwise Conv2d (groups = in = out channels): solved channel by channel
     groups: int = 1  # a grouped Conv2d (1 < groups, not depthwise): solved group by group
+    # a LayerNorm's own affine over the last dim, (γ, β or None, eps), as a per-channel unit x̂·γ + β (``op``: γ's
+    # qualname, ``depthwise``: its neurons are its input's); where it cannot fold into the op that reads it
+    ln: tuple[str, str | None, float] | None = None
 
 
 def affine_spec(level: GraphModule) -> AffineSpec | None:
@@ -246,7 +249,12 @@ def block_spec(level: GraphModule) -> BlockSpec | None:
         unit = next((u for u in units.values() if len(readers) == 1 and u.spec.op_node == readers[0].name), None)
         if (unit is None or unit.spec.depthwise or unit.spec.groups != 1 or unit.spec.norm is not None
                 or (b is not None and (not unit.spec.has_bias_column or not _no_padding(level, unit.spec)))):
-            return None  # β folds into a conv's bias only where no padding reads zeros instead of β
+            # no unit to fold into (β would meet a padded conv, or the reader is depthwise or no unit): the
+            # affine is a per-channel unit of its own, its neurons the input's (checked on the spaces)
+            node = by_name[ln]
+            eps = level.get_submodule(str(node.target)).eps if node.op == "call_module" else call_arg(node, 4, "eps", 1e-5)
+            units[ln] = BlockUnit(AffineSpec(w, ln, None, False, b is not None, depthwise=True, ln=(w, b, eps)), ln, -1)
+            continue
         folds.append(Fold("norm", w, b, unit.spec.op, ln))
     for mul, (src, g) in scales.items():  # a LayerScale right after a Linear/Conv2d unit
         u = units.get(through_moves(src).name)
