@@ -24,7 +24,10 @@ Neurons tied to others are not grouped anew (the spaces come from :func:`fxfuse.
 - a unit in the level's own space that is not a term of the sum (a branch gated by squeeze-excitation
   before the sum) takes the level's grouping, computed first from the base models' pre-activations;
 - a level whose output keeps the input's neurons (a depthwise conv + norm, a gate x·σ(…), a block with no
-  unit in its sum) takes the input's grouping as its own.
+  unit in its sum) takes the input's grouping as its own;
+- a parameter added to or concatenated with activations in the input's neurons (a ViT's class token and
+  position embedding) is fused first, as the grouped mean of the base models' values with the input's grouping
+  (:func:`grouped_constants`).
 
 A LayerNorm whose affine cannot fold into the op that reads it (β before a zero-padded conv, as ConvNeXt's stem
 norm before its first depthwise conv) has its affine x̂·γ + β as a unit of its own, in its input's neurons, solved
@@ -372,6 +375,28 @@ def group_attention(gram: Tensor, maps: list[tuple[Tensor, Tensor, Tensor]], fus
     return Grouping(labels, _cluster_matrix(labels, ones, n), kernel_inertia(gram, ones, labels, n), how)
 
 
+@torch.no_grad()
+def grouped_constants(i: int, prep, col, bspec) -> dict[str, Tensor]:
+    """The fused values of the level's constants (:attr:`fxfuse.passes.BlockSpec.constants`): along the dim in the
+    input's neurons, fused channel c is Σ_j A[j, c] p_j over the base models' channels j (A: the input's grouping,
+    the mean of the grouped channels), as the input's values are grouped."""
+    from ._errors import FxFuseError
+
+    fused = col.chains[-1][i]
+    bases = [chain[i] for chain in col.chains[:-1]]
+    out = {}
+    for q, dim in bspec.constants:
+        p = fused.get_parameter(q)
+        g = input_grouping(i, prep, col, p.shape[dim])
+        if g is None:
+            raise FxFuseError(f"level {i} (`{prep.fused_plan[i].name}`): `{q}` lives in the level input's neurons, "
+                              "whose grouping is not known or not as wide; fuse this model with blocks='gradient'")
+        P = torch.cat([b.get_parameter(q).detach().to(torch.float64) for b in bases], dim)
+        A = g.matrix.to(device=P.device, dtype=torch.float64)
+        out[q] = torch.movedim(torch.movedim(P, dim, -1) @ A, -1, dim).to(p.dtype)
+    return out
+
+
 def _head_maps(att) -> tuple[Tensor, Tensor, Tensor]:
     return tuple(torch.tensor(m, dtype=torch.long) for m in (att.q, att.k, att.v))
 
@@ -467,6 +492,8 @@ def fuse_block(i: int, prep, scores: list[Tensor], col, cfg, bspec) -> BlockResu
     fused = col.chains[-1][i]
     bases = [chain[i] for chain in col.chains[:-1]]
     lv = prep.fused_plan[i]
+    if bspec.constants:  # values in the input's neurons (a class token, a position embedding): grouped means
+        rewrite_params(prep.fused_plan.gm, grouped_constants(i, prep, col, bspec), in_place=True)
     ops: list[dict[str, Any]] = []
     targets: list[tuple[str, int, Tensor]] = []
     # neurons tied to the level input use its grouping; a space grouped once keeps its grouping

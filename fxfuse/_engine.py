@@ -891,8 +891,9 @@ def _block_spec(i: int, col: Collector, prep: Prepared):
                 return None
     # neurons tied to the level input (a depthwise conv, a gate) are grouped as the input: every base must have
     # them, and the input's grouping must be known
-    if bspec.tied or any(u.space is not None and (u.space in bspec.input_spaces or u.space == bspec.pre_space)
-                         for u in bspec.inner):
+    if bspec.tied or bspec.constants or any(u.space is not None and (u.space in bspec.input_spaces
+                                                                     or u.space == bspec.pre_space)
+                                            for u in bspec.inner):
         if not all(have) or (i > 0 and i - 1 not in col.groupings):
             return None
     return bspec

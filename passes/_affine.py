@@ -146,6 +146,9 @@ class BlockSpec:
     pre_space: int | None = None  # the neuron space of the sum (the level's own neurons)
     tied: bool = False  # the level output stays in the input's neuron space (depthwise terms, or none)
     attention: tuple[Attention, ...] = ()  # attentions fed by one inner unit (q, k, v grouped by heads)
+    # parameters used as values in the level input's neurons (a ViT's class token and position embedding):
+    # (qualname, the dim in the input's neurons); fused as the grouped mean of the base models' values
+    constants: tuple[tuple[str, int], ...] = ()
 
     @property
     def units(self) -> tuple[BlockUnit, ...]:
@@ -194,7 +197,7 @@ def block_spec(level: GraphModule) -> BlockSpec | None:
     attr_users = _per_channel_affines(level, nodes)
     if attr_users is None:
         return None
-    norms, scales = attr_users
+    norms, scales, constants = attr_users
     units: dict[str, BlockUnit] = {}  # output node name -> unit
     op_of_norm: dict[str, str] = {}
     for n in nodes:
@@ -328,7 +331,8 @@ def block_spec(level: GraphModule) -> BlockSpec | None:
             if att is None or att.unit not in {u.output for u in inner}:
                 return None
             attention.append(att)
-    bspec = BlockSpec(inner, term_units, tuple(fixed), pre_value, tuple(folds), tied=tied, attention=tuple(attention))
+    bspec = BlockSpec(inner, term_units, tuple(fixed), pre_value, tuple(folds), tied=tied, attention=tuple(attention),
+                      constants=tuple((c, -1) for c in constants))
     return _with_spaces(level, bspec, out)
 
 
@@ -518,11 +522,20 @@ def _with_spaces(level: GraphModule, bspec: BlockSpec, out: Node) -> BlockSpec |
             at = space(u.spec.op_node, u.axis)
         if gamma.numel() != channels or at is None or tensor_space.get((f.weight, 0)) != at:
             return None
+    constants = []
+    unit_spaces = {u.space for u in units} | {u.in_space for u in units}
+    for q, _ in bspec.constants:  # one dim in the input's neurons, the others (tokens) in no unit's space
+        p = level.get_parameter(q)
+        dims = [d for d in range(p.ndim) if tensor_space.get((q, d)) in inputs]
+        if len(dims) != 1 or any(tensor_space.get((q, d)) in unit_spaces - {None} for d in range(p.ndim)
+                                 if d != dims[0] and p.shape[d] != 1):
+            return None
+        constants.append((q, dims[0]))
     n_in = len(bspec.inner)
     pre = bspec.pre.split(":")[0]
     pre_space = space(pre, bspec.terms[0].axis) if bspec.terms else None
     return dataclasses.replace(bspec, inner=tuple(units[:n_in]), terms=tuple(units[n_in:]), input_spaces=inputs,
-                               pre_space=pre_space)
+                               pre_space=pre_space, constants=tuple(constants))
 
 
 def _moves_axes(level: GraphModule, n: Node) -> bool:
@@ -570,12 +583,18 @@ def _attr_chain_root(n: Node) -> Node | None:
 
 def _per_channel_affines(level: GraphModule, nodes: list[Node]):
     """The level's parameters used outside modules, when each is the affine of a ``layer_norm`` over the last
-    dim or the γ of a LayerScale (a multiplication): ``({norm node: (γ, β)}, {mul node: (other input, γ)})``
-    with parameter qualnames; None when some other op uses a parameter."""
+    dim, the γ of a LayerScale (a multiplication) or a value added to or concatenated with the level's activations
+    (a class token, a position embedding; whether it lives in the input's neurons is checked on the spaces):
+    ``({norm node: (γ, β)}, {mul node: (other input, γ)}, [constant])`` with parameter qualnames; None when some
+    other op uses a parameter."""
     norms: dict[str, tuple[str, str | None]] = {}
     scales: dict[str, tuple[Node, str]] = {}
+    constants: list[str] = []
     for n in nodes:
         if n.op != "get_attr":
+            continue
+        if _is_param(level, n) and n.users and all(_uses_as_value(u, n) for u in n.users):
+            constants.append(str(n.target))
             continue
         for user in n.users:
             name = getattr(user.target, "__name__", str(user.target))
@@ -605,7 +624,18 @@ def _per_channel_affines(level: GraphModule, nodes: list[Node]):
                 scales[user.name] = (other, str(gamma.target))
             else:
                 return None
-    return norms, scales
+    return norms, scales, constants
+
+
+def _uses_as_value(user: Node, attr: Node) -> bool:
+    """``user`` adds ``attr`` to activations, concatenates it with them, or moves, expands or resamples it (no
+    multiplication, no norm, no matmul: a value in some neurons, not a map of them)."""
+    name = user.target if user.op == "call_method" else getattr(user.target, "__name__", "")
+    if user.op not in ("call_method", "call_function"):
+        return False
+    if name in ("add", "iadd", "__add__", "cat", "concat", "expand", "expand_as", "resample_abs_pos_embed"):
+        return True
+    return False
 
 
 def _is_param(level: GraphModule, n: Node) -> bool:

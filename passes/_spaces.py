@@ -399,6 +399,11 @@ class _Builder:
             self.union(self.ax(node, 1), self.ax(call_arg(node, 2, "weight"), 0), self.ax(call_arg(node, 3, "bias"), 0))
             if groups not in (1, c):  # channels may only move within their group
                 self.fix_node(node, "GroupNorm groups", [1])
+        elif name == "resample_abs_pos_embed":  # timm: interpolates the positions, keeps the channels (last dim)
+            n = len(tensor_shape(node))
+            self.union(self.ax(x, -1), self.ax(node, -1))
+            self.fix_node(x, "position embedding positions", range(n - 1))
+            self.fix_node(node, "position embedding positions", range(n - 1))
         elif name == "roll":
             dims = call_arg(node, 2, "dims", None)
             n = len(tensor_shape(x))

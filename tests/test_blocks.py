@@ -439,7 +439,8 @@ def test_vit_halves_are_solved_in_closed_form_and_a_permuted_copy_is_recovered()
     """A ViT MLP half-block, LayerNorm → fc1 → GELU → fc2 → LayerScale → + skip: the norm's affine and the
     LayerScale fold into fc1 and fc2, and both are solved in closed form. An attention half, LayerNorm → qkv →
     attention → proj → LayerScale → + skip: qkv is fitted to its targets grouped within heads matched across
-    models, proj and the skip to the level's. A copy of the ViT permuted in every free space (the MLP's hidden
+    models, proj and the skip to the level's; the class token and position embedding are grouped like the
+    level input. A copy of the ViT permuted in every free space (the residual stream and the MLP's hidden
     features included) and across and within its attention heads is recovered."""
     torch.manual_seed(0)
     a = timm.create_model("test_vit", pretrained=False, num_classes=5, img_size=32, init_values=0.1).eval().double()
@@ -462,9 +463,10 @@ def test_vit_halves_are_solved_in_closed_form_and_a_permuted_copy_is_recovered()
         levels = fused.meta["fxfuse"]["levels"]
         mlp = [r for r in levels if r["name"].endswith(".mlp")]
         assert len(mlp) == 6 and all(r["approximation"] == "closed form (block: 2 ops)" for r in mlp)
-        # the first attention half also holds the patch embedding's class token and position embedding
-        attn = [r for r in levels if r["name"].endswith(".attn")][1:]
-        assert len(attn) == 5 and all(r["approximation"] == "closed form (block: 2 ops)" for r in attn)
+        # the first attention half also holds the class token and position embedding: grouped like the input
+        attn = [r for r in levels if r["name"].endswith(".attn")]
+        assert len(attn) == 6 and all(r["approximation"] == "closed form (block: 2 ops)" for r in attn)
+        assert all(r["approximation"].startswith("closed form") for r in levels)
         assert all("within 2 matched heads" in r["ops"][0]["grouping"] for r in attn)
         head = levels[-1]  # final LayerNorm → class token → head: the norm folds into the head
         assert head["name"] == "head" and head["approximation"] == "closed form (block: 1 ops)"
