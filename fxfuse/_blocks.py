@@ -42,8 +42,10 @@ An attention whose q, k and v are slices of one Linear's output (a ViT's qkv, :c
 has that Linear as an inner unit. Its output space is fixed for ``neuron_spaces`` (the reshape into heads mixes
 axes), but attention is unchanged when whole heads are permuted, q's and k's dims within a head by one
 permutation and v's by another: heads are matched across models and the dims grouped within matched heads
-(:func:`group_attention`), the Linear is solved against those grouped q, k, v targets, and the projection after
-the attention is a unit of the sum, fitted from the fused model's own attention output.
+(:func:`group_attention`), the Linear is solved against those grouped q, k, v targets, its v rows are solved
+again through the fused model's own attention (the attention output P_h X W_v,h is linear in W_v,h once q and k
+are fixed; one least-squares problem per head against the base models' grouped attention outputs), and the
+projection after the attention is a unit of the sum, fitted from the fused model's own attention output.
 Each unit costs one pass over the fusion data; nothing but d×d statistics is held.
 """
 
@@ -372,7 +374,7 @@ def group_attention(gram: Tensor, maps: list[tuple[Tensor, Tensor, Tensor]], fus
     n = fq.numel() + fk.numel() + fv.numel()
     ones = torch.ones(gram.shape[0], dtype=torch.float64, device=dev)
     how = f"{GROUPINGS[strategy].how} within {heads} matched heads (q, k dims together)"
-    return Grouping(labels, _cluster_matrix(labels, ones, n), kernel_inertia(gram, ones, labels, n), how)
+    return Grouping(labels, _cluster_matrix(labels, ones, n), kernel_inertia(gram, ones, labels, n), how), vv
 
 
 @torch.no_grad()
@@ -395,6 +397,52 @@ def grouped_constants(i: int, prep, col, bspec) -> dict[str, Tensor]:
         A = g.matrix.to(device=P.device, dtype=torch.float64)
         out[q] = torch.movedim(torch.movedim(P, dim, -1) @ A, -1, dim).to(p.dtype)
     return out
+
+
+@torch.no_grad()
+def _values_through_attention(i: int, prep, col, unit, att, g_v, ops, targets) -> None:
+    """Refit the v rows of an attention's qkv unit through the fused model's own attention: for head h, the
+    attention output is P_h X W_v,h (P_h the fused softmax(q kᵀ · scale), X the unit's input with its bias
+    column), linear in W_v,h, so W_v,h is the least-squares fit of the base models' attention outputs grouped as
+    v (``g_v``) from the design P_h X, one problem per head (:class:`fxfuse._solve.DiagonalStats`)."""
+    from fxfuse.passes import rewrite_params
+    from fxfuse.passes._ops import call_arg
+
+    from ._solve import DiagonalStats
+
+    fused = col.chains[-1][i]
+    bases = [chain[i] for chain in col.chains[:-1]]
+    sdpa = next(n for n in fused.graph.nodes if n.name == att.node)
+    qn, kn = (call_arg(sdpa, j, name).name for j, name in ((0, "query"), (1, "key")))
+    scale = call_arg(sdpa, 6, "scale")
+    x_name = _op_input_name(fused, unit)
+    fv = torch.tensor(att.v, dtype=torch.long).flatten()
+    heads = len(att.v)
+    A = g_v.matrix.to(torch.float64)
+    stats = DiagonalStats()
+    for _, ins, _ in col.inputs(i):
+        h = ins[-1]
+        env1 = _env(fused, h[:1], {x_name}, output=False)
+        per_sample = design_rows(fused, unit.spec, env1[x_name]).numel() * heads * 4
+        for sl in _chunks(h, per_sample):
+            env_f = _env(fused, h[sl], {qn, kn, x_name}, output=False)
+            q, k = env_f[qn].to(torch.float64), env_f[kn].to(torch.float64)
+            s = scale if scale is not None else q.shape[-1] ** -0.5
+            P = torch.softmax(q @ k.transpose(-1, -2) * s, -1)  # (B, H, N, N)
+            X = design_rows(fused, unit.spec, env_f[x_name]).to(torch.float64)
+            B, N = q.shape[0], q.shape[2]
+            D = (P @ X.reshape(B, 1, N, -1)).permute(0, 2, 1, 3).reshape(B * N, heads, -1)
+            Z = torch.cat([to_rows(_env(lv, x[sl], {att.node}, output=False)[att.node].to(torch.float64), (1, 3))
+                           for lv, x in zip(bases, ins[:-1])], 1)  # (B·N, heads · head dim) per model
+            stats.add(D, Z @ A.to(Z.device))
+    stats.reduce()
+    W0 = read_affine(fused, unit.spec)
+    W, rss, t2, ridge = stats.solve(W0[:, fv])
+    W0[:, fv] = W
+    rewrite_params(prep.fused_plan.gm, affine_params(fused, unit.spec, W0), in_place=True)
+    ops.append({"op": f"{unit.spec.op} (v rows)", "role": "inner", "grouping": g_v.how, "error": rss / max(t2, 1e-300),
+                "ridge": ridge, "rows": stats.rows, "columns": stats.d, "how": "per head, through the attention"})
+    targets.append((att.node, (1, 3), g_v.matrix))  # the attention output, (batch, heads, tokens, head dim)
 
 
 def _head_maps(att) -> tuple[Tensor, Tensor, Tensor]:
@@ -553,8 +601,8 @@ def fuse_block(i: int, prep, scores: list[Tensor], col, cfg, bspec) -> BlockResu
             # the q, k, v of an attention: grouped within heads matched across models (every base has the unit,
             # see fxfuse._engine._block_spec)
             gram, _ = stats.grouping_gram(lam, V)
-            g = group_attention(gram, [_head_maps(attention_heads(lv, att.node)) for lv in bases], _head_maps(att),
-                                strategy=method.grouping, seed=cfg.seed + 1000 * i + j, cfg=cfg)
+            g, g_v = group_attention(gram, [_head_maps(attention_heads(lv, att.node)) for lv in bases],
+                                     _head_maps(att), strategy=method.grouping, seed=cfg.seed + 1000 * i + j, cfg=cfg)
         if g is None:
             gram, _ = stats.grouping_gram(lam, V)
             unit_widths = [bases[k].get_submodule(u.spec.op).weight.shape[0]
@@ -576,6 +624,8 @@ def fuse_block(i: int, prep, scores: list[Tensor], col, cfg, bspec) -> BlockResu
         ops.append({"op": u.spec.op, "role": "inner", "grouping": g.how, "error": rd.rss / max(t2, 1e-300),
                     "ridge": rd.relative, "rows": rows, "columns": stats.d})
         targets.append((u.value, u.axis, g.matrix))
+        if att is not None:  # v again, through the fused model's own attention pattern
+            _values_through_attention(i, prep, col, u, att, g_v, ops, targets)
     if bspec.tied:
         # 2'. the level output keeps its input's neurons (a depthwise conv, a gated input): its grouping is the
         # input's, and a depthwise term is solved channel by channel against it

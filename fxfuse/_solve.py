@@ -114,8 +114,12 @@ def _gcv(lam: Tensor, q_over: Tensor, valid: Tensor, r_perp: Tensor, n: int, lma
     return best, mus.gather(1, pick)[:, 0], rss.gather(1, pick)[:, 0], dof
 
 
-def to_rows(z: Tensor, axis: int) -> Tensor:
-    """Move the neuron axis last and flatten the rest into rows: (n_rows, width)."""
+def to_rows(z: Tensor, axis: int | tuple[int, ...]) -> Tensor:
+    """Move the neuron axis last and flatten the rest into rows: (n_rows, width). With a tuple of axes (an
+    attention output's heads and head dims), those axes in that order are the neurons."""
+    if isinstance(axis, tuple):
+        n = len(axis)
+        return z.movedim(axis, tuple(range(-n, 0))).reshape(-1, math.prod(z.shape[a] for a in axis))
     return z.movedim(axis, -1).reshape(-1, z.shape[axis])
 
 

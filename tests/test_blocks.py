@@ -466,13 +466,21 @@ def test_vit_halves_are_solved_in_closed_form_and_a_permuted_copy_is_recovered()
         # the first attention half also holds the class token and position embedding: grouped like the input
         attn = [r for r in levels if r["name"].endswith(".attn")]
         assert len(attn) == 6 and all(r["approximation"] == "closed form (block: 2 ops)" for r in attn)
+        assert all(len(r["ops"]) == 3 for r in attn)
         assert all(r["approximation"].startswith("closed form") for r in levels)
         assert all("within 2 matched heads" in r["ops"][0]["grouping"] for r in attn)
+        # v refitted per head through the fused attention: exact only if that design (P_h X) is built right
+        assert all(r["ops"][1]["op"].endswith("(v rows)") and r["ops"][1]["how"] == "per head, through the attention"
+                   for r in attn)
         head = levels[-1]  # final LayerNorm → class token → head: the norm folds into the head
         assert head["name"] == "head" and head["approximation"] == "closed form (block: 1 ops)"
         assert all(op["error"] < 1e-8 for r in mlp + attn for op in r["ops"])
         with torch.no_grad():
             assert _rel(fused(test), a(test)) < 1e-5
+    # every op's error on held-out samples, the v rows' at the attention output (heads × head dims) included
+    fused_h = fxfuse.fuse([a, b], x, method="hf-linear", progress=False, held_out=0.2)
+    attn = [r for r in fused_h.meta["fxfuse"]["levels"] if r["name"].endswith(".attn")]
+    assert all(op["held_out_error"] < 1e-8 for r in attn for op in r["ops"])
     params = dict(fused.named_parameters())
     assert float(params["blocks.0.ls2.gamma"].min()) == 1.0 == float(params["blocks.0.norm2.weight"].max())
     assert float(params["blocks.1.ls1.gamma"].min()) == 1.0 == float(params["blocks.1.norm1.weight"].max())
