@@ -29,9 +29,10 @@ Neurons tied to others are not grouped anew (the spaces come from :func:`fxfuse.
   position embedding) is fused first, as the grouped mean of the base models' values with the input's grouping
   (:func:`grouped_constants`).
 
-A LayerNorm whose affine cannot fold into the op that reads it (β before a zero-padded conv, as ConvNeXt's stem
-norm before its first depthwise conv) has its affine x̂·γ + β as a unit of its own, in its input's neurons, solved
-channel by channel on the normalised input x̂. A depthwise conv is solved channel by channel (:class:`fxfuse._solve.DiagonalStats`), a grouped conv (ResNeXt,
+A norm (LayerNorm over the last dim, one-group GroupNorm) whose affine cannot fold into the op that reads it (β
+before a zero-padded conv, as ConvNeXt's stem norm before its first depthwise conv; a pooling token mixer) has its
+affine x̂·γ + β as a unit of its own, in its input's neurons, solved channel by channel on the normalised input x̂;
+so has a LayerScale after no unit (γ·u on its input u). A depthwise conv is solved channel by channel (:class:`fxfuse._solve.DiagonalStats`), a grouped conv (ResNeXt,
 RegNet) group by group. A grouped conv's spaces admit only permutations of whole groups and within groups, so
 its input space (the inner unit before it) and its output space are grouped within groups matched one to one
 across models (:func:`group_in_blocks`; one match for both), its output on the base models' values there, and
@@ -88,6 +89,8 @@ def _env(level: GraphModule, x: Tensor, names: set[str], output: bool = True) ->
 
 
 def _op_input_name(level: GraphModule, unit) -> str:
+    if unit.spec.channel is not None:
+        return unit.spec.channel.input
     node = next(n for n in level.graph.nodes if n.name == unit.spec.op_node)
     return node.args[0].name
 
@@ -257,11 +260,14 @@ def _tied_pass(i, prep, col, bspec, unit, A: Tensor, *, last: bool, axis: int):
             per_sample = _per_sample(fused, unit, op_in, h) if unit is not None else 1 << 12
         for sl in _chunks(h, per_sample):
             envs_b = [_env(bases[k], ins[k][sl], {value}, output=last) for k in range(len(bases))]
-            env_f = _env(fused, h[sl], {op_in} if op_in else set(), output=unit is None)
+            fixed = set(bspec.fixed) if last and unit is not None else set()
+            env_f = _env(fused, h[sl], ({op_in} if op_in else set()) | fixed, output=unit is None)
             Z = torch.cat([to_rows(e[value], axis) for e in envs_b], 1).to(torch.float64)
             A = A.to(Z.device)
             T = Z @ A
             if unit is not None:
+                if fixed:  # a per-channel term beside a skip: fitted to the targets minus the fused skip
+                    T = T - to_rows(sum(env_f[f] for f in fixed), axis).to(torch.float64)
                 stats.add(diagonal_rows(fused, unit.spec, env_f[op_in]), T)
             else:
                 out = to_rows(env_f["__output__"], axis).to(torch.float64)
@@ -552,7 +558,8 @@ def fuse_block(i: int, prep, scores: list[Tensor], col, cfg, bspec) -> BlockResu
         if u.space is None:
             return None
         if u.space not in by_space and u.space in bspec.input_spaces:
-            width = fused.get_parameter(u.spec.op).shape[0] if u.spec.ln else fused.get_submodule(u.spec.op).weight.shape[0]
+            width = fused.get_parameter(u.spec.op).numel() if u.spec.channel else \
+                fused.get_submodule(u.spec.op).weight.shape[0]
             g = input_grouping(i, prep, col, width)
             if g is not None:
                 by_space[u.space] = _tied(g, "level input")
@@ -577,7 +584,8 @@ def fuse_block(i: int, prep, scores: list[Tensor], col, cfg, bspec) -> BlockResu
     for j, u in enumerate(bspec.inner):
         g = known(u)
         if u.spec.depthwise and g is None:
-            raise untied(f"the LayerNorm affine `{u.spec.op}`" if u.spec.ln else f"the depthwise conv `{u.spec.op}`")
+            raise untied(f"the per-channel affine `{u.spec.op}`" if u.spec.channel else
+                         f"the depthwise conv `{u.spec.op}`")
         if u.spec.depthwise:
             _solve_diagonal(i, prep, col, bspec, u, g, ops, targets, last=False, axis=u.axis)
             continue

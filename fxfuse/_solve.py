@@ -158,9 +158,13 @@ def diagonal_rows(level: GraphModule, spec: AffineSpec, op_in: Tensor) -> Tensor
     has one group per channel. Row order matches :func:`to_rows` of the conv's output
     (samples, then positions).
     """
-    if spec.ln is not None:  # a LayerNorm's affine: per channel, the normalised input x̂ (and 1)
-        x = F.layer_norm(op_in, op_in.shape[-1:], None, None, spec.ln[2])
-        rows = x.reshape(-1, x.shape[-1], 1)
+    if spec.channel is not None:  # a per-channel affine: per channel, its (normalised) input (and 1)
+        c = spec.channel
+        if c.kind == "layer_norm":
+            op_in = F.layer_norm(op_in, op_in.shape[-1:], None, None, c.eps)
+        elif c.kind == "group_norm":
+            op_in = F.group_norm(op_in, 1, None, None, c.eps)
+        rows = to_rows(op_in, c.axis)[..., None]
         return torch.cat([rows, torch.ones_like(rows)], 2) if spec.has_bias_column else rows
     m = level.get_submodule(spec.op)
     cols = F.unfold(op_in, m.kernel_size, dilation=m.dilation, padding=m.padding, stride=m.stride)  # (N, C·k², L)
@@ -591,11 +595,9 @@ class GramStats:
 
 def read_affine(level: GraphModule, spec: AffineSpec) -> Tensor:
     """The level's current map in design-column layout, with the BatchNorm folded in: (d, n_out), float64."""
-    if spec.ln is not None:  # a LayerNorm's affine: rows γ and β
-        rows = [level.get_parameter(spec.ln[0]).detach().to(torch.float64)[None, :]]
-        if spec.ln[1] is not None:
-            rows.append(level.get_parameter(spec.ln[1]).detach().to(torch.float64)[None, :])
-        return torch.cat(rows, 0)
+    if spec.channel is not None:  # a per-channel affine: rows γ and β
+        names = [spec.channel.weight] + ([spec.channel.bias] if spec.channel.bias is not None else [])
+        return torch.stack([level.get_parameter(q).detach().to(torch.float64).flatten() for q in names])
     m = level.get_submodule(spec.op)
     weight = m.weight.detach().to(torch.float64).reshape(m.weight.shape[0], -1)
     bias = m.bias.detach().to(torch.float64) if m.bias is not None else torch.zeros_like(weight[:, 0])
@@ -622,11 +624,10 @@ def affine_params(level: GraphModule, spec: AffineSpec, W: Tensor) -> dict[str, 
     Returns:
         Qualname -> Tensor in the level's dtypes, for :func:`fxfuse.passes.rewrite_params`.
     """
-    if spec.ln is not None:  # a LayerNorm's affine
-        out = {spec.ln[0]: W[0].to(level.get_parameter(spec.ln[0]).dtype)}
-        if spec.ln[1] is not None:
-            out[spec.ln[1]] = W[1].to(level.get_parameter(spec.ln[1]).dtype)
-        return out
+    if spec.channel is not None:  # a per-channel affine: γ and β
+        names = [spec.channel.weight] + ([spec.channel.bias] if spec.channel.bias is not None else [])
+        return {q: W[r].reshape(level.get_parameter(q).shape).to(level.get_parameter(q).dtype)
+                for r, q in enumerate(names)}
     m = level.get_submodule(spec.op)
     fan = W.shape[0] - (1 if spec.has_bias_column else 0)
     bias = W[fan] if spec.has_bias_column else None

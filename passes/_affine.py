@@ -15,7 +15,7 @@ from torch.fx import GraphModule, Node
 
 from ._ops import call_arg, computes_like, is_foldable_norm_module, is_transparent, norm_activation, tensor_shape
 
-__all__ = ["AffineSpec", "Attention", "BlockSpec", "BlockUnit", "Fold", "affine_spec", "attention_heads", "block_spec"]
+__all__ = ["AffineSpec", "Attention", "ChannelAffine", "BlockSpec", "BlockUnit", "Fold", "affine_spec", "attention_heads", "block_spec"]
 
 
 @dataclass(frozen=True)
@@ -29,9 +29,22 @@ class AffineSpec:
     has_bias_column: bool
     depthwise: bool = False  # a depthwise Conv2d (groups = in = out channels): solved channel by channel
     groups: int = 1  # a grouped Conv2d (1 < groups, not depthwise): solved group by group
-    # a LayerNorm's own affine over the last dim, (γ, β or None, eps), as a per-channel unit x̂·γ + β (``op``: γ's
-    # qualname, ``depthwise``: its neurons are its input's); where it cannot fold into the op that reads it
-    ln: tuple[str, str | None, float] | None = None
+    # a per-channel affine as a unit of its own (``op``: γ's qualname, ``depthwise``: its neurons are its input's):
+    # a norm's affine that cannot fold into the op that reads it, or a LayerScale after no unit
+    channel: ChannelAffine | None = None
+
+
+@dataclass(frozen=True)
+class ChannelAffine:
+    """A per-channel map y_c = γ_c·u_c (+ β_c) solved as a unit: u is the normalised input x̂ of a ``layer_norm``
+    over the last dim or a one-group ``group_norm`` (channels on dim 1), or, for a LayerScale, the input itself."""
+
+    kind: str  # "layer_norm", "group_norm" or "scale"
+    weight: str  # qualname of γ
+    bias: str | None  # qualname of β
+    eps: float | None
+    input: str  # the node the affine reads
+    axis: int  # the channel axis of the input and output
 
 
 def affine_spec(level: GraphModule) -> AffineSpec | None:
@@ -206,7 +219,7 @@ def block_spec(level: GraphModule) -> BlockSpec | None:
         m = level.get_submodule(str(n.target))
         if type(m) is nn.LayerNorm and len(m.normalized_shape) == 1 and m.elementwise_affine:
             # a LayerNorm module over the last dim: its affine folds like a functional layer_norm's
-            norms[n.name] = (f"{n.target}.weight", None if m.bias is None else f"{n.target}.bias")
+            norms[n.name] = (f"{n.target}.weight", None if m.bias is None else f"{n.target}.bias", "layer_norm")
             continue
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             src = n.args[0] if n.args else None
@@ -242,7 +255,7 @@ def block_spec(level: GraphModule) -> BlockSpec | None:
         return n
 
     folds: list[Fold] = []
-    for ln, (w, b) in norms.items():  # a LayerNorm's only reader must be a Linear/Conv2d unit (with a bias for β)
+    for ln, (w, b, kind) in norms.items():  # a norm's only reader must be a Linear/Conv2d unit (with a bias for β)
         readers = [u for u in by_name[ln].users if not _reads_shape(u)]
         # a per-channel affine commutes with picking tokens (a ViT's class token) and with moving axes
         # (channels-last and back) on the way to the unit
@@ -255,13 +268,34 @@ def block_spec(level: GraphModule) -> BlockSpec | None:
             # no unit to fold into (β would meet a padded conv, or the reader is depthwise or no unit): the
             # affine is a per-channel unit of its own, its neurons the input's (checked on the spaces)
             node = by_name[ln]
-            eps = level.get_submodule(str(node.target)).eps if node.op == "call_module" else call_arg(node, 4, "eps", 1e-5)
-            units[ln] = BlockUnit(AffineSpec(w, ln, None, False, b is not None, depthwise=True, ln=(w, b, eps)), ln, -1)
+            if node.op == "call_module":
+                eps = level.get_submodule(str(node.target)).eps
+            else:
+                eps = call_arg(node, 4, "eps", 1e-5)  # layer_norm's and group_norm's fifth argument
+            axis = -1 if kind == "layer_norm" else 1
+            x = node.args[0]
+            aff = ChannelAffine(kind, w, b, eps, x.name, axis)
+            units[ln] = BlockUnit(AffineSpec(w, ln, None, False, b is not None, depthwise=True, channel=aff), ln, axis)
             continue
         folds.append(Fold("norm", w, b, unit.spec.op, ln))
-    for mul, (src, g) in scales.items():  # a LayerScale right after a Linear/Conv2d unit
-        u = units.get(through_moves(src).name)
-        if u is None or u.spec.depthwise or u.spec.groups != 1 or u.spec.norm is not None:
+    def through_transparent(n: Node) -> Node:
+        while is_transparent(level, n) and len(n.all_input_nodes) == 1:
+            n = n.all_input_nodes[0]
+        return n
+
+    for mul, (src, g) in list(scales.items()):  # a LayerScale right after a Linear/Conv2d unit folds into it
+        u = units.get(through_transparent(src).name)
+        if u is None:
+            # after no unit (a pooling token mixer), or after axis moves (a channels-last MLP and a channels-first
+            # sum): a per-channel unit of its own, in its input's neurons
+            axis = _scale_axis(by_name[mul], level.get_parameter(g))
+            if axis is None:
+                return None
+            aff = ChannelAffine("scale", g, None, None, src.name, axis)
+            units[mul] = BlockUnit(AffineSpec(g, mul, None, False, False, depthwise=True, channel=aff), mul, axis)
+            del scales[mul]
+            continue
+        if u.spec.depthwise or u.spec.groups != 1 or u.spec.norm is not None:
             return None
         folds.append(Fold("scale", g, None, u.spec.op, mul))
 
@@ -281,7 +315,7 @@ def block_spec(level: GraphModule) -> BlockSpec | None:
             n = strip(stack.pop())
             if n.name in units:
                 terms.append(n.name)
-            elif _is_add(n):
+            elif _is_add(n) and (n is node or len(n.users) == 1):
                 if not all(isinstance(a, Node) for a in n.args):
                     return None
                 stack.extend(reversed(n.args))
@@ -295,8 +329,12 @@ def block_spec(level: GraphModule) -> BlockSpec | None:
     term_units = [units[t] for t in terms]
     if any(u.act for u in term_units) and not (len(terms) == 1 and pre.name == terms[0]):
         return None  # an activation inside a sum
-    if any(u.spec.depthwise for u in term_units) and (len(terms) != 1 or fixed):
-        return None  # a depthwise term is solved alone (its neurons are its input's)
+    if any(u.spec.depthwise for u in term_units) and (len(terms) != 1 or (fixed and term_units[0].spec.channel is None)):
+        return None  # a depthwise term is solved alone (its neurons are its input's); a per-channel affine with a skip
+    # a LayerScale folds into a unit whose targets are the level's sum (a term), which include γ; an inner unit's
+    # own targets do not
+    if any(f.kind == "scale" and f.op not in {u.spec.op for u in term_units} for f in folds):
+        return None
     if any(u.spec.groups != 1 for u in term_units):
         return None  # a grouped conv is solved group by group as an inner unit only
 
@@ -501,9 +539,9 @@ def _with_spaces(level: GraphModule, bspec: BlockSpec, out: Node) -> BlockSpec |
             return None  # a depthwise conv's neurons are those of its input, which must be grouped already
         if s is not None:
             known.add(s)
-        x = by_name[u.spec.op_node].args[0]
-        units.append(dataclasses.replace(u, space=s, in_space=space(x.name, 1 if u.spec.is_conv else -1)
-                                         if isinstance(x, Node) else None))
+        x = by_name[u.spec.channel.input] if u.spec.channel else by_name[u.spec.op_node].args[0]
+        axis = u.spec.channel.axis if u.spec.channel else (1 if u.spec.is_conv else -1)
+        units.append(dataclasses.replace(u, space=s, in_space=space(x.name, axis) if isinstance(x, Node) else None))
     if bspec.tied and not any(s in inputs for (name, _), s in where.items() if name == out.name):
         return None
     tensor_space = {(name, dim): s.index for s in spaces for name, dim in s.tensors}
@@ -596,7 +634,7 @@ def _per_channel_affines(level: GraphModule, nodes: list[Node]):
         if _is_param(level, n) and n.users and all(_uses_as_value(u, n) for u in n.users):
             constants.append(str(n.target))
             continue
-        for user in n.users:
+        for user in _users_through_views(n):
             name = getattr(user.target, "__name__", str(user.target))
             if user.op == "call_function" and name == "layer_norm":
                 w, b = call_arg(user, 2, "weight"), call_arg(user, 3, "bias")
@@ -604,11 +642,14 @@ def _per_channel_affines(level: GraphModule, nodes: list[Node]):
                 if w is None or len(tuple(shape)) != 1 or not all(a is None or (isinstance(a, Node) and
                                                                                    a.op == "get_attr") for a in (w, b)):
                     return None
-                norms[user.name] = (str(w.target), None if b is None else str(b.target))
-            elif user.op == "call_method" and user.target in ("reshape", "view") and all(
-                    (u.op == "call_function" and getattr(u.target, "__name__", "") == "mul")
-                    or (u.op == "call_method" and u.target == "mul") for u in user.users):
-                continue  # checked at the multiplication
+                norms[user.name] = (str(w.target), None if b is None else str(b.target), "layer_norm")
+            elif user.op == "call_function" and name == "group_norm":
+                # one group: normalised over channels and positions together, so channels may be permuted
+                w, b = call_arg(user, 2, "weight"), call_arg(user, 3, "bias")
+                if call_arg(user, 1, "num_groups") != 1 or w is None or not all(
+                        a is None or (isinstance(a, Node) and a.op == "get_attr") for a in (w, b)):
+                    return None
+                norms[user.name] = (str(w.target), None if b is None else str(b.target), "group_norm")
             elif (user.op == "call_function" and name == "mul") or (user.op == "call_method" and user.target == "mul"):
                 if len(user.args) != 2 or user.kwargs:
                     return None
@@ -625,6 +666,36 @@ def _per_channel_affines(level: GraphModule, nodes: list[Node]):
             else:
                 return None
     return norms, scales, constants
+
+
+def _users_through_views(n: Node) -> list[Node]:
+    """``n``'s users, a ``reshape``/``view`` whose users all multiply (γ shaped for a LayerScale on channels first,
+    ``gamma.reshape(1, -1, 1, 1)``) replaced by those multiplications."""
+    def is_mul(u: Node) -> bool:
+        return (u.op == "call_function" and getattr(u.target, "__name__", "") == "mul") or \
+            (u.op == "call_method" and u.target == "mul")
+
+    out: list[Node] = []
+    for u in n.users:
+        if u.op == "call_method" and u.target in ("reshape", "view") and u.users and all(is_mul(m) for m in u.users):
+            out.extend(u.users)
+        else:
+            out.append(u)
+    return out
+
+
+def _scale_axis(mul: Node, gamma) -> int | None:
+    """The output axis a LayerScale's γ (a vector, maybe viewed as (C, 1, 1)) scales, or None."""
+    out = tensor_shape(mul)
+    arg = next((a for a in mul.args if isinstance(a, Node) and _attr_chain_root(a) is not None), None)
+    shape = tensor_shape(arg) if arg is not None and arg.op != "get_attr" else tuple(gamma.shape)
+    if out is None or shape is None or len(shape) > len(out):
+        return None
+    dims = [d for d, n in enumerate(shape) if n != 1]
+    if len(dims) != 1 or shape[dims[0]] != gamma.numel():
+        return None
+    axis = len(out) - len(shape) + dims[0]
+    return axis if out[axis] == gamma.numel() else None
 
 
 def _uses_as_value(user: Node, attr: Node) -> bool:
