@@ -32,7 +32,8 @@ Neurons tied to others are not grouped anew (the spaces come from :func:`fxfuse.
 A norm (LayerNorm over the last dim, one-group GroupNorm) whose affine cannot fold into the op that reads it (β
 before a zero-padded conv, as ConvNeXt's stem norm before its first depthwise conv; a pooling token mixer) has its
 affine x̂·γ + β as a unit of its own, in its input's neurons, solved channel by channel on the normalised input x̂;
-so has a LayerScale after no unit (γ·u on its input u). A depthwise conv is solved channel by channel (:class:`fxfuse._solve.DiagonalStats`), a grouped conv (ResNeXt,
+so has a LayerScale that cannot fold into a term of the sum (after no unit, after axis moves, after an inner unit:
+γ·u on its input u; beside a skip it is fitted to the targets minus the fused skip). A depthwise conv is solved channel by channel (:class:`fxfuse._solve.DiagonalStats`), a grouped conv (ResNeXt,
 RegNet) group by group. A grouped conv's spaces admit only permutations of whole groups and within groups, so
 its input space (the inner unit before it) and its output space are grouped within groups matched one to one
 across models (:func:`group_in_blocks`; one match for both), its output on the base models' values there, and
@@ -185,7 +186,7 @@ def fold_params(level: GraphModule, folds) -> dict[str, Tensor]:
         >>> h = torch.randn(2, 5, 64)
         >>> before = level(h)
         >>> _ = rewrite_params(level, fold_params(level, block_spec(level).folds), in_place=True)
-        >>> torch.allclose(level(h), before, atol=1e-5), float(level.get_parameter("blocks.0.ls2.gamma").min())
+        >>> torch.allclose(level(h), before, atol=1e-5), float(level.get_parameter("blocks.0.norm2.weight").min())
         (True, 1.0)
     """
     out: dict[str, Tensor] = {}

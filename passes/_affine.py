@@ -108,7 +108,7 @@ class Fold:
     """A per-channel affine next to a unit, folded into the unit's Linear before the block is solved.
 
     ``kind="norm"``: a LayerNorm's γ, β in front of the unit (W ← W·diag γ, b ← b + Wβ);
-    ``kind="scale"``: a LayerScale γ after it (W ← diag γ·W, b ← γ·b). The norm or scale is
+    ``kind="scale"``: a LayerScale γ after it (W ← diag γ·W, b ← γ·b; block_spec makes LayerScales units instead). The norm or scale is
     then the identity (γ = 1, β = 0), so the level computes the same function.
     """
 
@@ -278,26 +278,16 @@ def block_spec(level: GraphModule) -> BlockSpec | None:
             units[ln] = BlockUnit(AffineSpec(w, ln, None, False, b is not None, depthwise=True, channel=aff), ln, axis)
             continue
         folds.append(Fold("norm", w, b, unit.spec.op, ln))
-    def through_transparent(n: Node) -> Node:
-        while is_transparent(level, n) and len(n.all_input_nodes) == 1:
-            n = n.all_input_nodes[0]
-        return n
-
-    for mul, (src, g) in list(scales.items()):  # a LayerScale right after a Linear/Conv2d unit folds into it
-        u = units.get(through_transparent(src).name)
-        if u is None:
-            # after no unit (a pooling token mixer), or after axis moves (a channels-last MLP and a channels-first
-            # sum): a per-channel unit of its own, in its input's neurons
-            axis = _scale_axis(by_name[mul], level.get_parameter(g))
-            if axis is None:
-                return None
-            aff = ChannelAffine("scale", g, None, None, src.name, axis)
-            units[mul] = BlockUnit(AffineSpec(g, mul, None, False, False, depthwise=True, channel=aff), mul, axis)
-            del scales[mul]
-            continue
-        if u.spec.depthwise or u.spec.groups != 1 or u.spec.norm is not None:
+    for mul, (src, g) in list(scales.items()):
+        # a LayerScale is a per-channel unit of its own, in its input's neurons: beside a skip it is fitted to the
+        # level's targets minus the skip, and the op before it to its own targets. (Folding γ into that op, as a
+        # term of the sum, was measured worse: ConvNeXt-atto seed 0, kf-linear 93.3 vs 98.0, hf-linear 96.7 vs 98.0.)
+        axis = _scale_axis(by_name[mul], level.get_parameter(g))
+        if axis is None:
             return None
-        folds.append(Fold("scale", g, None, u.spec.op, mul))
+        aff = ChannelAffine("scale", g, None, None, src.name, axis)
+        units[mul] = BlockUnit(AffineSpec(g, mul, None, False, False, depthwise=True, channel=aff), mul, axis)
+        del scales[mul]
 
     out = strip(next(n for n in nodes if n.op == "output").args[0])
     if not isinstance(out, Node):
