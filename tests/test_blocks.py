@@ -389,12 +389,7 @@ def test_poolformer_norms_and_layer_scales_are_per_channel_units_and_a_permuted_
     a = MetaFormer(num_classes=5, depths=[2, 1, 1, 1], dims=[8, 16, 16, 32], downsample_norm=None,
                    mlp_act=torch.nn.GELU, mlp_bias=True, norm_layers=GroupNorm1, layer_scale_init_values=1e-5,
                    res_scale_init_values=None, use_mlp_head=False).eval().double()  # poolformer_s12's layout
-    with torch.no_grad():  # trained-looking norms and scales
-        for name, p in a.named_parameters():
-            if name.endswith(("norm1.weight", "norm2.weight", ".scale")):
-                p.uniform_(0.5, 1.5)
-            elif name.endswith(("norm1.bias", "norm2.bias")):
-                p.uniform_(-0.3, 0.3)
+    _trained_looking(a, ".scale")
     x = torch.randn(300, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     test = torch.randn(16, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     b = _permuted(a, x)
@@ -429,6 +424,17 @@ def _permute_heads(model, seed=3):
             attn.qkv.bias.copy_(attn.qkv.bias[order])
             attn.proj.weight.copy_(attn.proj.weight[:, v])
     return model
+
+
+def _trained_looking(model, scale: str):
+    """Norms (γ in [0.5, 1.5], β in [−0.3, 0.3]) and scales (parameters ending in ``scale``) as after training:
+    timm starts them at 1, 0 and a small constant. In place."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("norm1.weight", "norm2.weight", scale)):
+                p.uniform_(0.5, 1.5)
+            elif name.endswith(("norm1.bias", "norm2.bias")):
+                p.uniform_(-0.3, 0.3)
 
 
 class _Attention(torch.nn.Module):
@@ -480,12 +486,7 @@ def test_vit_halves_are_solved_in_closed_form_and_a_permuted_copy_is_recovered()
     features included) and across and within its attention heads is recovered."""
     torch.manual_seed(0)
     a = timm.create_model("test_vit", pretrained=False, num_classes=5, img_size=32, init_values=0.1).eval().double()
-    with torch.no_grad():  # trained-looking norms and scales (timm starts them at 1, 0 and 0.1)
-        for name, p in a.named_parameters():
-            if name.endswith(("norm1.weight", "norm2.weight", "gamma")):
-                p.uniform_(0.5, 1.5)
-            elif name.endswith(("norm1.bias", "norm2.bias")):
-                p.uniform_(-0.3, 0.3)
+    _trained_looking(a, "gamma")
     x = torch.randn(300, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     import copy
 
