@@ -698,3 +698,36 @@ def test_block_passes_run_a_level_only_as_far_as_the_values_they_need():
     env = _env(gm, x, {"a"})
     assert calls == [4, 5] and set(env) == {"a", "__output__"}
     assert _env(gm, x, set(), output=False) == {}
+
+
+def test_constant_in_input_neurons_without_a_known_input_grouping_is_a_clear_error():
+    """A constant in the level input's neurons (a ViT position embedding) is fused with the input's grouping;
+    when the previous level recorded none (or one of another width) the fusion stops, naming level and
+    parameter, instead of keeping one model's constant."""
+    from types import SimpleNamespace
+
+    from fxfuse._blocks import grouped_constants
+    from fxfuse._engine import Grouping, _cluster_matrix
+
+    class Level(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.pos = torch.nn.Parameter(torch.randn(1, 3, 8))
+
+        def forward(self, x):
+            return x + self.pos
+
+    levels = [torch.fx.symbolic_trace(Level()) for _ in range(3)]  # two bases and the fused model
+    col = SimpleNamespace(chains=[[None, lv] for lv in levels], groupings={})
+    prep = SimpleNamespace(fused_plan=[SimpleNamespace(name="patch_embed"), SimpleNamespace(name="blocks.0")])
+    bspec = SimpleNamespace(constants=[("pos", 2)])
+    with pytest.raises(fxfuse.FxFuseError, match=r"level 1 \(`blocks.0`\): `pos`.*blocks='gradient'"):
+        grouped_constants(1, prep, col, bspec)
+    labels = torch.arange(8).repeat(2)  # a grouping 4 wide: not the constant's 8 channels
+    col.groupings[0] = Grouping(labels % 4, _cluster_matrix(labels % 4, torch.ones(16, dtype=torch.float64), 4),
+                                0.0, "")
+    with pytest.raises(fxfuse.FxFuseError, match="not as wide"):
+        grouped_constants(1, prep, col, bspec)
+    col.groupings[0] = Grouping(labels, _cluster_matrix(labels, torch.ones(16, dtype=torch.float64), 8), 0.0, "")
+    fused = grouped_constants(1, prep, col, bspec)["pos"]  # identity grouping: the mean of the two constants
+    torch.testing.assert_close(fused, (levels[0].pos + levels[1].pos).detach() / 2)
