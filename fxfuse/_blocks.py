@@ -568,9 +568,14 @@ def fuse_block(i: int, prep, scores: list[Tensor], col, cfg, bspec) -> BlockResu
 
     widths = [p[i].width for p in prep.plans]
     s = torch.cat([sc[i] for sc in scores])
-    if not bspec.tied and bspec.pre_space is not None and any(u.space == bspec.pre_space for u in bspec.inner):
+    # a tied level whose neurons are an inner unit's, not the input's (a downsampling conv read by the skip and by a
+    # branch ending in a LayerScale: PoolFormer)
+    inner_tied = bspec.tied and bspec.pre_space is not None and bspec.pre_space not in bspec.input_spaces
+    if ((not bspec.tied or inner_tied) and bspec.pre_space is not None
+            and any(u.space == bspec.pre_space for u in bspec.inner)):
         # an inner unit in the level's own neurons (the last conv of a branch gated by squeeze-excitation before
-        # the sum): group the level first, from the base models' pre-activations
+        # the sum, a downsampling conv before a residual sum): group the level first, from the base models'
+        # pre-activations
         K = _base_gram(i, col, bspec)
         by_space[bspec.pre_space] = group(K, s.to(K.device), widths, lv.width, is_head=lv.is_head,
                                           strategy=method.grouping, seed=cfg.seed + i, cfg=cfg)
@@ -638,10 +643,13 @@ def fuse_block(i: int, prep, scores: list[Tensor], col, cfg, bspec) -> BlockResu
     if bspec.tied:
         # 2'. the level output keeps its input's neurons (a depthwise conv, a gated input): its grouping is the
         # input's, and a depthwise term is solved channel by channel against it
-        g = input_grouping(i, prep, col, lv.width)
-        if g is None:
-            raise untied("its output")
-        g = _tied(g, "level input")
+        if inner_tied:
+            g = by_space[bspec.pre_space]
+        else:
+            g = input_grouping(i, prep, col, lv.width)
+            if g is None:
+                raise untied("its output")
+            g = _tied(g, "level input")
         axis = bspec.terms[0].axis if bspec.terms else lv.neuron_axis
         if bspec.terms:
             K, err, ridge, rows, columns = _solve_diagonal(i, prep, col, bspec, bspec.terms[0], g, ops, targets, last=True,

@@ -915,7 +915,13 @@ def emit(fused: GraphModule, prep: Prepared, records: list[LevelRecord], cfg: Fu
     exact = [r for r in records if (r.approximation == "closed form" and r.rows < r.columns)
              or any(op["rows"] < op["columns"] for op in r.ops or [])]
     if exact:
-        names = ", ".join(f"{r.level} (`{r.name}`: {r.rows} rows, {r.columns} columns)" for r in exact[:5])
+        def short(r) -> str:  # the level's own solve, else its op with the fewest rows per unknown
+            if r.approximation == "closed form" and r.rows < r.columns:
+                return f"{r.level} (`{r.name}`: {r.rows} rows, {r.columns} columns)"
+            op = min((op for op in r.ops if op["rows"] < op["columns"]), key=lambda op: op["rows"] / op["columns"])
+            return f"{r.level} (`{r.name}`, op `{op['op']}`: {op['rows']} rows, {op['columns']} columns)"
+
+        names = ", ".join(short(r) for r in exact[:5])
         warnings.warn(
             f"fxfuse: {len(exact)} closed-form level(s) had fewer fusion rows than unknowns: levels {names}. Their "
             "regularisation was chosen by cross-validation on those rows, and the reported error is measured on them; "

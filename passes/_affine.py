@@ -303,7 +303,11 @@ def block_spec(level: GraphModule) -> BlockSpec | None:
         stack = [node]
         while stack:
             n = strip(stack.pop())
-            if n.name in units:
+            if n.name in units and n is not node and sum(not _reads_shape(r) for r in n.users) > 1:
+                # a unit also read elsewhere in the level (a downsampling conv that is both the skip and the
+                # branch's input): an inner unit, its fused value a fixed term of the sum
+                fixed.append(n.name)
+            elif n.name in units:
                 terms.append(n.name)
             elif _is_add(n) and (n is node or len(n.users) == 1):
                 if not all(isinstance(a, Node) for a in n.args):
@@ -532,8 +536,13 @@ def _with_spaces(level: GraphModule, bspec: BlockSpec, out: Node) -> BlockSpec |
         x = by_name[u.spec.channel.input] if u.spec.channel else by_name[u.spec.op_node].args[0]
         axis = u.spec.channel.axis if u.spec.channel else (1 if u.spec.is_conv else -1)
         units.append(dataclasses.replace(u, space=s, in_space=space(x.name, axis) if isinstance(x, Node) else None))
-    if bspec.tied and not any(s in inputs for (name, _), s in where.items() if name == out.name):
-        return None
+    if bspec.tied:
+        # the output keeps the neurons of the level input, or (with a per-channel term: a LayerScale after a
+        # downsampling conv, PoolFormer) those of an inner unit grouped in the level (the level is grouped there)
+        out_spaces = {s for (name, _), s in where.items() if name == out.name}
+        inner_grouped = {u.space for u in units[: len(bspec.inner)] if not u.spec.depthwise} if bspec.terms else set()
+        if not out_spaces & (set(inputs) | (inner_grouped - {None})):
+            return None
     tensor_space = {(name, dim): s.index for s in spaces for name, dim in s.tensors}
     units_by_op = {u.spec.op: u for u in bspec.units}
     for f in bspec.folds:  # γ must scale the unit's input channels (norm) or output channels (scale) one to one

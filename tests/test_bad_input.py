@@ -131,6 +131,23 @@ def test_too_few_samples_warn_that_the_reported_error_says_nothing():
     assert fused.meta["fxfuse"]["levels"][0]["rows"] == 8
 
 
+def test_too_few_samples_in_a_block_level_name_the_op():
+    class Res(torch.nn.Module):
+        def __init__(self, seed):
+            super().__init__()
+            torch.manual_seed(seed)
+            self.fc0, self.fc1, self.fc2, self.head = (torch.nn.Linear(16, 16), torch.nn.Linear(16, 64),
+                                                       torch.nn.Linear(64, 16), torch.nn.Linear(16, 3))
+
+        def forward(self, x):
+            h = torch.relu(self.fc0(x))
+            return self.head(h + self.fc2(torch.relu(self.fc1(h))))
+
+    with pytest.warns(UserWarning, match=r"fewer fusion rows than unknowns.*, op `fc2`: 8 rows, 65 columns\)"):
+        fused = fxfuse.fuse([Res(0), Res(1)], _x((16,), 8), method="hf-linear", progress=False)
+    assert any(op["op"] == "fc2" for r in fused.meta["fxfuse"]["levels"] for op in r["ops"] or [])
+
+
 def test_half_precision_models_are_fitted_in_float32():
     x = _x((16,), 256)
     a, b = mlp(), mlp(seed=1)
