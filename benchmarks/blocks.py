@@ -1,6 +1,6 @@
 """Closed form inside blocks vs the gradient fallback, on CNNs trained on the digits; prints markdown tables.
 
-    python benchmarks/blocks.py [--seeds 3] [--small-arch test_resnet] [--realistic] [--epochs 6]
+    python benchmarks/blocks.py [--seeds 3] [--small-arch test_resnet] [--blocks closed-form gradient] [--realistic] [--epochs 6]
 
 Table 1: the demo's CNN (timm ``test_resnet``, 16×16 gray digits; ``--small-arch`` picks
 another timm model, e.g. ``mobilenetv3_small_100`` or ``convnext_atto``, at ``--small-size``) on the non-IID
@@ -75,12 +75,14 @@ def main() -> None:
     p.add_argument("--small-size", type=int, default=16, help="image size of table 1 (default 16)")
     p.add_argument("--small-epochs", type=int, default=15, help="base training epochs of table 1 (default 15)")
     p.add_argument("--starts", action="store_true", help="also table 3: where the gradient methods start")
+    p.add_argument("--blocks", nargs="+", default=["closed-form", "gradient"], choices=["closed-form", "gradient"],
+                   help="table 1's block solvers (default both; e.g. --blocks closed-form to re-time only it)")
     args = p.parse_args()
     warnings.filterwarnings("ignore")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU")
 
     if not args.skip_small:
-        rows = [(f"{m} ({b})", m, {"blocks": b}) for m in ("hf-linear", "kf-linear") for b in ("closed-form", "gradient")]
+        rows = [(f"{m} ({b})", m, {"blocks": b}) for m in ("hf-linear", "kf-linear") for b in args.blocks]
         res: dict[str, tuple[list[float], list[float]]] = {}
         bases: list[list[float]] = [[], []]
         for seed in range(args.seeds):
