@@ -147,7 +147,7 @@ def _kernel_lloyd(gram: Tensor, weights: Tensor, labels: Tensor, k: int, max_ite
     return labels, _inertia(gram, weights, labels, R, wsum)  # R and wsum follow the final labels
 
 
-def _kernel_kmeans_pp(gram: Tensor, weights: Tensor, k: int, gen: torch.Generator, host=None) -> Tensor:
+def _kernel_kmeans_pp(gram: Tensor, weights: Tensor, k: int, gen: torch.Generator) -> Tensor:
     """Importance-weighted greedy k-means++ seeding on a Gram matrix; returns initial labels.
 
     Each step samples 2 + ⌊ln k⌋ candidates ∝ s_j · D(p_j)² and keeps the one that
@@ -155,14 +155,13 @@ def _kernel_kmeans_pp(gram: Tensor, weights: Tensor, k: int, gen: torch.Generato
     steps are a sequential loop of small vector operations, whose cost is mostly the
     per-call overhead: they run on the CPU in numpy (half the time of torch at 2,560
     points and k = 1,280 on 2 cores), drawing candidates with ``torch.multinomial`` on
-    ``gen`` so that the random stream is the generator's. ``host``: ``gram`` as a float64 numpy
-    array, when the caller has it (one copy for several seedings of a GPU matrix).
+    ``gen`` so that the random stream is the generator's.
     """
     import numpy as np
 
     n = gram.shape[0]
     trials = 2 + int(math.log(k))
-    g = host if host is not None else gram.detach().to("cpu", torch.float64).contiguous().numpy()
+    g = gram.detach().to("cpu", torch.float64).contiguous().numpy()
     w = weights.detach().to("cpu", torch.float64).contiguous().numpy()
     diag = np.ascontiguousarray(np.diagonal(g))  # read k times: a strided view would cost a cache line per point
     first = int(torch.multinomial(weights.cpu() / weights.sum().cpu(), 1, generator=gen))
@@ -243,14 +242,8 @@ def kernel_kmeans(
         return torch.arange(n, device=gram.device), 0.0
     gen = torch.Generator().manual_seed(seed)  # the seeding draws on the CPU: the same labels on every device
     best = None
-    host = None
     for run in range(max(1, n_init)):
-        if run == 0 and init is not None:
-            start = init.to(gram.device)
-        else:
-            if host is None:  # the seeding runs on the CPU: one copy of the matrix for every restart
-                host = gram.detach().cpu().contiguous().numpy()
-            start = _kernel_kmeans_pp(gram, weights, k, gen, host)
+        start = init.to(gram.device) if (run == 0 and init is not None) else _kernel_kmeans_pp(gram, weights, k, gen)
         labels, inertia = _kernel_lloyd(gram, weights, start, k, max_iter)
         if best is None or inertia < best[1] - 1e-12 * abs(best[1]):
             best = (labels, inertia)
