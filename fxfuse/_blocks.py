@@ -25,6 +25,10 @@ Neurons tied to others are not grouped anew (the spaces come from :func:`fxfuse.
   before the sum) takes the level's grouping, computed first from the base models' pre-activations;
 - a level whose output keeps the input's neurons (a depthwise conv + norm, a gate x·σ(…), a block with no
   unit in its sum) takes the input's grouping as its own;
+- a unit that is a term of the sum and is also read elsewhere in the level (PoolFormer's downsampling conv, the
+  skip and the token mixer's input) is an inner unit whose fused value is a fixed term; the level's neurons are
+  then that unit's: grouped first from the base models' level outputs, and the per-channel term beside it (a
+  LayerScale) is fitted to the targets minus the fused unit;
 - a parameter added to or concatenated with activations in the input's neurons (a ViT's class token and
   position embedding) is fused first, as the grouped mean of the base models' values with the input's grouping
   (:func:`grouped_constants`).
