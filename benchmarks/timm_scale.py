@@ -1,6 +1,6 @@
 """Seconds and peak memory of fusing timm models at their real widths.
 
-    python benchmarks/timm_scale.py [--models resnet26d resnet50 vit_small_patch16_224 convnext_atto]
+    python benchmarks/timm_scale.py [--models resnet26d resnet50 vit_small_patch16_224 convnext_atto poolformer_s12]
                                     [--methods kf-linear hf-linear] [--samples 400] [--size 32] [--device cpu]
 
 For each model, two fusions per method: self-fusion (``fuse([A, A])``) and two
@@ -25,7 +25,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from memory import _status_mb  # the one /proc reader of the benchmarks
 
-MODELS = ("resnet26d", "resnet50", "vit_small_patch16_224", "convnext_atto")
+MODELS = ("resnet26d", "resnet50", "vit_small_patch16_224", "convnext_atto", "poolformer_s12")
 
 
 def _model(name: str, seed: int, size: int):
