@@ -177,8 +177,8 @@ def has_nodes(level: GraphModule, names) -> bool:
 
 @torch.no_grad()
 def fold_params(level: GraphModule, folds) -> dict[str, Tensor]:
-    """New values of the parameters that fold a block's LayerNorm affines and LayerScales into its Linear units
-    (:class:`fxfuse.passes.Fold`); the norms and scales become the identity and the level's function is unchanged.
+    """New values of the parameters that fold a block's norm affines into the units that read them
+    (:class:`fxfuse.passes.Fold`); the norms' affines become the identity and the level's function is unchanged.
 
     Example:
         >>> import torch, timm, fxfuse
@@ -204,14 +204,10 @@ def fold_params(level: GraphModule, folds) -> dict[str, Tensor]:
         b = cur(f"{f.op}.bias") if op.bias is not None else None
         g = cur(f.weight)
         W3 = W.reshape(W.shape[0], W.shape[1], -1)  # (out, in, kernel positions): a Linear has one position
-        if f.kind == "norm":
-            if f.bias is not None:  # the unit has no padding (block_spec): β reaches every kernel position
-                b = b + W3.sum(2) @ cur(f.bias)
-                out[f.bias] = torch.zeros_like(g)
-            W3 = W3 * g[None, :, None]
-        else:
-            W3 = g[:, None, None] * W3
-            b = None if b is None else g * b
+        if f.bias is not None:  # the unit has no padding (block_spec): β reaches every kernel position
+            b = b + W3.sum(2) @ cur(f.bias)
+            out[f.bias] = torch.zeros_like(g)
+        W3 = W3 * g[None, :, None]
         out[f.weight] = torch.ones_like(g)
         out[f"{f.op}.weight"] = W3.reshape(W.shape)
         if b is not None:
@@ -258,6 +254,7 @@ def _tied_pass(i, prep, col, bspec, unit, A: Tensor, *, last: bool, axis: int):
     rows = 0
     A = A.to(torch.float64)
     per_sample = None
+    fixed = set(bspec.fixed) if last and unit is not None else set()  # a per-channel term's skip
     for b, ins, _ in col.inputs(i):
         outs: list[list[Tensor]] = [[] for _ in bases]
         h = ins[-1]
@@ -265,7 +262,6 @@ def _tied_pass(i, prep, col, bspec, unit, A: Tensor, *, last: bool, axis: int):
             per_sample = _per_sample(fused, unit, op_in, h) if unit is not None else 1 << 12
         for sl in _chunks(h, per_sample):
             envs_b = [_env(bases[k], ins[k][sl], {value}, output=last) for k in range(len(bases))]
-            fixed = set(bspec.fixed) if last and unit is not None else set()
             env_f = _env(fused, h[sl], ({op_in} if op_in else set()) | fixed, output=unit is None)
             Z = torch.cat([to_rows(e[value], axis) for e in envs_b], 1).to(torch.float64)
             A = A.to(Z.device)

@@ -105,18 +105,18 @@ class BlockUnit:
 
 @dataclass(frozen=True)
 class Fold:
-    """A per-channel affine next to a unit, folded into the unit's Linear before the block is solved.
+    """A norm's per-channel affine in front of a unit, folded into the unit's Linear/Conv2d before the block is solved.
 
-    ``kind="norm"``: a LayerNorm's γ, β in front of the unit (W ← W·diag γ, b ← b + Wβ);
-    ``kind="scale"``: a LayerScale γ after it (W ← diag γ·W, b ← γ·b; block_spec makes LayerScales units instead). The norm or scale is
-    then the identity (γ = 1, β = 0), so the level computes the same function.
+    ``kind="norm"`` (the only kind): γ, β of a LayerNorm or one-group GroupNorm in front of the unit
+    (W ← W·diag γ, b ← b + Wβ). The norm's affine is then the identity (γ = 1, β = 0), so the level computes
+    the same function. (LayerScales are per-channel units, never folded.)
     """
 
     kind: str
     weight: str  # qualname of γ
-    bias: str | None  # qualname of β (norm only)
+    bias: str | None  # qualname of β
     op: str  # qualname of the unit's Linear
-    node: str  # the norm or the multiplication node
+    node: str  # the norm node
 
 
 @dataclass(frozen=True)
@@ -249,11 +249,6 @@ def block_spec(level: GraphModule) -> BlockSpec | None:
             else:
                 return n
 
-    def through_moves(n: Node) -> Node:  # back through transparent ops and axis moves (checked with the spaces)
-        while (is_transparent(level, n) or _moves_axes(level, n)) and len(n.all_input_nodes) == 1:
-            n = n.all_input_nodes[0]
-        return n
-
     folds: list[Fold] = []
     for ln, (w, b, kind) in norms.items():  # a norm's only reader must be a Linear/Conv2d unit (with a bias for β)
         readers = [u for u in by_name[ln].users if not _reads_shape(u)]
@@ -325,10 +320,6 @@ def block_spec(level: GraphModule) -> BlockSpec | None:
         return None  # an activation inside a sum
     if any(u.spec.depthwise for u in term_units) and (len(terms) != 1 or (fixed and term_units[0].spec.channel is None)):
         return None  # a depthwise term is solved alone (its neurons are its input's); a per-channel affine with a skip
-    # a LayerScale folds into a unit whose targets are the level's sum (a term), which include γ; an inner unit's
-    # own targets do not
-    if any(f.kind == "scale" and f.op not in {u.spec.op for u in term_units} for f in folds):
-        return None
     if any(u.spec.groups != 1 for u in term_units):
         return None  # a grouped conv is solved group by group as an inner unit only
 
@@ -545,19 +536,12 @@ def _with_spaces(level: GraphModule, bspec: BlockSpec, out: Node) -> BlockSpec |
             return None
     tensor_space = {(name, dim): s.index for s in spaces for name, dim in s.tensors}
     units_by_op = {u.spec.op: u for u in bspec.units}
-    for f in bspec.folds:  # γ must scale the unit's input channels (norm) or output channels (scale) one to one
+    for f in bspec.folds:  # γ must scale the unit's input channels one to one
         u = units_by_op[f.op]
-        op_node = by_name[u.spec.op_node]
-        op = level.get_submodule(u.spec.op)
         gamma = level.get_parameter(f.weight)
-        if f.kind == "norm":
-            x = op_node.args[0]
-            channels = op.weight.shape[1]
-            at = space(x.name, u.axis)
-        else:
-            channels = op.weight.shape[0]
-            at = space(u.spec.op_node, u.axis)
-        if gamma.numel() != channels or at is None or tensor_space.get((f.weight, 0)) != at:
+        at = space(by_name[u.spec.op_node].args[0].name, u.axis)
+        if gamma.numel() != level.get_submodule(u.spec.op).weight.shape[1] or at is None or \
+                tensor_space.get((f.weight, 0)) != at:
             return None
     constants = []
     unit_spaces = {u.space for u in units} | {u.in_space for u in units}
