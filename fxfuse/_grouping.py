@@ -52,7 +52,9 @@ def _sq_dists(points: Tensor, centers: Tensor) -> Tensor:
 def gram_sq_dists(gram: Tensor, rows: Tensor | slice = slice(None), cols: Tensor | slice = slice(None)) -> Tensor:
     """Squared distances ‖p_j − p_k‖² = g_jj + g_kk − 2 g_jk between points known only by their Gram matrix."""
     diag = gram.diagonal()
-    return (diag[rows][:, None] + diag[cols][None, :] - 2.0 * gram[rows][:, cols]).clamp_min_(0.0)
+    sub = gram[rows]
+    sub = sub.index_select(1, cols) if isinstance(cols, Tensor) else sub[:, cols]  # not [:, cols]: a slow gather
+    return sub.mul(-2.0).add_(diag[rows][:, None]).add_(diag[cols][None, :]).clamp_min_(0.0)
 
 
 def _cluster_sums(gram: Tensor, weights: Tensor, labels: Tensor, k: int) -> tuple[Tensor, Tensor]:
@@ -147,43 +149,45 @@ def _kernel_lloyd(gram: Tensor, weights: Tensor, labels: Tensor, k: int, max_ite
     return labels, _inertia(gram, weights, labels, R, wsum)  # R and wsum follow the final labels
 
 
-def _kernel_kmeans_pp(gram: Tensor, weights: Tensor, k: int, gen: torch.Generator) -> Tensor:
-    """Importance-weighted greedy k-means++ seeding on a Gram matrix; returns initial labels.
+def _kernel_kmeans_pp(gram: Tensor, weights: Tensor, k: int, gen: torch.Generator, runs: int = 1) -> Tensor:
+    """Importance-weighted greedy k-means++ seeding on a Gram matrix; initial labels of shape (runs, n).
 
-    Each step samples 2 + ⌊ln k⌋ candidates ∝ s_j · D(p_j)² and keeps the one that
-    lowers the weighted potential most (the greedy variant scikit-learn uses).
+    Each step samples 2 + ⌊ln k⌋ candidates ∝ s_j · D(p_j)², with replacement as
+    scikit-learn does, and keeps the one that lowers the weighted potential most (the
+    greedy variant). ``runs`` independent seedings advance together, one batched step each,
+    so restarts cost one Python loop of k steps, not ``runs`` of them.
     """
-    n = gram.shape[0]
+    n, dev = gram.shape[0], gram.device
     trials = 2 + int(math.log(k))
     diag = gram.diagonal().contiguous()  # read k times: a strided view would cost a cache line per point
-    first = int(torch.multinomial(weights / weights.sum(), 1, generator=gen))
-    idx = [first]
+    at = torch.arange(runs, device=dev)
+    first = torch.multinomial(weights / weights.sum(), runs, replacement=True, generator=gen)
+    idx = torch.empty(runs, k, dtype=torch.long, device=dev)
+    idx[:, 0] = first
+    chosen = torch.zeros(runs, n, dtype=torch.bool, device=dev)
+    chosen[at, first] = True
     # distances below this are rounding: a chosen centre (or its duplicate) must have exactly zero weight
     floor = TIE_RTOL * float(diag.abs().max().clamp_min(1e-300))
-    closest = (diag[first] + diag - 2.0 * gram[first]).clamp_min_(0.0)
-    for _ in range(1, k):
-        # one pass per step over n points plus one over the candidates' rows: this loop runs k times
+    closest = (diag[first, None] + diag[None, :] - 2.0 * gram[first]).clamp_min_(0.0)  # (runs, n)
+    for step in range(1, k):
+        # one pass per step over n points per run plus one over the candidates' rows: this loop runs k times
         closest.masked_fill_(closest <= floor, 0.0)
         p = weights * closest
-        total = float(p.sum())
-        if total <= 0.0:  # every point coincides with a center: pick unused points
-            remaining = torch.ones(n, dtype=torch.bool, device=gram.device)
-            remaining[idx] = False
-            p, total = remaining.to(gram.dtype), float(n - len(idx))
-        cand = torch.multinomial(p, min(trials, int(torch.count_nonzero(p))), generator=gen)
-        new_closest = torch.add(diag[cand, None] + diag[None, :], gram[cand], alpha=-2.0).clamp_min_(0.0)
-        torch.minimum(closest[None, :], new_closest, out=new_closest)
-        best = _first_near_min((new_closest * weights).sum(1).tolist())
-        idx.append(int(cand[best]))
-        closest = new_closest[best]
-    return _argmin_tol(gram_sq_dists(gram, slice(None), torch.tensor(idx, device=gram.device)), 1)
-
-
-def _first_near_min(values: list[float]) -> int:
-    """:func:`_argmin_tol` of a short list, in Python."""
-    finite = [abs(v) for v in values if math.isfinite(v)]
-    bound = min(values) + TIE_RTOL * (max(finite) if finite else 0.0)
-    return next(j for j, v in enumerate(values) if v <= bound)
+        spent = p.sum(1) <= 0.0
+        if bool(spent.any()):  # every point of a run coincides with a centre: that run picks unused points
+            p[spent] = (~chosen[spent]).to(p.dtype)
+        cand = torch.multinomial(p, trials, replacement=True, generator=gen).flatten()  # runs × trials
+        # index_select, not gram[cand]: advanced indexing costs several times more per call here
+        new_closest = gram.index_select(0, cand).mul_(-2.0).add_(diag).add_(diag.index_select(0, cand)[:, None])
+        new_closest = new_closest.view(runs, trials, n)
+        torch.minimum(new_closest, closest[:, None, :], out=new_closest).clamp_min_(0.0)
+        pot = new_closest.view(runs * trials, n).mv(weights).view(runs, trials)  # ≥ 0 and finite: its own scale
+        flat = at * trials + _near_min(pot, 1, pot.amax(1, keepdim=True)).to(torch.int8).argmax(1)
+        pick = cand.index_select(0, flat)
+        idx[:, step] = pick
+        chosen.view(-1).index_fill_(0, at * n + pick, True)
+        closest = new_closest.view(runs * trials, n).index_select(0, flat)
+    return torch.stack([_argmin_tol(gram_sq_dists(gram, slice(None), idx[r]), 1) for r in range(runs)])
 
 
 def kernel_kmeans(
@@ -229,9 +233,12 @@ def kernel_kmeans(
     if k == n:
         return torch.arange(n, device=gram.device), 0.0
     gen = torch.Generator(device=gram.device).manual_seed(seed)
+    seeded = max(1, n_init) - (init is not None)
+    starts = list(_kernel_kmeans_pp(gram, weights, k, gen, seeded)) if seeded > 0 else []
+    if init is not None:
+        starts.insert(0, init.to(gram.device))
     best = None
-    for run in range(max(1, n_init)):
-        start = init.to(gram.device) if (run == 0 and init is not None) else _kernel_kmeans_pp(gram, weights, k, gen)
+    for start in starts:
         labels, inertia = _kernel_lloyd(gram, weights, start, k, max_iter)
         if best is None or inertia < best[1] - 1e-12 * abs(best[1]):
             best = (labels, inertia)

@@ -204,7 +204,7 @@ def test_kmeans_with_more_clusters_than_distinct_points_leaves_none_empty():
     w = torch.rand(50, generator=g, dtype=torch.float64)
     w[10] = 0
     gram = P @ P.T
-    start = _kernel_kmeans_pp(gram, w, 49, torch.Generator().manual_seed(3))
+    start = _kernel_kmeans_pp(gram, w, 49, torch.Generator().manual_seed(3))[0]
     labels, inertia = _kernel_lloyd(gram, w, start, 49, max_iter=300)
     assert torch.bincount(labels, minlength=49).min() == 1  # every cluster used: 48 singletons and one pair
     assert inertia < 1e-10 * float(gram.diagonal().max())
@@ -213,7 +213,7 @@ def test_kmeans_with_more_clusters_than_distinct_points_leaves_none_empty():
     Q = torch.cat([torch.zeros(1000, 8, dtype=torch.float64), live, live])
     labels, inertia = _kernel_lloyd(Q @ Q.T, torch.ones(2000, dtype=torch.float64),
                                     _kernel_kmeans_pp(Q @ Q.T, torch.ones(2000, dtype=torch.float64), 1000,
-                                                      torch.Generator().manual_seed(0)), 1000, max_iter=300)
+                                                      torch.Generator().manual_seed(0))[0], 1000, max_iter=300)
     assert torch.bincount(labels, minlength=1000).min() >= 1 and inertia < 1e-9
 
 
