@@ -1,6 +1,7 @@
 """Closed form inside blocks vs the gradient fallback, on CNNs trained on the digits; prints markdown tables.
 
-    python benchmarks/blocks.py [--seeds 3] [--small-arch test_resnet] [--blocks closed-form gradient] [--realistic] [--epochs 6]
+    python benchmarks/blocks.py [--seeds 3] [--small-arch test_resnet] [--methods hf-linear kf-linear]
+                                [--blocks closed-form gradient] [--realistic] [--epochs 6]
 
 Table 1: the demo's CNN (timm ``test_resnet``, 16×16 gray digits; ``--small-arch`` picks
 another timm model, e.g. ``mobilenetv3_small_100`` or ``convnext_atto``, at ``--small-size``) on the non-IID
@@ -75,6 +76,8 @@ def main() -> None:
     p.add_argument("--small-size", type=int, default=16, help="image size of table 1 (default 16)")
     p.add_argument("--small-epochs", type=int, default=15, help="base training epochs of table 1 (default 15)")
     p.add_argument("--starts", action="store_true", help="also table 3: where the gradient methods start")
+    p.add_argument("--methods", nargs="+", default=["hf-linear", "kf-linear"], choices=["hf-linear", "kf-linear"],
+                   help="table 1's methods (default both)")
     p.add_argument("--blocks", nargs="+", default=["closed-form", "gradient"], choices=["closed-form", "gradient"],
                    help="table 1's block solvers (default both; e.g. --blocks closed-form to re-time only it)")
     args = p.parse_args()
@@ -82,7 +85,7 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU")
 
     if not args.skip_small:
-        rows = [(f"{m} ({b})", m, {"blocks": b}) for m in ("hf-linear", "kf-linear") for b in args.blocks]
+        rows = [(f"{m} ({b})", m, {"blocks": b}) for m in args.methods for b in args.blocks]
         res: dict[str, tuple[list[float], list[float]]] = {}
         bases: list[list[float]] = [[], []]
         for seed in range(args.seeds):
