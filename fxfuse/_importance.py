@@ -72,6 +72,81 @@ def _attribute(
     return score + 1e-8 * score.mean().clamp_min(1e-30)
 
 
+def _gauss_legendre_alphas(n: int) -> list[float]:
+    """The interpolation points of captum's default ``"gausslegendre"`` rule, in [0, 1], ascending."""
+    import numpy as np
+
+    return list(0.5 * (1 + np.polynomial.legendre.leggauss(n)[0]))
+
+
+def _conductance_all(model: nn.Module, layers: list[nn.Module], axes: list[int], data, n_steps: int,
+                     batch_size: int, device) -> list[Tensor]:
+    """:func:`_attribute`'s conductance at every layer at once: one set of interpolated forward passes and one
+    backward pass per batch serve all layers, instead of one set per layer.
+
+    The same computation as captum's ``LayerConductance`` (zero baseline, Gauss-Legendre points): with inputs
+    α_k·x at the n_steps + 1 points and a_k the layer's output there, the attribution is
+    Σ_k ∂F_target/∂a (at α_k) · (a_{k+1} − a_k), k < n_steps. Each layer's hook keeps its output and passes a
+    clone on, as captum's does, so that an in-place op after it cannot change what was kept.
+    """
+    if not data.has_labels:
+        raise ValueError("importance='conductance' needs labels to attribute to; pass (inputs, labels) as data")
+    alphas = _gauss_legendre_alphas(n_steps + 1)
+    totals: list[Tensor | None] = [None] * len(layers)
+    n = 0
+    for xb, yb in data.batches(batch_size, device):
+        m = xb.shape[0]
+        scaled = torch.cat([0 + a * (xb - 0) for a in alphas]).requires_grad_()
+        saved: list[Tensor | None] = [None] * len(layers)
+
+        def keep(k: int):
+            def hook(module, inputs, out):
+                saved[k] = out
+                return out.clone()
+            return hook
+
+        handles = [layer.register_forward_hook(keep(k)) for k, layer in enumerate(layers)]
+        try:
+            out = model(scaled)
+        finally:
+            for h in handles:
+                h.remove()
+        target = yb.repeat(n_steps + 1).reshape(-1, 1).to(out.device)
+        grads = torch.autograd.grad(torch.unbind(torch.gather(out, 1, target)), saved, allow_unused=True)
+        for k, (ev, g) in enumerate(zip(saved, grads)):
+            ev = ev.detach()
+            if g is None:  # the target does not depend on this layer: no conductance (the floor below)
+                g = torch.zeros_like(ev)
+            attr = ((ev[m:] - ev[:-m]) * g[:-m]).reshape(n_steps, m, *ev.shape[1:]).sum(0)
+            a = attr.abs().to(torch.float64).movedim(axes[k], -1)
+            part = a.reshape(a.shape[0], -1, a.shape[-1]).sum(1).sum(0)
+            totals[k] = part if totals[k] is None else totals[k] + part
+        n += m
+    from ._dist import all_reduce_, all_reduce_number
+
+    n = all_reduce_number(n)
+    scores = []
+    for total in totals:
+        score = all_reduce_(total) / n  # sums over the shards of a process group
+        scores.append(score + 1e-8 * score.mean().clamp_min(1e-30))
+    return scores
+
+
+def _tapped(gm: GraphModule, names: list[str]) -> GraphModule:
+    """A copy of ``gm`` in eval mode with an ``nn.Identity`` module ``fxfuse_tap_<k>`` after the k-th named node."""
+    tapped = copy.deepcopy(gm)
+    nodes = {n.name: n for n in tapped.graph.nodes}
+    for k, name in enumerate(names):
+        node = nodes[name]
+        tapped.add_submodule(f"fxfuse_tap_{k}", nn.Identity())
+        with tapped.graph.inserting_after(node):
+            tap = tapped.graph.call_module(f"fxfuse_tap_{k}", (node,))
+        node.replace_all_uses_with(tap, delete_user_cb=lambda user, tap=tap: user is not tap)
+    tapped.graph.lint()
+    tapped.recompile()
+    return tapped.eval()
+
+
 def node_scores(
     gm: GraphModule,
     taps: Sequence[tuple[str, int]],
@@ -116,17 +191,10 @@ def node_scores(
         dev = next((p.device for p in gm.parameters()), torch.device("cpu"))
         return [torch.ones(w, dtype=torch.float64, device=dev) for w in widths]
     data = _as_data(data)
-    tapped = copy.deepcopy(gm)
-    nodes = {n.name: n for n in tapped.graph.nodes}
-    for k, (name, _) in enumerate(taps):
-        node = nodes[name]
-        tapped.add_submodule(f"fxfuse_tap_{k}", nn.Identity())
-        with tapped.graph.inserting_after(node):
-            tap = tapped.graph.call_module(f"fxfuse_tap_{k}", (node,))
-        node.replace_all_uses_with(tap, delete_user_cb=lambda user, tap=tap: user is not tap)
-    tapped.graph.lint()
-    tapped.recompile()
-    tapped.eval()
+    tapped = _tapped(gm, [name for name, _ in taps])
+    if importance == "conductance":  # every tap from one set of passes (captum's LayerConductance, per tap, below)
+        return _conductance_all(tapped, [tapped.get_submodule(f"fxfuse_tap_{k}") for k in range(len(taps))],
+                                [d for _, d in taps], data, n_steps, batch_size, device)
     return [
         _attribute(tapped, tapped.get_submodule(f"fxfuse_tap_{k}"), d, w, data, importance, n_steps, batch_size, device)
         for k, ((_, d), w) in enumerate(zip(taps, widths))

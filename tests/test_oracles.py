@@ -332,3 +332,28 @@ def test_dual_form_with_fewer_rows_than_columns_equals_the_gram_form():
     # past as many rows as columns the rows are dropped for G
     dual.add(X, Z)
     assert dual.X is None and dual.G is not None
+
+
+def test_conductance_of_every_level_at_once_equals_captum_layer_by_layer():
+    """node_scores computes conductance at all taps from one set of interpolated passes; captum's LayerConductance,
+    one tap at a time (fxfuse._importance._attribute, the per-tap route), is the oracle. A timm ResNet with
+    in-place ReLUs after the taps, several batches."""
+    import timm
+
+    import fxfuse
+    from fxfuse._importance import _as_data, _attribute, _tapped, node_scores
+    from fxfuse.passes import partition_levels
+
+    torch.manual_seed(0)
+    model = timm.create_model("test_resnet", pretrained=False, num_classes=5, in_chans=1).eval()
+    x = torch.randn(24, 1, 16, 16, generator=_gen(1))
+    y = torch.randint(0, 5, (24,), generator=_gen(2))
+    plan = partition_levels(fxfuse.trace(model, x[:2]))
+    taps = [(lv.output, lv.neuron_axis) for lv in plan]
+    got = node_scores(plan.gm, taps, (x, y), "conductance", n_steps=7, batch_size=10)
+    tapped = _tapped(plan.gm, [name for name, _ in taps])
+    for k, ((_, axis), score) in enumerate(zip(taps, got)):
+        ref = _attribute(tapped, tapped.get_submodule(f"fxfuse_tap_{k}"), axis, score.shape[0], _as_data((x, y)),
+                         "conductance", 7, 10, None)
+        torch.testing.assert_close(score, ref, rtol=1e-5, atol=1e-12 * float(ref.abs().max()))
+        assert float(ref.std()) > 0  # not the floor alone
