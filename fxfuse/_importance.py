@@ -53,8 +53,6 @@ def _attribute(
     """|attribution| at ``layer``'s output, summed over all but ``axis`` and averaged over samples."""
     from captum.attr import LayerConductance, LayerDeepLift
 
-    if not data.has_labels:
-        raise ValueError(f"importance={importance!r} needs labels to attribute to; pass (inputs, labels) as data")
     algo = LayerConductance(model, layer) if importance == "conductance" else LayerDeepLift(model, layer)
     total, n = None, 0
     for xb, yb in data.batches(batch_size, device):
@@ -62,13 +60,25 @@ def _attribute(
             attr = algo.attribute(xb, target=yb, n_steps=n_steps)
         else:
             attr = algo.attribute(xb, baselines=torch.zeros_like(xb), target=yb)
-        a = attr.detach().abs().to(torch.float64).movedim(axis, -1)
-        part = a.reshape(a.shape[0], -1, a.shape[-1]).sum(1).sum(0)
+        part = _summed(attr, axis)
         total = part if total is None else total + part
         n += xb.shape[0]
-    from ._dist import all_reduce_, all_reduce_number
+    from ._dist import all_reduce_number
 
-    score = all_reduce_(total) / all_reduce_number(n)  # sums over the shards of a process group
+    return _mean_score(total, all_reduce_number(n))
+
+
+def _summed(attr: Tensor, axis: int) -> Tensor:
+    """|attr| summed over samples and every dim but ``axis``: float64, shape (width,)."""
+    a = attr.detach().abs().to(torch.float64).movedim(axis, -1)
+    return a.reshape(a.shape[0], -1, a.shape[-1]).sum(1).sum(0)
+
+
+def _mean_score(total: Tensor, n: int) -> Tensor:
+    """The per-sample mean of summed attributions over ``n`` samples (all shards), floored at 1e-8 × its mean."""
+    from ._dist import all_reduce_
+
+    score = all_reduce_(total) / n  # sums over the shards of a process group
     return score + 1e-8 * score.mean().clamp_min(1e-30)
 
 
@@ -89,14 +99,12 @@ def _conductance_all(model: nn.Module, layers: list[nn.Module], axes: list[int],
     Σ_k ∂F_target/∂a (at α_k) · (a_{k+1} − a_k), k < n_steps. Each layer's hook keeps its output and passes a
     clone on, as captum's does, so that an in-place op after it cannot change what was kept.
     """
-    if not data.has_labels:
-        raise ValueError("importance='conductance' needs labels to attribute to; pass (inputs, labels) as data")
     alphas = _gauss_legendre_alphas(n_steps + 1)
     totals: list[Tensor | None] = [None] * len(layers)
     n = 0
     for xb, yb in data.batches(batch_size, device):
         m = xb.shape[0]
-        scaled = torch.cat([0 + a * (xb - 0) for a in alphas]).requires_grad_()
+        scaled = torch.cat([a * xb for a in alphas]).requires_grad_()  # baseline + α(x − baseline), baseline 0
         saved: list[Tensor | None] = [None] * len(layers)
 
         def keep(k: int):
@@ -117,19 +125,13 @@ def _conductance_all(model: nn.Module, layers: list[nn.Module], axes: list[int],
             ev = ev.detach()
             if g is None:  # the target does not depend on this layer: no conductance (the floor below)
                 g = torch.zeros_like(ev)
-            attr = ((ev[m:] - ev[:-m]) * g[:-m]).reshape(n_steps, m, *ev.shape[1:]).sum(0)
-            a = attr.abs().to(torch.float64).movedim(axes[k], -1)
-            part = a.reshape(a.shape[0], -1, a.shape[-1]).sum(1).sum(0)
+            part = _summed(((ev[m:] - ev[:-m]) * g[:-m]).reshape(n_steps, m, *ev.shape[1:]).sum(0), axes[k])
             totals[k] = part if totals[k] is None else totals[k] + part
         n += m
-    from ._dist import all_reduce_, all_reduce_number
+    from ._dist import all_reduce_number
 
     n = all_reduce_number(n)
-    scores = []
-    for total in totals:
-        score = all_reduce_(total) / n  # sums over the shards of a process group
-        scores.append(score + 1e-8 * score.mean().clamp_min(1e-30))
-    return scores
+    return [_mean_score(total, n) for total in totals]
 
 
 def _tapped(gm: GraphModule, names: list[str]) -> GraphModule:
@@ -191,6 +193,8 @@ def node_scores(
         dev = next((p.device for p in gm.parameters()), torch.device("cpu"))
         return [torch.ones(w, dtype=torch.float64, device=dev) for w in widths]
     data = _as_data(data)
+    if not data.has_labels:
+        raise ValueError(f"importance={importance!r} needs labels to attribute to; pass (inputs, labels) as data")
     tapped = _tapped(gm, [name for name, _ in taps])
     if importance == "conductance":  # every tap from one set of passes (captum's LayerConductance, per tap, below)
         return _conductance_all(tapped, [tapped.get_submodule(f"fxfuse_tap_{k}") for k in range(len(taps))],
