@@ -134,6 +134,56 @@ def _conductance_all(model: nn.Module, layers: list[nn.Module], axes: list[int],
     return [_mean_score(total, n) for total in totals]
 
 
+def _deeplift_all(model: nn.Module, layers: list[nn.Module], axes: list[int], data, batch_size: int,
+                  device) -> list[Tensor]:
+    """:func:`_attribute`'s DeepLift at every layer at once: one forward and one backward pass per batch serve
+    all layers, instead of one pair per layer.
+
+    The same computation as captum's ``LayerDeepLift`` (zero baseline, rescale rule, multiplied by the
+    difference from the baseline): inputs and baselines run as one batch [x; 0] through the model with captum's
+    own DeepLift hooks on its nonlinear modules (``DeepLift._register_hooks``: the rescale rule replaces their
+    gradients in the backward pass); the attribution at a layer is (a(x) − a(0)) · ∂F/∂a, F the sum of the
+    target logits of both halves, as captum takes it. Gradients at a layer depend only on the modules after
+    it, so one backward pass gives every layer's.
+    """
+    from captum.attr import LayerDeepLift
+
+    dl = LayerDeepLift(model, layers[0])  # only for its hooks on the nonlinear modules
+    totals: list[Tensor | None] = [None] * len(layers)
+    n = 0
+    for xb, yb in data.batches(batch_size, device):
+        m = xb.shape[0]
+        saved: list[Tensor | None] = [None] * len(layers)
+
+        def keep(k: int):
+            def hook(module, inputs, out):
+                saved[k] = out
+                return out.clone()
+            return hook
+
+        handles = [layer.register_forward_hook(keep(k)) for k, layer in enumerate(layers)]
+        try:
+            model.apply(lambda mod: dl._register_hooks(mod, attribute_to_layer_input=False))
+            both = torch.cat([xb, torch.zeros_like(xb)]).requires_grad_()
+            out = model(both)
+            target = yb.repeat(2).reshape(-1, 1).to(out.device)
+            grads = torch.autograd.grad(torch.unbind(torch.gather(out, 1, target)), saved, allow_unused=True)
+        finally:
+            dl._remove_hooks(handles)
+            dl.forward_handles, dl.backward_handles = [], []
+        for k, (ev, g) in enumerate(zip(saved, grads)):
+            ev = ev.detach()
+            if g is None:  # the target does not depend on this layer: no attribution (the floor below)
+                g = torch.zeros_like(ev)
+            part = _summed((ev[:m] - ev[m:]) * g[:m], axes[k])
+            totals[k] = part if totals[k] is None else totals[k] + part
+        n += m
+    from ._dist import all_reduce_number
+
+    n = all_reduce_number(n)
+    return [_mean_score(total, n) for total in totals]
+
+
 def _tapped(gm: GraphModule, names: list[str]) -> GraphModule:
     """A copy of ``gm`` in eval mode with an ``nn.Identity`` module ``fxfuse_tap_<k>`` after the k-th named node."""
     tapped = copy.deepcopy(gm)
@@ -196,10 +246,12 @@ def node_scores(
     if not data.has_labels:
         raise ValueError(f"importance={importance!r} needs labels to attribute to; pass (inputs, labels) as data")
     tapped = _tapped(gm, [name for name, _ in taps])
-    if importance == "conductance":  # every tap from one set of passes (captum's LayerConductance, per tap, below)
-        return _conductance_all(tapped, [tapped.get_submodule(f"fxfuse_tap_{k}") for k in range(len(taps))],
-                                [d for _, d in taps], data, n_steps, batch_size, device)
-    return [
-        _attribute(tapped, tapped.get_submodule(f"fxfuse_tap_{k}"), d, w, data, importance, n_steps, batch_size, device)
-        for k, ((_, d), w) in enumerate(zip(taps, widths))
-    ]
+    layers = [tapped.get_submodule(f"fxfuse_tap_{k}") for k in range(len(taps))]
+    axes = [d for _, d in taps]
+    # every tap from one set of passes (captum's LayerConductance / LayerDeepLift, per tap, in _attribute)
+    if importance == "conductance":
+        return _conductance_all(tapped, layers, axes, data, n_steps, batch_size, device)
+    if importance == "deeplift":
+        return _deeplift_all(tapped, layers, axes, data, batch_size, device)
+    raise ValueError(f"node_scores: unknown importance {importance!r}; valid importance scores: "
+                     f"{', '.join(IMPORTANCES)}")

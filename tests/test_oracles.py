@@ -5,6 +5,7 @@ import itertools
 import numpy as np
 import pytest
 import torch
+from torch import nn
 from sklearn.cluster import KMeans
 
 from fxfuse._grouping import hungarian_pairs, pair_costs, weighted_kmeans
@@ -334,10 +335,23 @@ def test_dual_form_with_fewer_rows_than_columns_equals_the_gram_form():
     assert dual.X is None and dual.G is not None
 
 
-def test_conductance_of_every_level_at_once_equals_captum_layer_by_layer():
-    """node_scores computes conductance at all taps from one set of interpolated passes; captum's LayerConductance,
-    one tap at a time (fxfuse._importance._attribute, the per-tap route), is the oracle. A timm ResNet with
-    in-place ReLUs after the taps, several batches."""
+def _small_vgg() -> nn.Module:
+    """Convs, in-place ReLUs and max pooling after them: captum's DeepLift max-pool rule mixes the input and
+    baseline halves' gradients."""
+    return nn.Sequential(
+        nn.Conv2d(1, 6, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+        nn.Conv2d(6, 8, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(8 * 4 * 4, 5),
+    )
+
+
+@pytest.mark.parametrize("arch", ["test_resnet", "vgg"])
+@pytest.mark.parametrize("importance", ["conductance", "deeplift"])
+def test_scores_of_every_level_at_once_equal_captum_layer_by_layer(importance, arch):
+    """node_scores computes conductance and DeepLift at all taps from one set of passes; captum's
+    LayerConductance / LayerDeepLift, one tap at a time (fxfuse._importance._attribute, the per-tap route), is
+    the oracle. A timm ResNet with in-place ReLUs after the taps, and a VGG-like net with max pooling after
+    them; several batches."""
     import timm
 
     import fxfuse
@@ -345,15 +359,28 @@ def test_conductance_of_every_level_at_once_equals_captum_layer_by_layer():
     from fxfuse.passes import partition_levels
 
     torch.manual_seed(0)
-    model = timm.create_model("test_resnet", pretrained=False, num_classes=5, in_chans=1).eval()
+    if arch == "vgg":
+        model = _small_vgg().eval()
+    else:
+        model = timm.create_model("test_resnet", pretrained=False, num_classes=5, in_chans=1).eval()
     x = torch.randn(24, 1, 16, 16, generator=_gen(1))
     y = torch.randint(0, 5, (24,), generator=_gen(2))
     plan = partition_levels(fxfuse.trace(model, x[:2]))
     taps = [(lv.output, lv.neuron_axis) for lv in plan]
-    got = node_scores(plan.gm, taps, (x, y), "conductance", n_steps=7, batch_size=10)
+    assert len(taps) >= 2
+    got = node_scores(plan.gm, taps, (x, y), importance, n_steps=7, batch_size=10)
     tapped = _tapped(plan.gm, [name for name, _ in taps])
     for k, ((_, axis), score) in enumerate(zip(taps, got)):
         ref = _attribute(tapped, tapped.get_submodule(f"fxfuse_tap_{k}"), axis, score.shape[0], _as_data((x, y)),
-                         "conductance", 7, 10, None)
+                         importance, 7, 10, None)
         torch.testing.assert_close(score, ref, rtol=1e-5, atol=1e-12 * float(ref.abs().max()))
         assert float(ref.std()) > 0  # not the floor alone
+
+
+def test_node_scores_rejects_an_unknown_importance():
+    import fxfuse
+    from fxfuse._importance import node_scores
+
+    gm = fxfuse.trace(nn.Sequential(nn.Linear(4, 3)), torch.randn(2, 4))
+    with pytest.raises(ValueError, match="unknown importance 'shap'.*conductance"):
+        node_scores(gm, [("_0", 1)], (torch.randn(4, 4), torch.zeros(4, dtype=torch.long)), "shap")
