@@ -212,15 +212,18 @@ class DiagonalStats:
         groups = X.shape[1]
         if T.shape[1] % groups:
             raise ValueError(f"targets have {T.shape[1]} columns, not a multiple of the {groups} groups")
+        m = T.shape[1] // groups
         for s in range(0, X.shape[0], chunk):
-            x = X[s : s + chunk].to(torch.float64)
-            t = T[s : s + chunk].to(torch.float64).reshape(x.shape[0], groups, -1)
-            G = torch.einsum("rcd,rce->cde", x, x)
-            if t.shape[2] == 1:  # one output per group (depthwise): the same sums as a vector einsum
-                b = torch.einsum("rcd,rc->cd", x, t[..., 0])[..., None]
-            else:
-                b = torch.einsum("rcd,rcm->cdm", x, t)
-            tt = (t * t).sum(0)
+            r = min(chunk, X.shape[0] - s)
+            # groups first, in float64, each in one copy: (groups, rows, d) and (groups, rows, m)
+            x = torch.empty((groups, r, X.shape[2]), dtype=torch.float64, device=X.device)
+            x.copy_(X[s : s + r].transpose(0, 1))
+            t = torch.empty((groups, r, m), dtype=torch.float64, device=X.device)
+            t.copy_(T[s : s + r].reshape(r, groups, m).transpose(0, 1))
+            xt = x.transpose(1, 2)
+            G = torch.bmm(xt, x)
+            b = torch.bmm(xt, t)
+            tt = (t * t).sum(1)
             if self.G is None:
                 self.G, self.b, self.tt = G, b, tt
             else:
