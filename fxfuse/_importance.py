@@ -7,6 +7,10 @@ averaged over samples. As in the paper (F.1), scores are not normalised: the
 raw attributions of different models share a scale (the label's logit), and
 normalising distorted the relative differences in our runs too. A floor of
 1e-8 × the mean score keeps every neuron's weight positive.
+
+Both attributions are computed for every level from one set of passes per batch
+(:func:`_conductance_all`, :func:`_deeplift_all`); :func:`_attribute`, captum's
+per-layer route, is the reference they are tested against.
 """
 
 from __future__ import annotations
