@@ -185,6 +185,13 @@ class FusionData:
             p.n_classes, p.input_dtype = self.n_classes, self.input_dtype
         return parts[0], parts[1]
 
+    def n_batches(self, batch_size: int = 256) -> int | None:
+        """How many batches :meth:`batches` yields with ``batch_size``, or None when that is not known before a
+        pass (a DataLoader keeps its own batch size: its ``len``)."""
+        if self._x is not None:
+            return -(-self.n_samples // batch_size)
+        return len(self._source) if hasattr(self._source, "__len__") else None
+
     def batches(self, batch_size: int = 256, device: torch.device | str | None = None) -> Iterator[tuple[Tensor, Tensor | None]]:
         """Yield ``(inputs, labels or None)`` on ``device``; a DataLoader keeps its own batch size."""
         if self._x is not None:

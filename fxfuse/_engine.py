@@ -120,7 +120,7 @@ class LevelRecord:
     held_out_error: float | None = None  # held_out > 0: the relative error on the samples no fit saw
 
 
-def progress_bar(total: int, desc: str, enabled: bool, leave: bool = True):
+def progress_bar(total: int | None, desc: str, enabled: bool, leave: bool = True):
     """A tqdm bar, or None when progress is off."""
     if not enabled:
         return None
@@ -491,8 +491,20 @@ def score_neurons(prep: Prepared, cfg: FuseConfig) -> list[list[Tensor]]:
     """Per model, per level: the importance score of every neuron (Tensor of shape (width,), float64)."""
     from ._importance import level_scores
 
-    return [level_scores(p, prep.data, cfg.importance, n_steps=cfg.importance_steps, device=cfg.device)
-            for p in prep.plans]
+    bar = None
+    if cfg.importance != "uniform":  # attributions: interpolated passes over the fusion data, per model
+        batches = prep.data.n_batches(_SCORE_BATCH)
+        bar = progress_bar(None if batches is None else batches * len(prep.plans), f"importance ({cfg.importance})",
+                           cfg.progress)
+    try:
+        return [level_scores(p, prep.data, cfg.importance, n_steps=cfg.importance_steps, batch_size=_SCORE_BATCH,
+                             device=cfg.device, progress=bar) for p in prep.plans]
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+_SCORE_BATCH = 128  # samples per attribution batch (conductance runs n_steps + 1 copies of each at once)
 
 
 # --- 4. per level: grouping strategies --------------------------------------------------------

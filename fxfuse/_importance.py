@@ -36,7 +36,7 @@ def level_scores(plan: Any, data: Any, importance: str, **kwargs: Any) -> list[T
         data: Labelled fusion data: a :class:`fxfuse._collect.FusionData` or any
             form it accepts, e.g. ``(inputs, labels)``; streamed batch by batch.
         importance: ``"uniform"``, ``"conductance"`` or ``"deeplift"``.
-        **kwargs: ``n_steps``, ``batch_size``, ``device`` as for :func:`node_scores`.
+        **kwargs: ``n_steps``, ``batch_size``, ``device``, ``progress`` as for :func:`node_scores`.
 
     Returns:
         One Tensor of shape (width,) per level, float64, positive.
@@ -120,7 +120,7 @@ def _batches(data, batch_size: int, device, channels_last: bool):
 
 
 def _conductance_all(model: nn.Module, layers: list[nn.Module], axes: list[int], data, n_steps: int,
-                     batch_size: int, device) -> list[Tensor]:
+                     batch_size: int, device, progress=None) -> list[Tensor]:
     """:func:`_attribute`'s conductance at every layer at once: one set of interpolated forward passes and one
     backward pass per batch serve all layers, instead of one set per layer.
 
@@ -159,6 +159,8 @@ def _conductance_all(model: nn.Module, layers: list[nn.Module], axes: list[int],
             part = _summed(((ev[m:] - ev[:-m]) * g[:-m]).reshape(n_steps, m, *ev.shape[1:]).sum(0), axes[k])
             totals[k] = part if totals[k] is None else totals[k] + part
         n += m
+        if progress is not None:
+            progress.update(1)
     from ._dist import all_reduce_number
 
     n = all_reduce_number(n)
@@ -166,7 +168,7 @@ def _conductance_all(model: nn.Module, layers: list[nn.Module], axes: list[int],
 
 
 def _deeplift_all(model: nn.Module, layers: list[nn.Module], axes: list[int], data, batch_size: int,
-                  device) -> list[Tensor]:
+                  device, progress=None) -> list[Tensor]:
     """:func:`_attribute`'s DeepLift at every layer at once: one forward and one backward pass per batch serve
     all layers, instead of one pair per layer.
 
@@ -210,6 +212,8 @@ def _deeplift_all(model: nn.Module, layers: list[nn.Module], axes: list[int], da
             part = _summed((ev[:m] - ev[m:]) * g[:m], axes[k])
             totals[k] = part if totals[k] is None else totals[k] + part
         n += m
+        if progress is not None:
+            progress.update(1)
     from ._dist import all_reduce_number
 
     n = all_reduce_number(n)
@@ -240,6 +244,7 @@ def node_scores(
     n_steps: int = 20,
     batch_size: int = 128,
     device: torch.device | str | None = None,
+    progress: Any = None,
 ) -> list[Tensor]:
     """Importance score of every neuron at arbitrary nodes of a traced model.
 
@@ -252,6 +257,7 @@ def node_scores(
         data: Fusion data as :func:`level_scores` takes it; labels are the
             attribution targets (unused for ``"uniform"``).
         importance: ``"uniform"``, ``"conductance"`` or ``"deeplift"``.
+        progress: Anything with ``update(1)`` (a tqdm bar), called once per batch of attributions.
 
     Returns:
         One Tensor of shape (width,) per tap, float64, positive.
@@ -282,8 +288,8 @@ def node_scores(
     axes = [d for _, d in taps]
     # every tap from one set of passes (captum's LayerConductance / LayerDeepLift, per tap, in _attribute)
     if importance == "conductance":
-        return _conductance_all(tapped, layers, axes, data, n_steps, batch_size, device)
+        return _conductance_all(tapped, layers, axes, data, n_steps, batch_size, device, progress)
     if importance == "deeplift":
-        return _deeplift_all(tapped, layers, axes, data, batch_size, device)
+        return _deeplift_all(tapped, layers, axes, data, batch_size, device, progress)
     raise ValueError(f"node_scores: unknown importance {importance!r}; valid importance scores: "
                      f"{', '.join(IMPORTANCES)}")

@@ -102,6 +102,19 @@ def test_result_is_a_plain_graphmodule_with_a_report(capsys):
     assert "kf-linear with uniform importance" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("importance", ["conductance", "deeplift"])
+def test_importance_scores_show_a_progress_bar_over_models_and_batches(capsys, importance):
+    a, b = mlp(seed=0), mlp(seed=1)
+    x = _data((16,), 300)
+    y = a(x).argmax(1)
+    fxfuse.fuse([a, b], (x, y), method="kf-linear", importance=importance, progress=True)
+    err = capsys.readouterr().err
+    # 300 samples in batches of 128: 3 per model, 2 models
+    assert f"importance ({importance})" in err and "6/6" in err
+    fxfuse.fuse([a, b], (x, y), method="kf-linear", importance=importance, progress=False)
+    assert "importance (" not in capsys.readouterr().err
+
+
 def test_linear_methods_solve_blocks_op_by_op_or_fall_back_to_gradient():
     from zoo import ResNetTiny
 
