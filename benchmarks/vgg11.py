@@ -1,6 +1,6 @@
 """The paper's CIFAR VGG11, fused with 400 samples, side by side with the reference implementation.
 
-    python benchmarks/vgg11.py [--seeds 1] [--epochs 8] [--methods hf-linear kf-linear] [--device cpu]
+    python benchmarks/vgg11.py [--seeds 1] [--first-seed 0] [--epochs 8] [--methods hf-linear kf-linear] [--device cpu]
     REF_DIR=/path/to/neuron-interpolation-model-fusion python benchmarks/vgg11.py
 
 Two VGG11s (conv widths 64, M, 128, M, 256, 256, M, 512, 512, M, 512, 512, M, then one
@@ -104,6 +104,7 @@ def _setting(seed: int, epochs: int, ref, cache: str):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, default=1)
+    ap.add_argument("--first-seed", type=int, default=0, help="seeds first-seed … first-seed + seeds − 1")
     ap.add_argument("--epochs", type=int, default=8)
     ap.add_argument("--methods", nargs="+", default=["hf-linear", "kf-linear"])
     ap.add_argument("--device", default="cpu")
@@ -114,7 +115,7 @@ def main() -> None:
     ref = _reference(os.environ.get("REF_DIR"))
     dev = torch.device(args.device)
     rows: dict[str, list[tuple[float, float]]] = {}
-    for seed in range(args.seeds):
+    for seed in range(args.first_seed, args.first_seed + args.seeds):
         models, (xf, yf), (xt, yt) = _setting(seed, args.epochs, ref, args.cache)
         for k, m in enumerate(models):
             rows.setdefault(f"base model {k + 1}", []).append((accuracy(m, xt, yt), float("nan")))
@@ -142,7 +143,7 @@ def main() -> None:
                 for m in models:
                     m.cpu()
     print(f"\nVGG11 (paper CIFAR variant, no BatchNorm) on 3x32x32 digits, 2-way Dirichlet split, 400 fusion samples, "
-          f"{args.seeds} seed(s), device {dev}, torch {torch.__version__}, {torch.get_num_threads()} threads\n")
+          f"{args.seeds} seed(s) from {args.first_seed}, device {dev}, torch {torch.__version__}, {torch.get_num_threads()} threads\n")
     ref_secs = {k: statistics.mean(s for _, s in v) for k, v in rows.items() if k.startswith("reference")}
     print("| | test accuracy % | s per fusion | speed-up vs reference HF |")
     print("|---|---|---|---|")
