@@ -487,6 +487,9 @@ def align_depth(prep: Prepared, cfg: FuseConfig) -> Prepared:
 # --- 3. importance ---------------------------------------------------------------------------
 
 
+_SCORE_BATCH = 128  # samples per attribution batch (conductance runs n_steps + 1 copies of each at once)
+
+
 def score_neurons(prep: Prepared, cfg: FuseConfig) -> list[list[Tensor]]:
     """Per model, per level: the importance score of every neuron (Tensor of shape (width,), float64)."""
     from ._importance import level_scores
@@ -503,8 +506,6 @@ def score_neurons(prep: Prepared, cfg: FuseConfig) -> list[list[Tensor]]:
         if bar is not None:
             bar.close()
 
-
-_SCORE_BATCH = 128  # samples per attribution batch (conductance runs n_steps + 1 copies of each at once)
 
 
 # --- 4. per level: grouping strategies --------------------------------------------------------

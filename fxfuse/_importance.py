@@ -119,6 +119,31 @@ def _batches(data, batch_size: int, device, channels_last: bool):
         yield (xb.contiguous(memory_format=torch.channels_last) if channels_last else xb), yb
 
 
+def _keep_outputs(layers: list[nn.Module], saved: list) -> list:
+    """Forward hooks that keep each layer's output in ``saved[k]`` and pass a clone on, as captum's do, so that an
+    in-place op after the layer cannot change what was kept; returns their handles."""
+
+    def keep(k: int):
+        def hook(module, inputs, out):
+            saved[k] = out
+            return out.clone()
+        return hook
+
+    return [layer.register_forward_hook(keep(k)) for k, layer in enumerate(layers)]
+
+
+def _add_parts(totals: list, parts: list[Tensor]) -> None:
+    for k, part in enumerate(parts):
+        totals[k] = part if totals[k] is None else totals[k] + part
+
+
+def _mean_scores(totals: list[Tensor], n: int) -> list[Tensor]:
+    from ._dist import all_reduce_number
+
+    n = all_reduce_number(n)  # samples of all shards
+    return [_mean_score(total, n) for total in totals]
+
+
 def _conductance_all(model: nn.Module, layers: list[nn.Module], axes: list[int], data, n_steps: int,
                      batch_size: int, device, progress=None) -> list[Tensor]:
     """:func:`_attribute`'s conductance at every layer at once: one set of interpolated forward passes and one
@@ -137,14 +162,7 @@ def _conductance_all(model: nn.Module, layers: list[nn.Module], axes: list[int],
         m = xb.shape[0]
         scaled = torch.cat([a * xb for a in alphas]).requires_grad_()  # baseline + α(x − baseline), baseline 0
         saved: list[Tensor | None] = [None] * len(layers)
-
-        def keep(k: int):
-            def hook(module, inputs, out):
-                saved[k] = out
-                return out.clone()
-            return hook
-
-        handles = [layer.register_forward_hook(keep(k)) for k, layer in enumerate(layers)]
+        handles = _keep_outputs(layers, saved)
         try:
             out = model(scaled)
         finally:
@@ -152,19 +170,17 @@ def _conductance_all(model: nn.Module, layers: list[nn.Module], axes: list[int],
                 h.remove()
         target = yb.repeat(n_steps + 1).reshape(-1, 1).to(out.device)
         grads = torch.autograd.grad(torch.unbind(torch.gather(out, 1, target)), saved, allow_unused=True)
+        parts = []
         for k, (ev, g) in enumerate(zip(saved, grads)):
             ev = ev.detach()
             if g is None:  # the target does not depend on this layer: no conductance (the floor below)
                 g = torch.zeros_like(ev)
-            part = _summed(((ev[m:] - ev[:-m]) * g[:-m]).reshape(n_steps, m, *ev.shape[1:]).sum(0), axes[k])
-            totals[k] = part if totals[k] is None else totals[k] + part
+            parts.append(_summed(((ev[m:] - ev[:-m]) * g[:-m]).reshape(n_steps, m, *ev.shape[1:]).sum(0), axes[k]))
+        _add_parts(totals, parts)
         n += m
         if progress is not None:
             progress.update(1)
-    from ._dist import all_reduce_number
-
-    n = all_reduce_number(n)
-    return [_mean_score(total, n) for total in totals]
+    return _mean_scores(totals, n)
 
 
 def _deeplift_all(model: nn.Module, layers: list[nn.Module], axes: list[int], data, batch_size: int,
@@ -188,14 +204,7 @@ def _deeplift_all(model: nn.Module, layers: list[nn.Module], axes: list[int], da
     for xb, yb in _batches(data, batch_size, device, fmt):
         m = xb.shape[0]
         saved: list[Tensor | None] = [None] * len(layers)
-
-        def keep(k: int):
-            def hook(module, inputs, out):
-                saved[k] = out
-                return out.clone()
-            return hook
-
-        handles = [layer.register_forward_hook(keep(k)) for k, layer in enumerate(layers)]
+        handles = _keep_outputs(layers, saved)
         try:
             model.apply(lambda mod: dl._register_hooks(mod, attribute_to_layer_input=False))
             both = torch.cat([xb, torch.zeros_like(xb)]).requires_grad_()
@@ -205,19 +214,17 @@ def _deeplift_all(model: nn.Module, layers: list[nn.Module], axes: list[int], da
         finally:
             dl._remove_hooks(handles)
             dl.forward_handles, dl.backward_handles = [], []
+        parts = []
         for k, (ev, g) in enumerate(zip(saved, grads)):
             ev = ev.detach()
             if g is None:  # the target does not depend on this layer: no attribution (the floor below)
                 g = torch.zeros_like(ev)
-            part = _summed((ev[:m] - ev[m:]) * g[:m], axes[k])
-            totals[k] = part if totals[k] is None else totals[k] + part
+            parts.append(_summed((ev[:m] - ev[m:]) * g[:m], axes[k]))
+        _add_parts(totals, parts)
         n += m
         if progress is not None:
             progress.update(1)
-    from ._dist import all_reduce_number
-
-    n = all_reduce_number(n)
-    return [_mean_score(total, n) for total in totals]
+    return _mean_scores(totals, n)
 
 
 def _tapped(gm: GraphModule, names: list[str]) -> GraphModule:
