@@ -1,6 +1,6 @@
 """The paper's CIFAR VGG11, fused with 400 samples, side by side with the reference implementation.
 
-    python benchmarks/vgg11.py [--seeds 1] [--first-seed 0] [--epochs 8] [--methods hf-linear kf-linear] [--device cpu]
+    python benchmarks/vgg11.py [--seeds 1] [--first-seed 0] [--epochs 8] [--methods NAME[:OPTION=VALUE,…] …] [--device cpu]
     REF_DIR=/path/to/neuron-interpolation-model-fusion python benchmarks/vgg11.py
 
 Two VGG11s (conv widths 64, M, 128, M, 256, 256, M, 512, 512, M, 512, 512, M, then one
@@ -16,6 +16,13 @@ from its ``models.vgg.VGG`` class (the same architecture), and its ``LSFusion``
 (Hungarian and k-means, uniform scores) fuses the same model objects on the same
 samples; the table then adds the speed ratio. Nothing of it is copied here: it is
 imported from the path you give.
+
+A method may carry options after a colon, ``name:option=value,option=value``; the
+default rows are hf-linear and kf-linear with fxfuse's defaults (the paper's squared
+pair cost, ridges by generalised cross-validation) and hf-linear with the reference's
+two choices (``regularisation=pinv``: the minimum-norm pseudo-inverse solution at
+``torch.linalg.pinv``'s default cut-off for float32 activations; ``hf_cost=distance``:
+its unsquared pair cost).
 
 Trained base models are cached in ``--cache`` (default ``.bench_cache/``) so that
 runs with other fusion settings skip training.
@@ -59,6 +66,21 @@ class VGG11(nn.Module):
 
     def forward(self, x):
         return self.classifier(self.features(x).flatten(1))
+
+
+REFERENCE_CHOICES = "hf-linear:regularisation=pinv,hf_cost=distance"
+
+
+def _method(text: str) -> tuple[str, dict[str, str]]:
+    """``name:option=value,option=value`` as the method name and its fxfuse.fuse options."""
+    name, _, opts = text.partition(":")
+    options = {}
+    for item in filter(None, opts.split(",")):
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise SystemExit(f"--methods {text!r}: options are option=value, separated by commas")
+        options[key] = value
+    return name, options
 
 
 def _reference(ref_dir: str | None):
@@ -106,7 +128,8 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=1)
     ap.add_argument("--first-seed", type=int, default=0, help="seeds first-seed … first-seed + seeds − 1")
     ap.add_argument("--epochs", type=int, default=8)
-    ap.add_argument("--methods", nargs="+", default=["hf-linear", "kf-linear"])
+    ap.add_argument("--methods", nargs="+", default=["hf-linear", "kf-linear", REFERENCE_CHOICES],
+                    help="method names, each optionally with options: name:option=value,option=value")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--cache", default=".bench_cache")
     ap.add_argument("--ref-kf", action="store_true", help="also run the reference's k-means fusion (slow)")
@@ -121,15 +144,17 @@ def main() -> None:
             rows.setdefault(f"base model {k + 1}", []).append((accuracy(m, xt, yt), float("nan")))
         fxfuse.trace(models[0], xf[:1])  # warm-up: the first trace imports timm's registries (about 2 s), once per process
         for method in args.methods:
+            name, options = _method(method)
             t0 = time.perf_counter()
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                fused = fxfuse.fuse(models, (xf, yf), method=method, device=dev, progress=False, seed=seed)
+                fused = fxfuse.fuse(models, (xf, yf), method=name, device=dev, progress=False, seed=seed, **options)
             if dev.type == "cuda":
                 torch.cuda.synchronize()
             secs = time.perf_counter() - t0
-            rows.setdefault(f"fxfuse {method}", []).append((accuracy(fused.cpu(), xt, yt), secs))
-            print(f"# seed {seed} {method}: {rows[f'fxfuse {method}'][-1][0]:.1f}% in {secs:.1f} s", flush=True)
+            label = f"fxfuse {name}" + (f" ({', '.join(f'{k}={v}' for k, v in options.items())})" if options else "")
+            rows.setdefault(label, []).append((accuracy(fused.cpu(), xt, yt), secs))
+            print(f"# seed {seed} {label}: {rows[label][-1][0]:.1f}% in {secs:.1f} s", flush=True)
         if ref is not None and not args.skip_ref:
             for how in ("hungarian", "k_means") if args.ref_kf else ("hungarian",):
                 for m in models:

@@ -20,6 +20,8 @@ OBJECTIVES = ("distill", "ce")
 MATCHES = ("correlation", "inner")
 BLOCK_SOLVERS = ("closed-form", "gradient")
 STARTS = ("first", "closed-form")
+REGULARISATIONS = ("gcv", "pinv")
+HF_COSTS = ("squared", "distance")
 
 
 @dataclass(frozen=True)
@@ -96,6 +98,8 @@ OPTION_DEFAULTS: dict[str, Any] = {
     "blocks": "closed-form",  # *-linear: block levels op by op in closed form, or "gradient" (the whole level by Adam)
     "start": "closed-form",  # *-gradient: Adam starts from the closed form where one exists, or models[0]'s ("first")
     "cla_samples": 256,  # models of different depth: samples whose level outputs cross-layer alignment compares
+    "regularisation": "gcv",  # closed-form levels: ridge by generalised cross-validation, or "pinv" (the reference's)
+    "hf_cost": "squared",  # hf-*: the paper's squared pair cost (Eq. 7), or "distance" (the reference's unsquared one)
     "held_out": 0.0,  # fraction of the fusion samples kept out of every fit, on which per-op and level errors are measured
     "train_batch_size": 32,
     **{name: getattr(TrainConfig(), name) for name in _TRAIN_FIELDS},
@@ -129,6 +133,12 @@ class FuseConfig:
             target's weights) or ``"closed-form"`` (the ``*-linear`` solution, where one exists).
         cla_samples: Models of different depth: how many fusion samples the cross-layer alignment's
             linear CKA compares level outputs on (CLAFusion uses 200).
+        regularisation: How a level solved as one op in closed form is regularised: ``"gcv"`` (a ridge towards
+            the start weights, chosen by generalised cross-validation) or ``"pinv"`` (no ridge: the minimum-norm
+            pseudo-inverse solution at the default rank cut-off, and grouping on its projection, as the
+            reference implementation computes it).
+        hf_cost: The pair cost of Hungarian grouping: ``"squared"`` (the paper's Eq. 7) or ``"distance"``
+            (unsquared, the reference implementation's).
         held_out: Fraction of the fusion samples (0 ≤ f < 0.5) that no fit sees: every level and every op of a
             block level is fitted on the rest, and its relative error against its grouped targets is also
             measured on these samples (``held_out_error`` in the report). 0 (default): every sample fits.
@@ -156,6 +166,8 @@ class FuseConfig:
     cla_samples: int
     held_out: float
     train: TrainConfig
+    regularisation: str = "gcv"
+    hf_cost: str = "squared"
 
     @property
     def uses_labels(self) -> bool:
@@ -237,6 +249,16 @@ def make_config(
     if "start" in options and spec.solver != "gradient":
         users = ", ".join(m.name for m in METHODS.values() if m.solver == "gradient")
         raise ValueError(f"{method} has no start option (it applies to {users}); remove it")
+    for name, valid, applies, users_of in (
+        ("regularisation", REGULARISATIONS, spec.levelwise and spec.solver in ("linear", "gradient"),
+         lambda m: m.levelwise and m.solver in ("linear", "gradient")),
+        ("hf_cost", HF_COSTS, spec.grouping == "hf", lambda m: m.grouping == "hf"),
+    ):
+        if opts[name] not in valid:
+            raise ValueError(f"option {name} must be one of {', '.join(map(repr, valid))}, got {opts[name]!r}")
+        if name in options and not applies:
+            users = ", ".join(m.name for m in METHODS.values() if users_of(m))
+            raise ValueError(f"{method} has no {name} option (it applies to {users}); remove it")
     t = opts["temperature"]
     if isinstance(t, bool) or not isinstance(t, (int, float)) or not t > 0:
         raise ValueError(f"option temperature must be a positive number, got {t!r}")
@@ -255,5 +277,6 @@ def make_config(
         max_rows=opts["max_rows"], batch_size=opts["batch_size"], memory_budget=opts["memory_budget"],
         n_init=opts["n_init"], importance_steps=opts["importance_steps"], objective=opts["objective"],
         temperature=float(t), match=opts["match"], blocks=opts["blocks"], start=opts["start"],
-        cla_samples=opts["cla_samples"], held_out=float(h), train=train,
+        cla_samples=opts["cla_samples"], held_out=float(h), train=train, regularisation=opts["regularisation"],
+        hf_cost=opts["hf_cost"],
     )

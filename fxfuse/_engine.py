@@ -22,7 +22,7 @@ from torch.fx import GraphModule
 from ._collect import Collector, FusionData
 from ._config import FuseConfig
 from ._errors import AlignmentError, FxFuseError, TraceError, user_stacklevel
-from ._grouping import gram_pair_costs, hungarian_pairs, kernel_inertia, kernel_kmeans
+from ._grouping import distance_pair_costs, gram_pair_costs, hungarian_pairs, kernel_inertia, kernel_kmeans
 from ._methods import Method, get_method
 from ._solve import (
     GramStats,
@@ -536,11 +536,17 @@ class HungarianGrouping:
 
     how = "hungarian"
 
-    def fit(self, gram: Tensor, scores: Tensor, widths: list[int], k: int, seed: int, cfg: FuseConfig) -> Tensor:
+    def fit(self, gram: Tensor, scores: Tensor, widths: list[int], k: int, seed: int, cfg: FuseConfig,
+            residual: Tensor | None = None) -> Tensor:
         w0 = widths[0]
         if len(widths) == 1:  # one model's neurons only (the others' level here is an inserted identity)
             return torch.arange(w0, device=gram.device)
-        match = hungarian_pairs(gram_pair_costs(gram, scores[:w0], scores[w0:])).to(gram.device)
+        if cfg.hf_cost == "distance":
+            res = residual if residual is not None else torch.zeros(gram.shape[0], dtype=gram.dtype, device=gram.device)
+            cost = distance_pair_costs(gram, res, scores[:w0], scores[w0:])
+        else:
+            cost = gram_pair_costs(gram, scores[:w0], scores[w0:])
+        match = hungarian_pairs(cost).to(gram.device)
         labels = torch.empty(sum(widths), dtype=torch.long, device=gram.device)
         labels[:w0] = torch.arange(w0, device=gram.device)
         labels[w0 + match] = torch.arange(w0, device=gram.device)
@@ -559,7 +565,8 @@ class KMeansGrouping:
 
     how = "k-means"
 
-    def fit(self, gram: Tensor, scores: Tensor, widths: list[int], k: int, seed: int, cfg: FuseConfig) -> Tensor:
+    def fit(self, gram: Tensor, scores: Tensor, widths: list[int], k: int, seed: int, cfg: FuseConfig,
+            residual: Tensor | None = None) -> Tensor:
         labels, _ = kernel_kmeans(gram, scores, k, n_init=cfg.n_init, seed=seed)
         return _order_like_first(labels.to(gram.device), scores, widths[0], k)
 
@@ -574,7 +581,8 @@ class AlignedGrouping:
 
         return align_with(gms, data, cfg).models
 
-    def fit(self, gram: Tensor, scores: Tensor, widths: list[int], k: int, seed: int, cfg: FuseConfig) -> Tensor:
+    def fit(self, gram: Tensor, scores: Tensor, widths: list[int], k: int, seed: int, cfg: FuseConfig,
+            residual: Tensor | None = None) -> Tensor:
         return torch.cat([torch.arange(w, device=gram.device) for w in widths])
 
 
@@ -582,16 +590,17 @@ GROUPINGS: dict[str, Any] = {"hf": HungarianGrouping(), "kf": KMeansGrouping(), 
 
 
 def group(gram: Tensor, scores: Tensor, widths: list[int], k: int, *, is_head: bool, strategy: str, seed: int,
-          cfg: FuseConfig) -> Grouping:
+          cfg: FuseConfig, residual: Tensor | None = None) -> Grouping:
     """Group the concatenated neurons into ``k`` fused ones, from their Gram matrix (Tensor of shape (n_neurons, n_neurons)).
 
-    The head keeps class identity: class c of every model forms group c.
+    ``residual``: each neuron's squared norm outside what ``gram`` describes (‖z_j‖² − gram_jj), for the
+    ``"distance"`` HF cost. The head keeps class identity: class c of every model forms group c.
     """
     if is_head:
         labels, how = torch.cat([torch.arange(w, device=gram.device) for w in widths]), "mean of logits"
     else:
         g = GROUPINGS[strategy]
-        labels, how = g.fit(gram, scores, widths, k, seed, cfg), g.how
+        labels, how = g.fit(gram, scores, widths, k, seed, cfg, residual=residual), g.how
     A = _cluster_matrix(labels, scores, k)
     return Grouping(labels, A, kernel_inertia(gram, scores.to(torch.float64), labels, k), how)
 
@@ -679,7 +688,9 @@ def collect(i: int, prep: Prepared, col: Collector, spec, cfg: FuseConfig) -> _L
     if stats is not None:
         stats.reduce()
         lam, V = stats.eig()
-        gram, _ = stats.grouping_gram(lam, V)
+        if cfg.regularisation == "pinv":
+            lam, V = stats.pinv_rank(lam, V)
+        gram, _ = stats.grouping_gram(lam, V, ridge=cfg.regularisation == "gcv")
         return _LevelData(stats, (lam, V), gram, None, None, n_rows, stats.d)
     n_params = sum(p.numel() for p in fused.parameters())
     all_reduce_(K)
@@ -709,10 +720,13 @@ def _solve_closed_form(i, prep, col, spec, data: _LevelData, grouping: Grouping,
     level = col.chains[-1][i]
     lam, V = data.eig
     A = grouping.matrix
+    t2 = grouped_sq_norm(A, data.stats.K)
+    if cfg.regularisation == "pinv":  # the minimum-norm solution on the directions pinv_rank kept, no ridge
+        W, ridge = data.stats.solve(lam, V, A, ridge=False)
+        return Solution(affine_params(level, spec, W), "closed form (pinv)", error=ridge.rss / max(t2, 1e-300))
     # regularised towards the start weights (models[0]'s, or the target's); directions the data does not
     # determine keep them
     W, ridge = data.stats.solve(lam, V, A, W0=read_affine(level, spec))
-    t2 = grouped_sq_norm(A, data.stats.K)
     return Solution(affine_params(level, spec, W), "closed form", error=ridge.rss / max(t2, 1e-300), ridge=ridge.relative)
 
 
@@ -856,8 +870,11 @@ def _collect_and_group(i: int, prep: Prepared, scores: list[list[Tensor]], col: 
     data = collect(i, prep, col, spec, cfg)
     widths = [p[i].width for p in prep.plans]
     s = torch.cat([sc[i] for sc in scores]).to(data.gram.device)
+    residual = None
+    if cfg.hf_cost == "distance" and data.stats is not None:  # what the fused level cannot reproduce of each neuron
+        residual = (data.stats.K.diagonal() - data.gram.diagonal()).clamp_min(0.0)
     grouping = group(data.gram, s, widths, lv.width, is_head=lv.is_head, strategy=get_method(cfg.method).grouping,
-                     seed=cfg.seed + i, cfg=cfg)
+                     seed=cfg.seed + i, cfg=cfg, residual=residual)
     return data, grouping
 
 

@@ -20,6 +20,7 @@ from torch import Tensor
 
 __all__ = [
     "Grouping",
+    "distance_pair_costs",
     "gram_pair_costs",
     "gram_sq_dists",
     "harmonic_weights",
@@ -309,6 +310,32 @@ def gram_pair_costs(gram: Tensor, sa: Tensor, sb: Tensor) -> Tensor:
     wa = len(sa)
     d = gram_sq_dists(gram, slice(0, wa), slice(wa, wa + len(sb)))
     return harmonic_weights(sa, sb).to(d.device) * d
+
+
+def distance_pair_costs(gram: Tensor, residual: Tensor, sa: Tensor, sb: Tensor) -> Tensor:
+    """The reference implementation's pair cost (unsquared), between the first ``len(sa)`` neurons and the next.
+
+    For neurons a, b with projections Pa, Pb onto what the fused level can produce (``gram`` their Gram
+    matrix) and residuals ‖(I − P)·‖² (``residual``), the fused neuron's best output is
+    T = (s_a Pa + s_b Pb) / (s_a + s_b) and the cost s_a‖T − a‖ + s_b‖T − b‖, with
+    ‖T − a‖² = (s_b / (s_a + s_b))² ‖P(a − b)‖² + ‖(I − P)a‖². The paper's Eq. 7 squares the norms
+    (:func:`gram_pair_costs`; the residuals then do not depend on the pairing); without the squares, a neuron
+    the fused level reproduces badly weighs its distances less.
+
+    Example:
+        >>> import torch
+        >>> from fxfuse._grouping import distance_pair_costs
+        >>> g = torch.tensor([[1.0, 0.0], [0.0, 4.0]], dtype=torch.float64)  # a = (1, 0), b = (0, 2), P = I
+        >>> float(distance_pair_costs(g, torch.zeros(2, dtype=torch.float64), torch.ones(1), torch.ones(1)))
+        2.23606797749979
+    """
+    wa = len(sa)
+    d2 = gram_sq_dists(gram, slice(0, wa), slice(wa, wa + len(sb)))
+    sa, sb = sa.to(d2)[:, None], sb.to(d2)[None, :]
+    tot = (sa + sb).clamp_min(1e-300)
+    res = residual.to(d2).clamp_min(0.0)
+    ra, rb = res[:wa, None], res[None, wa : wa + sb.shape[1]]
+    return sa * ((sb / tot) ** 2 * d2 + ra).sqrt() + sb * ((sa / tot) ** 2 * d2 + rb).sqrt()
 
 
 def hungarian_pairs(cost: Tensor) -> Tensor:

@@ -466,6 +466,7 @@ class GramStats:
         self.X: Tensor | None = None  # the design rows themselves, while there are fewer than columns
         self._keep_bytes = keep_rows_bytes
         self._lower_only = False  # G's upper triangle is stale (see _gram_add_)
+        self.eps = 0.0  # machine epsilon of the rows' own dtype (before the float64 copies), for pinv_rank
 
     @property
     def d(self) -> int:
@@ -480,6 +481,7 @@ class GramStats:
         itself is kept instead of G: the eigen-decomposition then works on the
         smaller XXᵀ (the dual form). Past that, G is formed and rows are dropped.
         """
+        self.eps = max(self.eps, torch.finfo(X.dtype).eps if X.is_floating_point() else 0.0)
         for s in range(0, X.shape[0], chunk):
             x = X[s : s + chunk].to(torch.float64)
             z = Z[s : s + chunk].to(torch.float64)
@@ -550,17 +552,34 @@ class GramStats:
         keep = lam > EIG_RTOL * lam.max().clamp_min(1e-300)
         return lam[keep], V[:, keep]
 
-    def grouping_gram(self, lam: Tensor, V: Tensor) -> tuple[Tensor, Ridge]:
+    def pinv_rank(self, lam: Tensor, V: Tensor) -> tuple[Tensor, Tensor | TridiagonalBasis]:
+        """The eigenpairs of G that a pseudo-inverse of X keeps at its default cut-off: σ_i > max(n, d) · ε · σ_max
+        (σ = √λ the singular values of X, n × d, ε the machine epsilon of the rows' dtype before their float64
+        copies), as ``torch.linalg.pinv`` and ``numpy.linalg.pinv`` do, and so the reference implementation
+        on its float32 activations."""
+        if not lam.numel():
+            return lam, V
+        tol = (max(self.rows, self.d) * (self.eps or torch.finfo(torch.float64).eps)) ** 2 * float(lam.max())
+        keep = lam > tol
+        if bool(keep.all()):
+            return lam, V
+        return lam[keep], V[:, keep]
+
+    def grouping_gram(self, lam: Tensor, V: Tensor, ridge: bool = True) -> tuple[Tensor, Ridge]:
         """Gram matrix of what a ridge fit from X reproduces of each neuron: Tensor of shape (n_neurons, n_neurons).
 
         With H_μ = X(XᵀX + μ)⁻¹Xᵀ, ⟨H_μ z_j, H_μ z_k⟩ = Σ_i λ_i/(λ_i + μ)² u_ij u_ik where
         u = VᵀXᵀZ; μ is chosen by :func:`choose_ridge` for predicting every neuron
-        from X. With μ = 0 it is ZᵀPZ (P the projector onto span(X)), whose
-        distances are those between the projected neuron outputs.
+        from X (``ridge=False``: μ = 0). With μ = 0 it is ZᵀPZ (P the projector onto the span of the
+        eigenvectors in V), whose distances are those between the projected neuron outputs.
         """
         U = V.T @ self.C  # (r, n_neurons)
         q = (U * U).sum(1)
-        ridge = choose_ridge(lam, q, float(self.K.trace()) - float((q / lam).sum()), self.rows)
+        r_perp = float(self.K.trace()) - float((q / lam).sum())
+        if ridge:
+            ridge = choose_ridge(lam, q, r_perp, self.rows)
+        else:
+            ridge = Ridge(0.0, 0.0, float(lam.numel()), max(r_perp, 0.0))
         scale = lam / (lam + ridge.mu) ** 2
         return U.T @ (U * scale[:, None]), ridge
 

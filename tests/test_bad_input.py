@@ -312,6 +312,18 @@ def test_option_types_and_input_types_are_named():
         fxfuse.fuse([mlp(), mlp(seed=1)], (x.numpy(), torch.zeros(64, dtype=torch.long)))
 
 
+def test_regularisation_and_hf_cost_options_are_checked():
+    x = _x((16,))
+    with pytest.raises(ValueError, match="option regularisation must be one of 'gcv', 'pinv', got 'lstsq'"):
+        fxfuse.fuse([mlp(), mlp(seed=1)], x, regularisation="lstsq")
+    with pytest.raises(ValueError, match="option hf_cost must be one of 'squared', 'distance'"):
+        fxfuse.fuse([mlp(), mlp(seed=1)], x, method="hf-linear", hf_cost="l1")
+    with pytest.raises(ValueError, match="kf-linear has no hf_cost option \\(it applies to hf-linear, hf-gradient\\)"):
+        fxfuse.fuse([mlp(), mlp(seed=1)], x, method="kf-linear", hf_cost="distance")
+    with pytest.raises(ValueError, match="vanilla has no regularisation option"):
+        fxfuse.fuse([mlp(), mlp(seed=1)], x, method="vanilla", regularisation="pinv")
+
+
 def test_fit_gradient_without_trainable_parameters():
     from fxfuse._solve import fit_gradient
 

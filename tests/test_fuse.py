@@ -65,6 +65,30 @@ def test_fusing_a_model_with_itself_or_a_permuted_copy_reproduces_it(method, kin
         assert all(r["approx_error"] < 1e-10 for r in fused.meta["fxfuse"]["levels"])
 
 
+def test_the_reference_implementations_choices_recover_a_permuted_copy_and_are_reported():
+    # regularisation="pinv" and hf_cost="distance" (the reference implementation's pseudo-inverse and unsquared
+    # pair cost): a permuted copy is still found and the model reproduced; the report names the solve
+    a = mlp(hidden=(12, 10))
+    b = permuted_mlp(a)
+    x, test = _data((16,)), _data((16,), 64, seed=9)
+    fused = fxfuse.fuse([a, b], x, method="hf-linear", regularisation="pinv", hf_cost="distance", progress=False)
+    torch.testing.assert_close(fused(test), a(test), rtol=1e-4, atol=1e-4)
+    levels = fused.meta["fxfuse"]["levels"]
+    assert [r["approximation"] for r in levels] == ["closed form (pinv)"] * 3
+    assert all(r["ridge"] is None for r in levels)
+
+
+def test_distance_cost_and_pinv_change_the_fusion_of_different_models():
+    # on two different models each option changes the result (neither is silently ignored)
+    a, b = mlp(hidden=(12, 10)), mlp(seed=3, hidden=(12, 10))
+    x = _data((16,))
+    base = fxfuse.fuse([a, b], x, method="hf-linear", progress=False)
+    costed = fxfuse.fuse([a, b], x, method="hf-linear", hf_cost="distance", progress=False)
+    pinv = fxfuse.fuse([a, b], x, method="hf-linear", regularisation="pinv", progress=False)
+    assert not torch.allclose(base(x), costed(x))
+    assert not torch.allclose(base(x), pinv(x))
+
+
 def test_kf_gradient_of_a_model_with_itself_stays_close():
     a = mlp(hidden=(12, 10))
     x, test = _data((16,), 512), _data((16,), 64, seed=9)

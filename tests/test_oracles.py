@@ -131,6 +131,53 @@ def test_hf_costs_from_the_gram_matrix_equal_the_explicit_pair_costs():
     torch.testing.assert_close(gram_pair_costs(P @ P.T, sa, sb), pair_costs(a, b, sa, sb), rtol=1e-10, atol=1e-10)
 
 
+def test_pinv_rank_keeps_what_torch_pinv_keeps_for_float32_rows(eig_route):
+    # float32 rows with singular values from 1 down to 1e-6: torch.linalg.pinv's default cut-off
+    # (max(n, d) · eps(float32) · σ_max, about 1e-5 here) drops the smallest directions; the solve on the kept
+    # ones is pinv(X) @ T, the minimum-norm solution there
+    g = _gen(7)
+    n, d = 90, 40
+    U = torch.linalg.qr(torch.randn(n, d, generator=g, dtype=torch.float64))[0]
+    Vt = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))[0]
+    X = ((U * torch.logspace(0, -6, d, dtype=torch.float64)) @ Vt).to(torch.float32)
+    T = torch.randn(n, 3, generator=g, dtype=torch.float64)
+    stats = GramStats()
+    stats.add(X, T)
+    lam, V = stats.eig()
+    lam_k, V_k = stats.pinv_rank(lam, V)
+    sv = torch.linalg.svdvals(X.double())
+    expected = int((sv > max(n, d) * torch.finfo(torch.float32).eps * sv.max()).sum())
+    assert 0 < lam_k.numel() == expected < lam.numel()
+    W, ridge = stats.solve(lam_k, V_k, torch.eye(3, dtype=torch.float64), ridge=False)
+    ref = torch.linalg.pinv(X.double(), rtol=max(n, d) * torch.finfo(torch.float32).eps) @ T
+    # through XᵀX, whose kept eigenvalues span 1e-10: agreement to 1e-5 of the largest entry (one direction
+    # kept or dropped wrongly would differ by its whole 1 / σ share)
+    torch.testing.assert_close(W, ref, rtol=0, atol=1e-5 * float(ref.abs().max()))
+    assert ridge.mu == 0.0
+    gram, _ = stats.grouping_gram(lam_k, V_k, ridge=False)  # the Gram of the projected neurons
+    PT = X.double() @ ref
+    torch.testing.assert_close(gram, PT.T @ PT, rtol=0, atol=1e-6 * float((PT.T @ PT).abs().max()))
+
+
+def test_distance_pair_costs_equal_the_explicit_unsquared_costs():
+    from fxfuse._grouping import distance_pair_costs
+
+    g = _gen(4)
+    X = torch.randn(60, 8, generator=g, dtype=torch.float64)
+    a, b = torch.randn(60, 5, generator=g, dtype=torch.float64), torch.randn(60, 6, generator=g, dtype=torch.float64)
+    sa, sb = torch.rand(5, generator=g, dtype=torch.float64) + 0.1, torch.rand(6, generator=g, dtype=torch.float64) + 0.1
+    Z = torch.cat([a, b], 1)
+    P = X @ torch.linalg.pinv(X)
+    PZ = P @ Z
+    explicit = torch.empty(5, 6, dtype=torch.float64)
+    for j in range(5):
+        for k in range(6):
+            t = (sa[j] * PZ[:, j] + sb[k] * PZ[:, 5 + k]) / (sa[j] + sb[k])  # the fused neuron's best output
+            explicit[j, k] = sa[j] * (t - a[:, j]).norm() + sb[k] * (t - b[:, k]).norm()
+    residual = (Z * Z).sum(0) - (PZ * PZ).sum(0)
+    torch.testing.assert_close(distance_pair_costs(PZ.T @ PZ, residual, sa, sb), explicit, rtol=1e-10, atol=1e-10)
+
+
 @pytest.mark.parametrize("seed", range(3))
 def test_kernel_kmeans_equals_lloyd_on_the_explicit_points(seed):
     from fxfuse._grouping import kernel_kmeans
