@@ -85,6 +85,7 @@ def main() -> None:
     args = p.parse_args()
 
     results: dict[str, dict[str, tuple[list[float], list[float]]]] = {}
+    after_scores: dict[str, dict[str, list[float]]] = {}  # seconds per fusion without the importance scores
 
     def add(row: str, setting: str, acc: float, secs: float | None = None) -> None:
         accs, ss = results.setdefault(row, {}).setdefault(setting, ([], []))
@@ -110,7 +111,11 @@ def main() -> None:
                 t0 = time.perf_counter()
                 fused = fxfuse.fuse(s.models, s.fusion, method=method, importance=imp, seed=seed, progress=False,
                                     **opts)
-                add(row, setting, accuracy(fused, xt, yt), time.perf_counter() - t0)
+                secs = time.perf_counter() - t0
+                add(row, setting, accuracy(fused, xt, yt), secs)
+                if imp != "uniform" and isinstance(fused, torch.fx.GraphModule) and "fxfuse" in fused.meta:
+                    after_scores.setdefault(row, {}).setdefault(setting, []).append(
+                        secs - fused.meta["fxfuse"].get("score_seconds", 0.0))
             print(f"# done {setting} seed {seed} ({time.perf_counter() - t_all:.0f} s)", flush=True)
 
     print(f"\n{args.arch.upper()} on digits, test accuracy % (mean ± std over {args.seeds} seeds; seconds per fusion)\n")
@@ -122,6 +127,13 @@ def main() -> None:
         by_setting = results[row]
         cells = [_fmt(*by_setting.get(st, ([], []))) for st in args.settings]
         print(f"| {row} | " + " | ".join(cells) + " |")
+    if after_scores:  # the same rows' seconds less their importance scores (which every such row computes alike)
+        print("\nseconds per fusion after the importance scores\n")
+        print("| method | " + " | ".join(args.settings) + " |")
+        print("|---|" + "---|" * len(args.settings))
+        for row, by_setting in after_scores.items():
+            cells = [f"{statistics.mean(by_setting[st]):.1f} s" if by_setting.get(st) else "n/a" for st in args.settings]
+            print(f"| {row} | " + " | ".join(cells) + " |")
     print(f"\ntotal {time.perf_counter() - t_all:.0f} s, torch {torch.__version__}, {torch.get_num_threads()} threads")
 
 

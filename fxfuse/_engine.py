@@ -932,9 +932,11 @@ def _block_spec(i: int, col: Collector, prep: Prepared):
 # --- 5. emit -------------------------------------------------------------------------------------
 
 
-def emit(fused: GraphModule, prep: Prepared, records: list[LevelRecord], cfg: FuseConfig, t_start: float) -> GraphModule:
+def emit(fused: GraphModule, prep: Prepared, records: list[LevelRecord], cfg: FuseConfig, t_start: float,
+         score_seconds: float = 0.0) -> GraphModule:
     """The fused GraphModule in eval mode on the device, in the target's dtype and ``requires_grad`` flags,
-    with the report in ``fused.meta["fxfuse"]``."""
+    with the report in ``fused.meta["fxfuse"]`` (``seconds`` in all, ``score_seconds`` of them for the importance
+    scores)."""
     fused = fused.to(device=cfg.device, dtype=prep.dtype).eval()
     for n, p in fused.named_parameters():
         p.requires_grad_(prep.grad_flags.get(n, True))
@@ -942,11 +944,13 @@ def emit(fused: GraphModule, prep: Prepared, records: list[LevelRecord], cfg: Fu
 
     # every rank solved the same all-reduced statistics: their fused models must agree
     check_same_across_ranks("the fused parameters (checksums)", model_checksum(fused), rtol=1e-9)
-    exact = [r for r in records if (r.approximation == "closed form" and r.rows < r.columns)
-             or any(op["rows"] < op["columns"] for op in r.ops or [])]
+    def own(r) -> bool:  # a level solved as one op in closed form, with fewer rows than unknowns
+        return r.approximation.startswith("closed form") and not r.ops and r.rows < r.columns
+
+    exact = [r for r in records if own(r) or any(op["rows"] < op["columns"] for op in r.ops or [])]
     if exact:
         def short(r) -> str:  # the level's own solve, else its op with the fewest rows per unknown
-            if r.approximation == "closed form" and r.rows < r.columns:
+            if own(r):
                 return f"{r.level} (`{r.name}`: {r.rows} rows, {r.columns} columns)"
             op = min((op for op in r.ops if op["rows"] < op["columns"]), key=lambda op: op["rows"] / op["columns"])
             return f"{r.level} (`{r.name}`, op `{op['op']}`: {op['rows']} rows, {op['columns']} columns)"
@@ -954,14 +958,16 @@ def emit(fused: GraphModule, prep: Prepared, records: list[LevelRecord], cfg: Fu
         names = ", ".join(short(r) for r in exact[:5])
         warnings.warn(
             f"fxfuse: {len(exact)} closed-form level(s) had fewer fusion rows than unknowns: levels {names}. Their "
-            "regularisation was chosen by cross-validation on those rows, and the reported error is measured on them; "
+            + ("regularisation was chosen by cross-validation on those rows" if cfg.regularisation == "gcv" else
+               "minimum-norm solutions fit those rows") + ", and the reported error is measured on them; "
             "use more fusion samples for a fit and an error that hold on new inputs (held_out=0.1 measures each "
             "level's error on samples no fit sees).",
             stacklevel=user_stacklevel(),
         )
     fused.meta["fxfuse"] = {
         "method": cfg.method, "importance": cfg.importance, "n_models": len(prep.models), "seed": cfg.seed,
-        "seconds": time.perf_counter() - t_start, "levels": [dataclasses.asdict(r) for r in records],
+        "seconds": time.perf_counter() - t_start, "score_seconds": score_seconds,
+        "levels": [dataclasses.asdict(r) for r in records],
     }
     if cfg.progress:
         print(format_report(fused))

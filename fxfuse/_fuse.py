@@ -177,7 +177,9 @@ def _fuse(models, data, method, importance, device, seed, progress, **options) -
     # 3. depth alignment
     prep = align_depth(prep, cfg)
     # 4. importance scores
+    t_scores = time.perf_counter()
     scores = score_neurons(prep, cfg)
+    score_seconds = time.perf_counter() - t_scores
     # 5. level by level: collect, group, solve, write
     chains = [p.split() for p in prep.plans] + [prep.fused_plan.split()]
     col = Collector(prep.data, chains, batch_size=cfg.batch_size, device=cfg.device, budget=cfg.memory_budget)
@@ -193,4 +195,4 @@ def _fuse(models, data, method, importance, device, seed, progress, **options) -
     if bar is not None:
         bar.close()
     # 6. emit
-    return emit(prep.fused_plan.gm, prep, records, cfg, t_start)
+    return emit(prep.fused_plan.gm, prep, records, cfg, t_start, score_seconds=score_seconds)

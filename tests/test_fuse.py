@@ -135,8 +135,11 @@ def test_importance_scores_show_a_progress_bar_over_models_and_batches(capsys, i
     err = capsys.readouterr().err
     # 300 samples in batches of 128: 3 per model, 2 models
     assert f"importance ({importance})" in err and "6/6" in err
-    fxfuse.fuse([a, b], (x, y), method="kf-linear", importance=importance, progress=False)
+    fused = fxfuse.fuse([a, b], (x, y), method="kf-linear", importance=importance, progress=False)
     assert "importance (" not in capsys.readouterr().err
+    meta = fused.meta["fxfuse"]  # the scores' share of the time is reported
+    assert 0 < meta["score_seconds"] < meta["seconds"]
+    assert fxfuse.fuse([a, b], (x, y), method="kf-linear", progress=False).meta["fxfuse"]["score_seconds"] < 0.05
 
 
 def test_linear_methods_solve_blocks_op_by_op_or_fall_back_to_gradient():
