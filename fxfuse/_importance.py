@@ -149,7 +149,7 @@ def _all_at_once(model: nn.Module, layers: list[nn.Module], axes: list[int], dat
             with rules():
                 out = model(inputs(xb).requires_grad_())
                 target = yb.repeat(copies).reshape(-1, 1).to(out.device)
-                grads = torch.autograd.grad(torch.unbind(torch.gather(out, 1, target)), saved, allow_unused=True)
+                grads = torch.autograd.grad(torch.gather(out, 1, target).sum(), saved, allow_unused=True)
         finally:
             for h in handles:
                 h.remove()
