@@ -438,6 +438,17 @@ def _symmetrised(G: Tensor, block: int = 256) -> Tensor:
     return G
 
 
+def _above(lam: Tensor, V, rtol: float):
+    """The eigenpairs whose λ exceed ``rtol`` · λ_max (V's columns, or an implicit basis's, alike)."""
+    keep = lam > rtol * lam.max().clamp_min(1e-300)
+    return (lam, V) if bool(keep.all()) else (lam[keep], V[:, keep])
+
+
+def _ridge_or_none(lam: Tensor, q: Tensor, r_perp: float, n: int, ridge: bool) -> Ridge:
+    """:func:`choose_ridge`'s μ, or with ``ridge=False`` none (μ = 0) and its unregularised residual."""
+    return choose_ridge(lam, q, r_perp, n) if ridge else Ridge(0.0, 0.0, float(lam.numel()), max(r_perp, 0.0))
+
+
 class GramStats:
     """Batch-by-batch float64 accumulation of G = XᵀX, C = XᵀZ and K = ZᵀZ.
 
@@ -543,14 +554,10 @@ class GramStats:
         ``V @ M`` as for a Tensor).
         """
         if self.X is not None:
-            lam, U = _eigh(self.X @ self.X.T)
-            keep = lam > EIG_RTOL * lam.max().clamp_min(1e-300)
-            lam, U = lam[keep], U[:, keep]
+            lam, U = _above(*_eigh(self.X @ self.X.T), EIG_RTOL)
             return lam, (self.X.T @ U) / lam.sqrt()[None, :]
         lam, V = symmetric_eig(self._gram())
-        lam = lam.to(self.G.device)
-        keep = lam > EIG_RTOL * lam.max().clamp_min(1e-300)
-        return lam[keep], V[:, keep]
+        return _above(lam.to(self.G.device), V, EIG_RTOL)
 
     def pinv_rank(self, lam: Tensor, V: Tensor) -> tuple[Tensor, Tensor | TridiagonalBasis]:
         """The eigenpairs of G that a pseudo-inverse of X keeps at its default cut-off: σ_i > max(n, d) · ε · σ_max
@@ -559,11 +566,7 @@ class GramStats:
         on its float32 activations."""
         if not lam.numel():
             return lam, V
-        tol = (max(self.rows, self.d) * (self.eps or torch.finfo(torch.float64).eps)) ** 2 * float(lam.max())
-        keep = lam > tol
-        if bool(keep.all()):
-            return lam, V
-        return lam[keep], V[:, keep]
+        return _above(lam, V, (max(self.rows, self.d) * (self.eps or torch.finfo(torch.float64).eps)) ** 2)
 
     def grouping_gram(self, lam: Tensor, V: Tensor, ridge: bool = True) -> tuple[Tensor, Ridge]:
         """Gram matrix of what a ridge fit from X reproduces of each neuron: Tensor of shape (n_neurons, n_neurons).
@@ -575,13 +578,9 @@ class GramStats:
         """
         U = V.T @ self.C  # (r, n_neurons)
         q = (U * U).sum(1)
-        r_perp = float(self.K.trace()) - float((q / lam).sum())
-        if ridge:
-            ridge = choose_ridge(lam, q, r_perp, self.rows)
-        else:
-            ridge = Ridge(0.0, 0.0, float(lam.numel()), max(r_perp, 0.0))
-        scale = lam / (lam + ridge.mu) ** 2
-        return U.T @ (U * scale[:, None]), ridge
+        rd = _ridge_or_none(lam, q, float(self.K.trace()) - float((q / lam).sum()), self.rows, ridge)
+        scale = lam / (lam + rd.mu) ** 2
+        return U.T @ (U * scale[:, None]), rd
 
     def solve(self, lam: Tensor, V: Tensor, A: Tensor, W0: Tensor | None = None,
               ridge: bool = True) -> tuple[Tensor, Ridge]:
@@ -605,15 +604,12 @@ class GramStats:
             r0 = t2 - 2.0 * float((W0 * CA).sum()) + float((W0 * GW0).sum())
         u = V.T @ b
         q = (u * u).sum(1)
-        r_perp = r0 - float((q / lam).sum())
-        if ridge:
-            rd = choose_ridge(lam, q, r_perp, self.rows)
-        else:
-            rd = Ridge(0.0, 0.0, float(lam.numel()), max(r_perp, 0.0))
+        rd = _ridge_or_none(lam, q, r0 - float((q / lam).sum()), self.rows, ridge)
         W = V @ (u / (lam + rd.mu)[:, None])
         if W0 is not None:
             W = W + W0
         return W, rd
+
 
 def read_affine(level: GraphModule, spec: AffineSpec) -> Tensor:
     """The level's current map in design-column layout, with the BatchNorm folded in: (d, n_out), float64."""
