@@ -18,6 +18,7 @@ from torch.fx import GraphModule
 from ._collect import Capture, FusionData
 from ._errors import AlignmentError
 from ._grouping import hungarian_pairs
+from ._importance import CONDUCTANCE_STEPS
 
 __all__ = ["SpaceAlignment", "align", "align_with", "matched_spaces", "reset_batchnorm", "space_distances", "space_scores"]
 
@@ -120,7 +121,7 @@ def matched_spaces(gms: Sequence[GraphModule], method: str, *, same_widths: bool
     return spaces
 
 
-def space_scores(gm: GraphModule, spaces, data, importance: str, *, n_steps: int = 20, device=None) -> dict[int, Tensor]:
+def space_scores(gm: GraphModule, spaces, data, importance: str, *, n_steps: int = CONDUCTANCE_STEPS, device=None) -> dict[int, Tensor]:
     """Importance score of every neuron of every free space of one model.
 
     Each space is scored at its last node in graph order (the activation that
@@ -250,7 +251,7 @@ def align(
     batch_size: int = 256,
     max_rows: int = 50_000,
     seed: int = 0,
-    n_steps: int = 20,
+    n_steps: int = CONDUCTANCE_STEPS,
     match: str = "correlation",
     method: str = "git-rebasin",
     device=None,

@@ -14,6 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._importance import CONDUCTANCE_STEPS
+
 __all__ = ["TrainConfig", "FuseConfig", "make_config", "OPTION_DEFAULTS", "OBJECTIVES", "MATCHES"]
 
 OBJECTIVES = ("distill", "ce")
@@ -91,7 +93,7 @@ OPTION_DEFAULTS: dict[str, Any] = {
     "batch_size": 256,  # inference batch
     "memory_budget": 256 << 20,  # bytes of level outputs cached between levels; beyond it they are recomputed
     "n_init": 5,  # k-means restarts (greedy k-means++ seeding, kernel form)
-    "importance_steps": 20,  # conductance integration steps
+    "importance_steps": CONDUCTANCE_STEPS,  # conductance integration steps (the reference implementation's)
     "objective": "distill",  # np-merge: "distill" (KL to the ensemble's mean softmax, no labels) or "ce" (labels)
     "temperature": 1.0,  # np-merge distill: softmax temperature of teacher and student
     "match": "correlation",  # activation matching cost: "correlation" (standardised) or "inner" (raw L2)
@@ -123,7 +125,7 @@ class FuseConfig:
         batch_size: Inference batch.
         memory_budget: Bytes of level outputs the collector may cache.
         n_init: k-means restarts.
-        importance_steps: Integration steps of conductance.
+        importance_steps: Integration steps of conductance (default 10, as the reference implementation).
         objective: NP Merge's loss: ``"distill"`` or ``"ce"``.
         temperature: Softmax temperature of the ``"distill"`` objective.
         match: Activation-matching cost of the permutation methods: ``"correlation"`` or ``"inner"``.

@@ -425,6 +425,31 @@ def test_scores_of_every_level_at_once_equal_captum_layer_by_layer(importance, a
         assert float(ref.std()) > 0  # not the floor alone
 
 
+def test_conductance_by_default_integrates_in_the_reference_implementations_ten_steps():
+    """The reference implementation scores conductance with captum's LayerConductance at n_steps=10; so do
+    node_scores and fuse by default. Captum at 10 steps (the per-tap route) is the oracle; at 20 steps the
+    scores differ by more than the tolerance, so the test fails for any other default."""
+    import fxfuse
+    from fxfuse._config import make_config
+    from fxfuse._importance import _as_data, _attribute, _tapped, node_scores
+    from fxfuse.passes import partition_levels
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
+    x = torch.randn(40, 6, generator=_gen(5))
+    y = torch.randint(0, 4, (40,), generator=_gen(6))
+    plan = partition_levels(fxfuse.trace(model, x[:2]))
+    taps = [(plan[0].output, plan[0].neuron_axis)]
+    (got,) = node_scores(plan.gm, taps, (x, y), "conductance")
+    tapped = _tapped(plan.gm, [taps[0][0]])
+    layer = tapped.get_submodule("fxfuse_tap_0")
+    ref, other = (_attribute(tapped, layer, taps[0][1], got.shape[0], _as_data((x, y)), "conductance", steps, 128,
+                             None) for steps in (10, 20))
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6 * float(ref.abs().max()))
+    assert float((other - ref).abs().max()) > 1e-3 * float(ref.abs().max())  # the step count shows in the scores
+    assert make_config("kf-linear", importance="conductance").importance_steps == 10
+
+
 class _ViewNet(nn.Module):
     """Flattens a conv output with ``.view``, which fails on a channels-last tensor."""
 
