@@ -65,7 +65,7 @@ from torch import Tensor
 from torch.fx import GraphModule
 
 from ._collect import Capture
-from ._solve import GramStats, affine_params, design_rows, grouped_sq_norm, read_affine, to_rows
+from ._solve import GramStats, affine_params, design_rows, grouped_sq_norm, read_affine, to_rows, unreproduced
 
 __all__ = ["BlockResult", "fuse_block"]
 
@@ -407,7 +407,7 @@ def grouped_constants(i: int, prep, col, bspec) -> dict[str, Tensor]:
 
 
 @torch.no_grad()
-def _values_through_attention(i: int, prep, col, unit, att, g_v, ops, targets) -> None:
+def _values_through_attention(i: int, prep, col, unit, att, g_v, ops, targets, regularisation: str) -> None:
     """Refit the v rows of an attention's qkv unit through the fused model's own attention: for head h, the
     attention output is P_h X W_v,h (P_h the fused softmax(q kᵀ · scale), X the unit's input with its bias
     column), linear in W_v,h, so W_v,h is the least-squares fit of the base models' attention outputs grouped as
@@ -441,10 +441,10 @@ def _values_through_attention(i: int, prep, col, unit, att, g_v, ops, targets) -
             D = (P @ X.reshape(B, 1, N, -1)).permute(0, 2, 1, 3).reshape(B * N, heads, -1)
             Z = torch.cat([to_rows(_env(lv, x[sl], {att.node}, output=False)[att.node].to(torch.float64), (1, 3))
                            for lv, x in zip(bases, ins[:-1])], 1)  # (B·N, heads · head dim) per model
-            stats.add(D, Z @ A.to(Z.device))
+            stats.add(D, Z @ A.to(Z.device), dtype=env_f[x_name].dtype)  # D: a float64 copy
     stats.reduce()
     W0 = read_affine(fused, unit.spec)
-    W, rss, t2, ridge = stats.solve(W0[:, fv])
+    W, rss, t2, ridge = stats.solve(W0[:, fv], regularisation)
     W0[:, fv] = W
     rewrite_params(prep.fused_plan.gm, affine_params(fused, unit.spec, W0), in_place=True)
     ops.append({"op": f"{unit.spec.op} (v rows)", "role": "inner", "grouping": g_v.how, "error": rss / max(t2, 1e-300),
@@ -494,9 +494,11 @@ def group_in_blocks(gram: Tensor, scores: Tensor, widths: list[int], k: int, gro
     return Grouping(labels, _cluster_matrix(labels, scores, k), cost, how), match
 
 
-def group_unit(gram: Tensor, widths: list[int], k: int, groups: int, match, *, strategy: str, seed: int, cfg):
+def group_unit(gram: Tensor, widths: list[int], k: int, groups: int, match, *, strategy: str, seed: int, cfg,
+               residual: Tensor | None = None):
     """An inner unit's grouping (uniform scores) and the match of groups it used: within matched groups
-    (:func:`group_in_blocks`) when ``groups`` > 1 and the widths allow, else over all neurons (match None)."""
+    (:func:`group_in_blocks`) when ``groups`` > 1 and the widths allow, else over all neurons (match None).
+    ``residual``: as for :func:`fxfuse._engine.group` (the ``"distance"`` HF cost), over all neurons only."""
     from ._engine import group
 
     ones = torch.ones(sum(widths), dtype=torch.float64, device=gram.device)
@@ -504,7 +506,7 @@ def group_unit(gram: Tensor, widths: list[int], k: int, groups: int, match, *, s
         if groups > 1 else None
     if blocked is not None:
         return blocked
-    return group(gram, ones, widths, k, is_head=False, strategy=strategy, seed=seed, cfg=cfg), None
+    return group(gram, ones, widths, k, is_head=False, strategy=strategy, seed=seed, cfg=cfg, residual=residual), None
 
 
 def _per_sample(fused, unit, op_in, h) -> int:
@@ -515,14 +517,14 @@ def _per_sample(fused, unit, op_in, h) -> int:
     return X.shape[0] * X.shape[1] * X.shape[2]
 
 
-def _solve_diagonal(i, prep, col, bspec, u, g, ops, targets, *, last: bool, axis: int):
+def _solve_diagonal(i, prep, col, bspec, u, g, ops, targets, *, last: bool, axis: int, regularisation: str):
     """Solve a depthwise unit channel by channel (a grouped conv group by group) against its neurons' grouping
     ``g``; writes it."""
     from fxfuse.passes import rewrite_params
 
     fused = col.chains[-1][i]
     stats, K, _, _, rows = _tied_pass(i, prep, col, bspec, u, g.matrix, last=last, axis=axis)
-    W, rss, t2, ridge = stats.solve(read_affine(fused, u.spec))
+    W, rss, t2, ridge = stats.solve(read_affine(fused, u.spec), regularisation)
     rewrite_params(prep.fused_plan.gm, affine_params(fused, u.spec, W), in_place=True)
     err = rss / max(t2, 1e-300)
     ops.append({"op": u.spec.op, "role": "sum" if last else "inner", "grouping": g.how, "error": err,
@@ -593,7 +595,8 @@ def fuse_block(i: int, prep, scores: list[Tensor], col, cfg, bspec) -> BlockResu
             raise untied(f"the per-channel affine `{u.spec.op}`" if u.spec.channel else
                          f"the depthwise conv `{u.spec.op}`")
         if u.spec.depthwise:
-            _solve_diagonal(i, prep, col, bspec, u, g, ops, targets, last=False, axis=u.axis)
+            _solve_diagonal(i, prep, col, bspec, u, g, ops, targets, last=False, axis=u.axis,
+                            regularisation=cfg.regularisation)
             continue
         if u.spec.groups != 1:
             # a grouped conv: its neurons are grouped on the base models' values (every base has the unit, see
@@ -606,19 +609,20 @@ def fuse_block(i: int, prep, scores: list[Tensor], col, cfg, bspec) -> BlockResu
                                   cfg=cfg)
                 if u.space is not None:
                     by_space[u.space] = g
-            _solve_diagonal(i, prep, col, bspec, u, g, ops, targets, last=False, axis=u.axis)
+            _solve_diagonal(i, prep, col, bspec, u, g, ops, targets, last=False, axis=u.axis,
+                            regularisation=cfg.regularisation)
             continue
         stats, rows = _unit_pass(i, prep, col, bspec, u, last=False)
-        lam, V = stats.eig()
+        lam, V = stats.eig_for(cfg.regularisation)
         att = next((a for a in bspec.attention if a.unit == u.output), None)
         if att is not None:
             # the q, k, v of an attention: grouped within heads matched across models (every base has the unit,
             # see fxfuse._engine._block_spec)
-            gram, _ = stats.grouping_gram(lam, V)
+            gram, _ = stats.grouping_gram(lam, V, ridge=cfg.regularisation == "gcv")
             g, g_v = group_attention(gram, [_head_maps(attention_heads(lv, att.node)) for lv in bases],
                                      _head_maps(att), strategy=method.grouping, seed=cfg.seed + 1000 * i + j, cfg=cfg)
         if g is None:
-            gram, _ = stats.grouping_gram(lam, V)
+            gram, _ = stats.grouping_gram(lam, V, ridge=cfg.regularisation == "gcv")
             unit_widths = [bases[k].get_submodule(u.spec.op).weight.shape[0]
                            for k in bases_with(prep, i, bases, {u.output})]
             # the input of a grouped conv (read by every base) is grouped within matched groups, which the
@@ -627,19 +631,19 @@ def fuse_block(i: int, prep, scores: list[Tensor], col, cfg, bspec) -> BlockResu
                            and v.in_space == u.space), None) if len(unit_widths) == len(bases) else None
             g, match = group_unit(gram, unit_widths, fused.get_submodule(u.spec.op).weight.shape[0],
                                   reader.spec.groups if reader else 1, None, strategy=method.grouping,
-                                  seed=cfg.seed + 1000 * i + j, cfg=cfg)
+                                  seed=cfg.seed + 1000 * i + j, cfg=cfg, residual=unreproduced(stats.K, gram))
             if match is not None:
                 group_match[reader.output] = match
             if u.space is not None:
                 by_space[u.space] = g
-        W, rd = stats.solve(lam, V, g.matrix.to(stats.C.device), W0=read_affine(fused, u.spec))
+        W, rd = stats.solve_for(cfg.regularisation, lam, V, g.matrix.to(stats.C.device), W0=read_affine(fused, u.spec))
         rewrite_params(prep.fused_plan.gm, affine_params(fused, u.spec, W), in_place=True)
         t2 = grouped_sq_norm(g.matrix, stats.K)
         ops.append({"op": u.spec.op, "role": "inner", "grouping": g.how, "error": rd.rss / max(t2, 1e-300),
                     "ridge": rd.relative, "rows": rows, "columns": stats.d})
         targets.append((u.value, u.axis, g.matrix))
         if att is not None:  # v again, through the fused model's own attention pattern
-            _values_through_attention(i, prep, col, u, att, g_v, ops, targets)
+            _values_through_attention(i, prep, col, u, att, g_v, ops, targets, cfg.regularisation)
     if bspec.tied:
         # 2'. the level output keeps its input's neurons (a depthwise conv, a gated input): its grouping is the
         # input's, and a depthwise term is solved channel by channel against it
@@ -653,7 +657,7 @@ def fuse_block(i: int, prep, scores: list[Tensor], col, cfg, bspec) -> BlockResu
         axis = bspec.terms[0].axis if bspec.terms else lv.neuron_axis
         if bspec.terms:
             K, err, ridge, rows, columns = _solve_diagonal(i, prep, col, bspec, bspec.terms[0], g, ops, targets, last=True,
-                                                            axis=axis)
+                                                            axis=axis, regularisation=cfg.regularisation)
         else:
             _, K, sq_err, sq_t, rows = _tied_pass(i, prep, col, bspec, None, g.matrix, last=True, axis=axis)
             err, ridge, columns = sq_err / max(sq_t, 1e-300), 0.0, 0
@@ -674,8 +678,8 @@ def fuse_block(i: int, prep, scores: list[Tensor], col, cfg, bspec) -> BlockResu
     if bspec.fixed:
         A = torch.cat([A, -torch.eye(lv.width, dtype=A.dtype, device=A.device)])
     W0 = torch.cat([read_affine(fused, u.spec) for u in bspec.terms])
-    lam, V = stats.eig()
-    W, rd = stats.solve(lam, V, A, W0=W0)
+    lam, V = stats.eig_for(cfg.regularisation)
+    W, rd = stats.solve_for(cfg.regularisation, lam, V, A, W0=W0)
     params: dict[str, Tensor] = {}
     start = 0
     for u in bspec.terms:

@@ -135,8 +135,9 @@ class FuseConfig:
             target's weights) or ``"closed-form"`` (the ``*-linear`` solution, where one exists).
         cla_samples: Models of different depth: how many fusion samples the cross-layer alignment's
             linear CKA compares level outputs on (CLAFusion uses 200).
-        regularisation: How a level solved as one op in closed form is regularised: ``"gcv"`` (a ridge towards
-            the start weights, chosen by generalised cross-validation) or ``"pinv"`` (no ridge: the minimum-norm
+        regularisation: How every op solved in closed form is regularised (a level solved as one op, and each op
+            of a block level, channel by channel for per-channel ones): ``"gcv"`` (a ridge towards the start
+            weights, chosen by generalised cross-validation) or ``"pinv"`` (no ridge: the minimum-norm
             pseudo-inverse solution at the default rank cut-off, and grouping on its projection, as the
             reference implementation computes it).
         hf_cost: The pair cost of Hungarian grouping: ``"squared"`` (the paper's Eq. 7) or ``"distance"``

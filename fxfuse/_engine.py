@@ -34,6 +34,7 @@ from ._solve import (
     op_input,
     read_affine,
     to_rows,
+    unreproduced,
 )
 from ._trace import out_of_place, trace
 
@@ -687,9 +688,7 @@ def collect(i: int, prep: Prepared, col: Collector, spec, cfg: FuseConfig) -> _L
     n_rows = all_reduce_number(n_rows)
     if stats is not None:
         stats.reduce()
-        lam, V = stats.eig()
-        if cfg.regularisation == "pinv":
-            lam, V = stats.pinv_rank(lam, V)
+        lam, V = stats.eig_for(cfg.regularisation)
         gram, _ = stats.grouping_gram(lam, V, ridge=cfg.regularisation == "gcv")
         return _LevelData(stats, (lam, V), gram, None, None, n_rows, stats.d)
     n_params = sum(p.numel() for p in fused.parameters())
@@ -721,12 +720,11 @@ def _solve_closed_form(i, prep, col, spec, data: _LevelData, grouping: Grouping,
     lam, V = data.eig
     A = grouping.matrix
     t2 = grouped_sq_norm(A, data.stats.K)
-    if cfg.regularisation == "pinv":  # the minimum-norm solution on the directions pinv_rank kept, no ridge
-        W, ridge = data.stats.solve(lam, V, A, ridge=False)
+    # "gcv": regularised towards the start weights (models[0]'s, or the target's), directions the data does not
+    # determine keep them; "pinv": the minimum-norm solution on the directions pinv_rank kept, no ridge
+    W, ridge = data.stats.solve_for(cfg.regularisation, lam, V, A, W0=read_affine(level, spec))
+    if cfg.regularisation == "pinv":
         return Solution(affine_params(level, spec, W), "closed form (pinv)", error=ridge.rss / max(t2, 1e-300))
-    # regularised towards the start weights (models[0]'s, or the target's); directions the data does not
-    # determine keep them
-    W, ridge = data.stats.solve(lam, V, A, W0=read_affine(level, spec))
     return Solution(affine_params(level, spec, W), "closed form", error=ridge.rss / max(t2, 1e-300), ridge=ridge.relative)
 
 
@@ -821,7 +819,8 @@ def fuse_level(i: int, prep: Prepared, scores: list[list[Tensor]], col: Collecto
 
         res = fuse_block(i, prep, scores, col, cfg, bspec)
         grouping, ops, op_targets = res.grouping, res.ops, res.targets
-        sol = Solution({}, f"closed form (block: {len(bspec.units)} ops)", error=res.error, ridge=res.ridge)
+        pinv = ", pinv" if cfg.regularisation == "pinv" else ""
+        sol = Solution({}, f"closed form (block: {len(bspec.units)} ops{pinv})", error=res.error, ridge=res.ridge)
         rows, columns = res.rows, res.columns
     else:
         # a–b. collect, group
@@ -872,7 +871,7 @@ def _collect_and_group(i: int, prep: Prepared, scores: list[list[Tensor]], col: 
     s = torch.cat([sc[i] for sc in scores]).to(data.gram.device)
     residual = None
     if cfg.hf_cost == "distance" and data.stats is not None:  # what the fused level cannot reproduce of each neuron
-        residual = (data.stats.K.diagonal() - data.gram.diagonal()).clamp_min(0.0)
+        residual = unreproduced(data.stats.K, data.gram)
     grouping = group(data.gram, s, widths, lv.width, is_head=lv.is_head, strategy=get_method(cfg.method).grouping,
                      seed=cfg.seed + i, cfg=cfg, residual=residual)
     return data, grouping

@@ -200,15 +200,18 @@ class DiagonalStats:
         self.b: Tensor | None = None
         self.tt: Tensor | None = None
         self.rows = 0
+        self.eps = 0.0  # machine epsilon of the rows as computed (``regularisation="pinv"``'s cut-off)
 
     @property
     def d(self) -> int:
         """Columns of one group's design."""
         return self.G.shape[1]
 
-    def add(self, X: Tensor, T: Tensor, chunk: int = 8192) -> None:
+    def add(self, X: Tensor, T: Tensor, chunk: int = 8192, dtype: torch.dtype | None = None) -> None:
         """Add design rows X (n_rows, groups, d) and targets T (n_rows, groups · m): output column j of
-        group g is T[:, g·m + j], as a grouped conv orders its output channels."""
+        group g is T[:, g·m + j], as a grouped conv orders its output channels. ``dtype``: the dtype the
+        activations were computed in, where X is already a float64 copy (default X's own)."""
+        self.eps = max(self.eps, torch.finfo(dtype or X.dtype).eps if (dtype or X.dtype).is_floating_point else 0.0)
         groups = X.shape[1]
         if T.shape[1] % groups:
             raise ValueError(f"targets have {T.shape[1]} columns, not a multiple of the {groups} groups")
@@ -241,9 +244,11 @@ class DiagonalStats:
                 all_reduce_(t)
             self.rows = all_reduce_number(self.rows)
 
-    def solve(self, W0: Tensor) -> tuple[Tensor, float, float, float]:
+    def solve(self, W0: Tensor, regularisation: str = "gcv") -> tuple[Tensor, float, float, float]:
         """Per-group ridge least squares towards ``W0`` (d, groups · m), each group's ridge chosen by generalised
         cross-validation as in :func:`choose_ridge` (all groups at once; a group's m outputs share it).
+        ``regularisation="pinv"``: each group's minimum-norm solution on the eigen-directions a pseudo-inverse
+        keeps at its default cut-off (as :meth:`GramStats.pinv_rank`), no ridge and no pull towards ``W0``.
 
         Returns:
             (W of shape (d, groups · m), residual sum of squares, ‖T‖², median μ / λ_max over groups).
@@ -251,6 +256,8 @@ class DiagonalStats:
         G, n = self.G, self.rows
         groups, d, m = self.b.shape
         w0 = W0.to(G).T.reshape(groups, m, d).transpose(1, 2)  # (groups, d, m)
+        if regularisation == "pinv":
+            w0 = torch.zeros_like(w0)
         Gw0 = G @ w0
         b0 = self.b - Gw0
         r0 = self.tt.sum(1) - 2.0 * (w0 * self.b).sum((1, 2)) + (w0 * Gw0).sum((1, 2))
@@ -260,11 +267,15 @@ class DiagonalStats:
             pairs = [_eigh(g) for g in G]
             lam, V = torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
         lmax = lam.max(1).values.clamp_min(1e-300)
-        valid = lam > EIG_RTOL * lmax[:, None]
+        rtol = _pinv_rtol(n, d, self.eps) if regularisation == "pinv" else EIG_RTOL
+        valid = lam > rtol * lmax[:, None]
         lam_s = torch.where(valid, lam, torch.ones_like(lam))
         u = (V.transpose(1, 2) @ b0) * valid[..., None]  # (groups, d, m)
         q_over = (u * u).sum(2) / lam_s
         r_perp = (r0 - q_over.sum(1)).clamp_min(0.0)
+        if regularisation == "pinv":
+            W = V @ (u / lam_s[..., None] * valid[..., None])
+            return W.transpose(1, 2).reshape(groups * m, d).T, float(r_perp.sum()), float(self.tt.sum()), 0.0
         best, mu, rss, _ = _gcv(lam, q_over, valid, r_perp, n, lmax)  # every group's own ridge
         W = w0 + V @ (u / (lam_s + mu[:, None])[..., None] * valid[..., None])
         grid = torch.tensor(RIDGE_GRID, dtype=G.dtype, device=G.device)
@@ -438,6 +449,18 @@ def _symmetrised(G: Tensor, block: int = 256) -> Tensor:
     return G
 
 
+def unreproduced(K: Tensor, gram: Tensor) -> Tensor:
+    """Each neuron's squared norm outside what a grouping Gram matrix describes, ‖z_j‖² − gram_jj (≥ 0): the
+    residual of the ``"distance"`` HF cost (:func:`fxfuse._grouping.distance_pair_costs`)."""
+    return (K.diagonal() - gram.diagonal()).clamp_min(0.0)
+
+
+def _pinv_rtol(rows: int, d: int, eps: float) -> float:
+    """The eigenvalue cut-off, relative to λ_max of XᵀX, of a pseudo-inverse of X (rows × d) at its default
+    singular-value cut-off max(rows, d) · ε · σ_max (ε: the machine epsilon of X's dtype; float64's if unknown)."""
+    return (max(rows, d) * (eps or torch.finfo(torch.float64).eps)) ** 2
+
+
 def _above(lam: Tensor, V, rtol: float):
     """The eigenpairs whose λ exceed ``rtol`` · λ_max (V's columns, or an implicit basis's, alike)."""
     keep = lam > rtol * lam.max().clamp_min(1e-300)
@@ -566,7 +589,20 @@ class GramStats:
         on its float32 activations."""
         if not lam.numel():
             return lam, V
-        return _above(lam, V, (max(self.rows, self.d) * (self.eps or torch.finfo(torch.float64).eps)) ** 2)
+        return _above(lam, V, _pinv_rtol(self.rows, self.d, self.eps))
+
+    def eig_for(self, regularisation: str) -> tuple[Tensor, Tensor | TridiagonalBasis]:
+        """The eigenpairs a fit with ``regularisation`` works on: :meth:`eig`'s (``"gcv"``), or those
+        :meth:`pinv_rank` keeps of them (``"pinv"``)."""
+        lam, V = self.eig()
+        return self.pinv_rank(lam, V) if regularisation == "pinv" else (lam, V)
+
+    def solve_for(self, regularisation: str, lam: Tensor, V, A: Tensor, W0: Tensor | None) -> tuple[Tensor, Ridge]:
+        """:meth:`solve` as ``regularisation`` asks: the cross-validated ridge towards ``W0`` (``"gcv"``), or the
+        minimum-norm solution with no ridge (``"pinv"``, on :meth:`eig_for`'s eigenpairs)."""
+        if regularisation == "pinv":
+            return self.solve(lam, V, A, ridge=False)
+        return self.solve(lam, V, A, W0=W0)
 
     def grouping_gram(self, lam: Tensor, V: Tensor, ridge: bool = True) -> tuple[Tensor, Ridge]:
         """Gram matrix of what a ridge fit from X reproduces of each neuron: Tensor of shape (n_neurons, n_neurons).

@@ -159,6 +159,38 @@ def test_pinv_rank_keeps_what_torch_pinv_keeps_for_float32_rows(eig_route):
     torch.testing.assert_close(gram, PT.T @ PT, rtol=0, atol=1e-6 * float((PT.T @ PT).abs().max()))
 
 
+def test_diagonal_pinv_solve_is_each_channels_torch_pinv_solution():
+    # DiagonalStats (depthwise convs, per-channel norms and scales) with regularisation="pinv": channel by channel
+    # the minimum-norm solution at torch.linalg.pinv's default cut-off for the rows' float32, ignoring W0
+    from fxfuse._solve import DiagonalStats
+
+    g = _gen(8)
+    n, channels, d = 90, 3, 12
+    X = torch.empty(n, channels, d, dtype=torch.float64)
+    for c in range(channels):  # singular values 1 … 10^-(c + 5): each channel keeps its own number of directions
+        U = torch.linalg.qr(torch.randn(n, d, generator=g, dtype=torch.float64))[0]
+        Vt = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))[0]
+        X[:, c] = (U * torch.logspace(0, -(c + 5), d, dtype=torch.float64)) @ Vt
+    X = X.to(torch.float32)
+    T = torch.randn(n, channels, generator=g, dtype=torch.float64)
+    stats = DiagonalStats()
+    stats.add(X[:50], T[:50])
+    stats.add(X[50:], T[50:])
+    W0 = torch.randn(d, channels, generator=g, dtype=torch.float64)
+    W, rss, t2, ridge = stats.solve(W0, "pinv")
+    rtol = max(n, d) * torch.finfo(torch.float32).eps
+    total = 0.0
+    for c in range(channels):
+        ref = torch.linalg.pinv(X[:, c].double(), rtol=rtol) @ T[:, c : c + 1]
+        torch.testing.assert_close(W[:, c : c + 1], ref, rtol=0, atol=1e-5 * float(ref.abs().max()))
+        total += float(((X[:, c].double() @ ref - T[:, c : c + 1]) ** 2).sum())
+        kept = int((torch.linalg.svdvals(X[:, c].double()) > rtol * torch.linalg.svdvals(X[:, c].double())[0]).sum())
+        assert 0 < kept < d  # the cut-off matters in every channel
+    assert abs(rss - total) <= 1e-6 * total and ridge == 0.0
+    W_gcv = stats.solve(W0)[0]
+    assert not torch.allclose(W_gcv, W)  # the default is another solve
+
+
 def test_distance_pair_costs_equal_the_explicit_unsquared_costs():
     from fxfuse._grouping import distance_pair_costs
 
