@@ -31,6 +31,7 @@ runs with other fusion settings skip training.
 from __future__ import annotations
 
 import argparse
+import ast
 import math
 import os
 import statistics
@@ -71,7 +72,7 @@ class VGG11(nn.Module):
 REFERENCE_CHOICES = "hf-linear:regularisation=pinv,hf_cost=distance"
 
 
-def _method(text: str) -> tuple[str, dict[str, str]]:
+def _method(text: str) -> tuple[str, dict[str, object]]:
     """``name:option=value,option=value`` as the method name and its fxfuse.fuse options."""
     name, _, opts = text.partition(":")
     options = {}
@@ -79,7 +80,10 @@ def _method(text: str) -> tuple[str, dict[str, str]]:
         key, eq, value = item.partition("=")
         if not eq:
             raise SystemExit(f"--methods {text!r}: options are option=value, separated by commas")
-        options[key] = value
+        try:  # numbers and booleans as Python literals (n_init=20, held_out=0.1), anything else a string
+            options[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            options[key] = value
     return name, options
 
 
