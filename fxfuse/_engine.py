@@ -493,13 +493,13 @@ _SCORE_BATCH = 128  # samples per attribution batch (conductance runs n_steps + 
 
 def score_neurons(prep: Prepared, cfg: FuseConfig) -> list[list[Tensor]]:
     """Per model, per level: the importance score of every neuron (Tensor of shape (width,), float64)."""
-    from ._importance import level_scores
+    from ._importance import level_scores, scoring_batch
 
     bar = None
     if cfg.importance != "uniform":  # attributions: interpolated passes over the fusion data, per model
-        batches = prep.data.n_batches(_SCORE_BATCH)
-        bar = progress_bar(None if batches is None else batches * len(prep.plans), f"importance ({cfg.importance})",
-                           cfg.progress)
+        batches = [prep.data.n_batches(scoring_batch(p.gm, cfg.importance, _SCORE_BATCH, cfg.importance_steps))
+                   for p in prep.plans]
+        bar = progress_bar(None if None in batches else sum(batches), f"importance ({cfg.importance})", cfg.progress)
     try:
         return [level_scores(p, prep.data, cfg.importance, n_steps=cfg.importance_steps, batch_size=_SCORE_BATCH,
                              device=cfg.device, progress=bar) for p in prep.plans]

@@ -142,6 +142,22 @@ def test_importance_scores_show_a_progress_bar_over_models_and_batches(capsys, i
     assert fxfuse.fuse([a, b], (x, y), method="kf-linear", progress=False).meta["fxfuse"]["score_seconds"] < 0.05
 
 
+def test_the_scoring_progress_bar_counts_the_passes_cut_to_the_memory_budget(capsys, monkeypatch):
+    import fxfuse._importance as imp_mod
+
+    a, b = mlp(seed=0), mlp(seed=1)
+    x = _data((16,), 300)
+    y = a(x).argmax(1)
+    per_sample = imp_mod.sample_bytes(fxfuse.trace(a, x[:2]))
+    monkeypatch.setattr(imp_mod, "SCORE_PASS_BYTES", 50 * 11 * per_sample)  # 50 samples per conductance pass
+    fused = fxfuse.fuse([a, b], (x, y), method="kf-linear", importance="conductance", progress=True)
+    err = capsys.readouterr().err
+    assert "importance (conductance)" in err and "12/12" in err  # 6 passes per model, 2 models
+    monkeypatch.undo()
+    same = fxfuse.fuse([a, b], (x, y), method="kf-linear", importance="conductance", progress=False)
+    torch.testing.assert_close(fused(x), same(x), rtol=1e-5, atol=1e-6)
+
+
 def test_linear_methods_solve_blocks_op_by_op_or_fall_back_to_gradient():
     from zoo import ResNetTiny
 

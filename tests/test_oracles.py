@@ -482,6 +482,43 @@ def test_conductance_by_default_integrates_in_the_reference_implementations_ten_
     assert make_config("kf-linear", importance="conductance").importance_steps == 10
 
 
+@pytest.mark.parametrize("importance,copies", [("conductance", 11), ("deeplift", 4)])
+def test_scoring_passes_are_cut_to_the_activation_budget(monkeypatch, importance, copies):
+    """Each attribution pass keeps at most SCORE_PASS_BYTES of activations (estimated from the traced shapes):
+    with a budget of 7 samples' copies the 40 samples run in passes of 7 (6 passes), and the scores are those
+    of one pass of all 40."""
+    import timm
+
+    import fxfuse
+    import fxfuse._importance as imp_mod
+    from fxfuse.passes import partition_levels
+
+    torch.manual_seed(0)
+    model = timm.create_model("test_resnet", pretrained=False, num_classes=5, in_chans=1).eval()
+    x = torch.randn(40, 1, 16, 16, generator=_gen(7))
+    y = torch.randint(0, 5, (40,), generator=_gen(8))
+    plan = partition_levels(fxfuse.trace(model, x[:2]))
+    taps = [(lv.output, lv.neuron_axis) for lv in plan]
+
+    class Count:
+        n = 0
+
+        def update(self, k):
+            self.n += k
+
+    whole, passes = Count(), Count()
+    ref = imp_mod.node_scores(plan.gm, taps, (x, y), importance, batch_size=128, progress=whole)
+    assert whole.n == 1
+    per_sample = imp_mod.sample_bytes(plan.gm)
+    assert per_sample > 16 * 16 * 4  # at least the stem's output
+    monkeypatch.setattr(imp_mod, "SCORE_PASS_BYTES", 7 * copies * per_sample)
+    assert imp_mod.scoring_batch(plan.gm, importance, 128) == 7
+    got = imp_mod.node_scores(plan.gm, taps, (x, y), importance, batch_size=128, progress=passes)
+    assert passes.n == 6
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6 * float(b.abs().max()))
+
+
 class _ViewNet(nn.Module):
     """Flattens a conv output with ``.view``, which fails on a channels-last tensor."""
 
