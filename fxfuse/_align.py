@@ -121,7 +121,8 @@ def matched_spaces(gms: Sequence[GraphModule], method: str, *, same_widths: bool
     return spaces
 
 
-def space_scores(gm: GraphModule, spaces, data, importance: str, *, n_steps: int = CONDUCTANCE_STEPS, device=None) -> dict[int, Tensor]:
+def space_scores(gm: GraphModule, spaces, data, importance: str, *, n_steps: int = CONDUCTANCE_STEPS,
+                 device=None) -> dict[int, Tensor]:
     """Importance score of every neuron of every free space of one model.
 
     Each space is scored at its last node in graph order (the activation that
