@@ -96,8 +96,8 @@ def fuse(
             exists; ``"first"`` from the first model's weights), ``regularisation`` (level-wise methods:
             ``"gcv"``, default, a ridge chosen by generalised cross-validation for every op solved in
             closed form, inside blocks too; ``"pinv"``, the minimum-norm pseudo-inverse solution at its
-            default rank cut-off, as the reference implementation), ``hf_cost`` (hf-*: ``"squared"``, default, the paper's Eq. 7;
-            ``"distance"``, the reference implementation's unsquared pair cost),
+            default rank cut-off, as the reference implementation), ``hf_cost`` (hf-*: ``"squared"``,
+            default, the paper's Eq. 7; ``"distance"``, the reference implementation's unsquared pair cost),
             and the gradient settings ``epochs``, ``lr``,
             ``weight_decay``, ``train_batch_size``, ``val_split``, ``patience``,
             ``noise`` (Table 5, Setting 1; np-merge: lr 0.01 for 10 epochs).
