@@ -14,7 +14,8 @@ over seeds, and the mean seconds per fusion. Fusion uses 400 samples of the
 first model's split (with their labels; only np-merge and the importance
 scores use them). ``--blocks closed-form gradient`` runs each ``*-linear`` row
 with both block solvers, side by side in one run ("(blocks by gradient)" rows:
-the whole block level fitted by Adam). One fusion runs before the table so that the
+the whole block level fitted by Adam), and a last table sets each closed-form cell against
+its gradient twin: accuracy difference and speed-up. One fusion runs before the table so that the
 first row's seconds do not include imports and tracing set-up.
 """
 
@@ -70,6 +71,14 @@ def _fmt(vals: list[float], secs: list[float] | None = None) -> str:
     if secs:
         cell += f" ({statistics.mean(secs):.1f} s)"
     return cell
+
+
+def _versus(closed: tuple[list[float], list[float]] | None, gradient: tuple[list[float], list[float]] | None) -> str:
+    """"+0.2, 13.5×": the closed form's mean accuracy minus the gradient fit's, and how many times faster it ran."""
+    if not closed or not gradient or not closed[0] or not gradient[0]:
+        return "n/a"
+    diff = statistics.mean(closed[0]) - statistics.mean(gradient[0])
+    return f"{diff:+.1f}, {statistics.mean(gradient[1]) / max(statistics.mean(closed[1]), 1e-9):.1f}×"
 
 
 def main() -> None:
@@ -134,6 +143,15 @@ def main() -> None:
         for row, by_setting in after_scores.items():
             cells = [f"{statistics.mean(by_setting[st]):.1f} s" if by_setting.get(st) else "n/a" for st in args.settings]
             print(f"| {row} | " + " | ".join(cells) + " |")
+    twins = [(r, f"{r} (blocks by gradient)") for r in results if f"{r} (blocks by gradient)" in results]
+    if twins:  # issue 10's target per cell: as accurate as the gradient fit of the same blocks, and >= 10x faster
+        print("\nclosed form against the gradient fit of the same blocks: accuracy difference (points, of the means), "
+              "speed-up (of the mean seconds per fusion)\n")
+        print("| method | " + " | ".join(args.settings) + " |")
+        print("|---|" + "---|" * len(args.settings))
+        for row, twin in twins:
+            print(f"| {row} | " + " | ".join(_versus(results[row].get(st), results[twin].get(st))
+                                             for st in args.settings) + " |")
     print(f"\ntotal {time.perf_counter() - t_all:.0f} s, torch {torch.__version__}, {torch.get_num_threads()} threads")
 
 
