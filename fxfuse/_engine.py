@@ -9,6 +9,7 @@ live in the registries :data:`GROUPINGS` and :data:`SOLVERS`.
 from __future__ import annotations
 
 import collections
+import copy
 import dataclasses
 import time
 import warnings
@@ -322,7 +323,10 @@ def prepare(models: Any, data: Any, cfg: FuseConfig) -> Prepared:
     target, target_name = (cfg.target, "target") if cfg.target is not None else (models[t], f"models[{t}]")
     dtype = next((p.dtype for p in target.parameters() if p.is_floating_point()), torch.float32)
     flags = {n: p.requires_grad for n, p in target.named_parameters()}
-    fused_gm = _trace_copy(target_name, target, data.example, dev)
+    if cfg.target is None and method.grouping != "aligned":
+        fused_gm = copy.deepcopy(gms[t])  # the same trace of models[t], untouched so far: copied, not traced again
+    else:
+        fused_gm = _trace_copy(target_name, target, data.example, dev)
     fused_plan = partition_levels(fused_gm)
     prep = Prepared(gms, data, plans, fused_plan, dtype, flags)
     if all(d == len(fused_plan) for d in depths):
@@ -734,8 +738,6 @@ def _targets(prep, i: int, data: _LevelData, grouping: Grouping, dtype) -> Tenso
 
 
 def _solve_gradient(i, prep, col, spec, data, grouping, cfg, *, fallback: bool = False):
-    import copy
-
     work = copy.deepcopy(col.chains[-1][i])
     T = _targets(prep, i, data, grouping, data.fit_inputs.dtype)
     bar = progress_bar(cfg.train.epochs, f"level {i} {prep.fused_plan[i].name}", cfg.progress, leave=False)
@@ -747,8 +749,6 @@ def _solve_gradient(i, prep, col, spec, data, grouping, cfg, *, fallback: bool =
 
 
 def _solve_np(i, prep, col, spec, data, grouping, cfg):
-    import copy
-
     from ._align import reset_batchnorm
     from ._npmerge import Interpolation
 
