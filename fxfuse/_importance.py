@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -49,11 +50,7 @@ def sample_bytes(gm: GraphModule) -> int:
         meta = n.meta.get("fxfuse", {}) if n.op in ("call_module", "call_function", "call_method") else {}
         shape, dtype = meta.get("shape"), meta.get("dtype")
         if isinstance(shape, tuple) and len(shape) >= 1:
-            per = 1
-            for d in shape[1:]:
-                per *= int(d)
-            size = torch.empty((), dtype=dtype).element_size() if isinstance(dtype, torch.dtype) else 4
-            total += per * size
+            total += math.prod(int(d) for d in shape[1:]) * (dtype.itemsize if isinstance(dtype, torch.dtype) else 4)
     return total
 
 

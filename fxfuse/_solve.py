@@ -256,11 +256,12 @@ class DiagonalStats:
         G, n = self.G, self.rows
         groups, d, m = self.b.shape
         w0 = W0.to(G).T.reshape(groups, m, d).transpose(1, 2)  # (groups, d, m)
-        if regularisation == "pinv":
-            w0 = torch.zeros_like(w0)
-        Gw0 = G @ w0
-        b0 = self.b - Gw0
-        r0 = self.tt.sum(1) - 2.0 * (w0 * self.b).sum((1, 2)) + (w0 * Gw0).sum((1, 2))
+        if regularisation == "pinv":  # no pull towards W0: the residual is that of the targets themselves
+            b0, r0 = self.b, self.tt.sum(1)
+        else:
+            Gw0 = G @ w0
+            b0 = self.b - Gw0
+            r0 = self.tt.sum(1) - 2.0 * (w0 * self.b).sum((1, 2)) + (w0 * Gw0).sum((1, 2))
         try:
             lam, V = torch.linalg.eigh(G)
         except torch.linalg.LinAlgError:  # one group's divide-and-conquer failed: each with _eigh's fallback
