@@ -1,6 +1,6 @@
 """ViT half-blocks in closed form (attention and MLP halves op by op) against the gradient fit.
 
-    python benchmarks/vit_blocks.py [--seeds 3]
+    python benchmarks/vit_blocks.py [--seeds 3] [--model test_vit|mixer]
 
 Two timm ``test_vit`` (img_size 32, patch 8, in_chans 1, 10 classes) trained 15 epochs on a
 2-way Dirichlet split of the digits upsampled to 32×32, fused with kf-linear and hf-linear on
@@ -9,6 +9,10 @@ LayerNorm and LayerScale folded, and attention halves with qkv grouped within ma
 op by op in closed form; the first attention half, which holds the class token and position
 embedding, by gradient) and ``blocks="gradient"`` (every block level by Adam). Prints test
 accuracy mean ± std over seeds and seconds per fusion.
+
+``--model mixer``: the same with a small timm ``MlpMixer`` (img_size 32, patch 8, in_chans 1, embed_dim 64,
+4 blocks; 16 tokens): its token-mixing halves (the token MLP on channels as rows, fc2 through the transpose back)
+and channel halves in closed form against the gradient fit.
 """
 
 from __future__ import annotations
@@ -31,14 +35,22 @@ ROWS = (("kf-linear, halves in closed form (default)", "kf-linear", {}),
         ("hf-linear, halves by gradient", "hf-linear", {"blocks": "gradient"}))
 
 
-def run(seed: int) -> dict[str, tuple[float, float]]:
+def _model(name: str):
+    if name == "mixer":
+        from timm.models.mlp_mixer import MlpMixer
+
+        return MlpMixer(num_classes=10, img_size=32, in_chans=1, patch_size=8, embed_dim=64, num_blocks=4)
+    return timm.create_model("test_vit", pretrained=False, num_classes=10, in_chans=1, img_size=32, patch_size=8)
+
+
+def run(seed: int, model: str = "test_vit") -> dict[str, tuple[float, float]]:
     x, y = load_digits(size=32)
     tr, te = train_test_split(len(y), 0.25, seed=seed)
     parts = dirichlet_split(y[tr], 2, min_max_ratio=0.2, seed=seed)
     models = []
     for k, p in enumerate(parts):
         torch.manual_seed(1000 * seed + k)
-        m = timm.create_model("test_vit", pretrained=False, num_classes=10, in_chans=1, img_size=32, patch_size=8)
+        m = _model(model)
         models.append(train_classifier(m, x[tr][p], y[tr][p], BASE_TRAINING.replace(epochs=15, seed=seed + k)))
     first = parts[0][torch.randperm(len(parts[0]), generator=torch.Generator().manual_seed(seed))[:400]]
     out = {f"base model {k + 1}": (accuracy(m, x[te], y[te]), 0.0) for k, m in enumerate(models)}
@@ -53,10 +65,12 @@ def run(seed: int) -> dict[str, tuple[float, float]]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--model", default="test_vit", choices=["test_vit", "mixer"])
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
-    runs = [run(s) for s in range(args.seeds)]
-    print("\n| test_vit, 32×32 digits, Dirichlet 2-way | accuracy % | s per fusion |\n|---|---|---|")
+    runs = [run(s, args.model) for s in range(args.seeds)]
+    name = "test_vit" if args.model == "test_vit" else "MlpMixer (64 wide, 4 blocks)"
+    print(f"\n| {name}, 32×32 digits, Dirichlet 2-way | accuracy % | s per fusion |\n|---|---|---|")
     for label in runs[0]:
         acc = [r[label][0] for r in runs]
         secs = [r[label][1] for r in runs]

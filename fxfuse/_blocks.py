@@ -52,6 +52,11 @@ permutation and v's by another: heads are matched across models and the dims gro
 again through the fused model's own attention (the attention output P_h X W_v,h is linear in W_v,h once q and k
 are fixed; one least-squares problem per head against the base models' grouped attention outputs), and the
 projection after the attention is a unit of the sum, fitted from the fused model's own attention output.
+A unit whose rows run over grouped neurons (an MLP-Mixer token MLP's fc1 reads a (batch, channels, tokens)
+tensor) is fitted to the base models' op run on the fused model's own rows (:func:`unit_is_shared`), since no
+base model's rows match the fused channels one to one; a term that reaches the sum through axis moves (its fc2,
+transposed back) is fitted to the level's grouped targets minus the fixed terms, moved back into its own layout
+(:func:`_fit_moved_term`).
 Each unit costs one pass over the fusion data; nothing but d×d statistics is held.
 """
 
@@ -81,7 +86,8 @@ class BlockResult:
     rows: int
     columns: int
     ops: list[dict[str, Any]]
-    targets: list[tuple[str, int, Tensor]]  # per op: the value fitted, its neuron axis, the grouping of its targets
+    # per op: the value fitted, its neuron axis, the grouping of its targets[, (op, op input) of a shared unit]
+    targets: list[tuple]
 
 
 def _env(level: GraphModule, x: Tensor, names: set[str], output: bool = True) -> dict[str, Tensor]:
@@ -122,6 +128,10 @@ def _unit_pass(i, prep, col, bspec, unit, *, last: bool):
     # a base level that is an inserted identity (models of different depth) has none of the block's inner
     # nodes: its inner neurons are left out, and its level output is its pre-activation
     use = range(len(bases)) if last else bases_with(prep, i, bases, want_base)
+    # a unit whose rows are the fused model's neurons (an MLP-Mixer token MLP reads channels as rows): its targets
+    # are the base models' op on the fused model's own rows, the rows being the same inputs for all of them
+    shared = [bases[k].get_submodule(unit.spec.op) for k in use] if not last and unit_is_shared(i, prep, bspec, unit) \
+        else None
     stats = GramStats()
     rows = 0
     for b, ins, _ in col.inputs(i):
@@ -132,7 +142,7 @@ def _unit_pass(i, prep, col, bspec, unit, *, last: bool):
         cols = [design_rows(fused, u.spec, env1[name]) for u, name in zip(units, op_in)]
         per_sample = cols[0].shape[0] * sum(c.shape[1] for c in cols)
         for sl in _chunks(h, per_sample):
-            envs_b = [_env(bases[k], ins[k][sl], want_base, output=last) for k in use]
+            envs_b = [_env(bases[k], ins[k][sl], want_base, output=last) for k in use] if shared is None else []
             env_f = _env(fused, h[sl], in_names | set(bspec.fixed), output=False)
             X = torch.cat([design_rows(fused, u.spec, env_f[name]) for u, name in zip(units, op_in)], 1)
             if last:
@@ -144,6 +154,8 @@ def _unit_pass(i, prep, col, bspec, unit, *, last: bool):
                     o = e["__output__"]
                     _check_finite(o, f"level {i} (`{prep.plans[k][i].name}`) of models[{k}]")
                     outs[k].append(o)
+            elif shared is not None:
+                Z = [to_rows(op(env_f[op_in[0]]), unit.axis) for op in shared]
             else:
                 Z = [to_rows(e[unit.value], unit.axis) for e in envs_b]
             stats.add(X, torch.cat(Z, 1))
@@ -173,6 +185,27 @@ def has_nodes(level: GraphModule, names) -> bool:
     """Whether the level module has nodes of all these names."""
     have = {n.name for n in level.graph.nodes}
     return {n.split(":")[0] for n in names} <= have  # "<node>:pre" is a value of <node>
+
+
+def input_neuron_space(i: int, prep, bspec) -> int | None:
+    """The neuron space of the level input's grouped axis (the previous level's neurons); None for the first
+    level, whose input (the model input) is the same for every model."""
+    if i == 0 or not bspec.input_axes:
+        return None
+    axis = prep.fused_plan[i - 1].neuron_axis % len(bspec.input_axes)
+    return bspec.input_axes[axis]
+
+
+def unit_is_shared(i: int, prep, bspec, unit) -> bool:
+    """Whether ``unit``'s rows run over grouped neurons (the level input's, or an inner unit's): an MLP-Mixer token
+    MLP's Linear reads a (batch, channels, tokens) tensor, so its rows are the fused model's channels, which the
+    base models' rows do not match one to one."""
+    if not unit.row_spaces:
+        return False
+    att = {a.unit for a in bspec.attention}
+    grouped = {input_neuron_space(i, prep, bspec)} | {u.space for u in bspec.inner if u.output not in att
+                                                      and u.space not in bspec.input_spaces}
+    return bool(set(unit.row_spaces) & (grouped - {None}))
 
 
 @torch.no_grad()
@@ -641,7 +674,8 @@ def fuse_block(i: int, prep, scores: list[Tensor], col, cfg, bspec) -> BlockResu
         t2 = grouped_sq_norm(g.matrix, stats.K)
         ops.append({"op": u.spec.op, "role": "inner", "grouping": g.how, "error": rd.rss / max(t2, 1e-300),
                     "ridge": rd.relative, "rows": rows, "columns": stats.d})
-        targets.append((u.value, u.axis, g.matrix))
+        shared = (u.spec.op, _op_input_name(fused, u)) if unit_is_shared(i, prep, bspec, u) else None
+        targets.append((u.value, u.axis, g.matrix, shared))
         if att is not None:  # v again, through the fused model's own attention pattern
             _values_through_attention(i, prep, col, u, att, g_v, ops, targets, cfg.regularisation)
     if bspec.tied:
@@ -665,6 +699,9 @@ def fuse_block(i: int, prep, scores: list[Tensor], col, cfg, bspec) -> BlockResu
 
         g = dataclasses.replace(g, cost=kernel_inertia(K, s.to(K), g.labels.to(K.device), lv.width))
         return BlockResult(g, err, ridge, rows, columns, ops, targets)
+    if bspec.moves:
+        # 2''. one term moved into the sum (an MLP-Mixer token MLP's fc2, transposed back onto the channels)
+        return _fit_moved_term(i, prep, col, cfg, bspec, by_space, s, widths, ops, targets)
     # 2. the units of the sum, jointly, against the level's grouped pre-activations minus the fixed terms
     stats, rows = _unit_pass(i, prep, col, bspec, None, last=True)
     # the level's neurons are grouped on their pre-activations, the values the sum's units are fitted to
@@ -698,6 +735,89 @@ def fuse_block(i: int, prep, scores: list[Tensor], col, cfg, bspec) -> BlockResu
 
 
 @torch.no_grad()
+def _fit_moved_term(i, prep, col, cfg, bspec, by_space, s, widths, ops, targets) -> BlockResult:
+    """Fit the sum's one term that reaches it through axis moves (:attr:`fxfuse.passes.BlockSpec.moves`).
+
+    The level's neurons are grouped first: by the grouping of their space when it is known (the level input's,
+    through the identity skip), else from the base models' values at the sum. The term is then fitted to the
+    grouped targets minus the fixed terms (the fused skip), moved back into the term's own layout: an MLP-Mixer
+    token MLP's fc2 has rows (sample, fused channel) and the tokens as columns, so the targets are never grouped
+    on the term's own output axis. One pass over the data; writes the term."""
+    import dataclasses
+
+    from fxfuse.passes import move_index, rewrite_params
+
+    from ._dist import all_reduce_, all_reduce_number
+    from ._engine import _check_finite, group
+    from ._grouping import kernel_inertia
+    from ._methods import get_method
+    from ._solve import from_rows
+
+    fused = col.chains[-1][i]
+    bases = [chain[i] for chain in col.chains[:-1]]
+    lv = prep.fused_plan[i]
+    u = bspec.terms[0]
+    axis = lv.neuron_axis % max(len(bspec.pre_axes), 1)
+    space = bspec.pre_axes[axis] if bspec.pre_axes else None
+    g = by_space.get(space) if space is not None else None
+    if g is None and space is not None and space == input_neuron_space(i, prep, bspec):
+        g0 = input_grouping(i, prep, col, lv.width)
+        g = _tied(g0, "level input") if g0 is not None else None
+    tied = g is not None
+    if g is None:
+        K = _value_gram(i, col, bspec.pre, axis)
+        g = group(K, s.to(K.device), widths, lv.width, is_head=lv.is_head, strategy=get_method(cfg.method).grouping,
+                  seed=cfg.seed + i, cfg=cfg)
+    nodes = {n.name: n for n in fused.graph.nodes}
+    unit_shape = nodes[u.output].meta["fxfuse"]["shape"]
+    sum_shape = nodes[bspec.pre.split(":")[0]].meta["fxfuse"]["shape"]
+    back = torch.argsort(move_index(fused, u.output, bspec.moves))  # the sum's elements back in the term's layout
+    op_in = _op_input_name(fused, u)
+    A = g.matrix.to(torch.float64)
+    stats = GramStats()
+    K = None
+    t2 = 0.0
+    for b, ins, _ in col.inputs(i):
+        outs: list[list[Tensor]] = [[] for _ in bases]
+        h = ins[-1]
+        per_sample = design_rows(fused, u.spec, _env(fused, h[:1], {op_in}, output=False)[op_in]).numel()
+        for sl in _chunks(h, per_sample):
+            envs_b = [_env(lv_b, x[sl], {bspec.pre}) for lv_b, x in zip(bases, ins)]
+            env_f = _env(fused, h[sl], {op_in} | set(bspec.fixed), output=False)
+            Z = torch.cat([to_rows(e[bspec.pre], axis) for e in envs_b], 1).to(torch.float64)
+            K = Z.T @ Z if K is None else K.addmm_(Z.T, Z)
+            A = A.to(Z.device)
+            T = Z @ A
+            t2 += float((T * T).sum())
+            if bspec.fixed:
+                T = T - to_rows(sum(env_f[f] for f in bspec.fixed), axis).to(torch.float64)
+            m = h[sl].shape[0]
+            T = from_rows(T, sum_shape, axis).reshape(m, -1)[:, back.to(T.device)].reshape(m, *unit_shape[1:])
+            stats.add(design_rows(fused, u.spec, env_f[op_in]), to_rows(T, u.axis))
+            for k, e in enumerate(envs_b):
+                _check_finite(e["__output__"], f"level {i} (`{prep.plans[k][i].name}`) of models[{k}]")
+                outs[k].append(e["__output__"])
+        for k, parts in enumerate(outs):
+            col.store(k, i, b, torch.cat(parts))
+    stats.reduce()
+    all_reduce_(K)
+    t2 = all_reduce_number(t2)
+    rows = all_reduce_number(stats.rows)
+    lam, V = stats.eig_for(cfg.regularisation)
+    n_out = stats.C.shape[1]
+    W, rd = stats.solve_for(cfg.regularisation, lam, V, torch.eye(n_out, dtype=torch.float64, device=stats.C.device),
+                            W0=read_affine(fused, u.spec))
+    rewrite_params(prep.fused_plan.gm, affine_params(fused, u.spec, W), in_place=True)
+    err = rd.rss / max(t2, 1e-300)  # relative to the level's whole target, skip included
+    ops.append({"op": u.spec.op, "role": "sum", "grouping": g.how, "error": err, "ridge": rd.relative, "rows": rows,
+                "columns": stats.d, "how": "through axis moves"})
+    targets.append((bspec.pre, axis, g.matrix))
+    if tied:
+        g = dataclasses.replace(g, cost=kernel_inertia(K, s.to(K), g.labels.to(K.device), lv.width))
+    return BlockResult(g, err, rd.relative, rows, stats.d, ops, targets)
+
+
+@torch.no_grad()
 def held_out_errors(i: int, prep, hcol, targets) -> list[float | None]:
     """Relative errors ‖f − Z A‖² / ‖Z A‖² of the solved level ``i`` on the held-out samples (``held_out``): for each
     ``(value, neuron axis, A)`` in ``targets``, the fused model's value against the base models' values grouped by A
@@ -707,7 +827,10 @@ def held_out_errors(i: int, prep, hcol, targets) -> list[float | None]:
 
     bases = [chain[i] for chain in hcol.chains[:-1]]
     fused = hcol.chains[-1][i]
-    names = {v for v, _, _ in targets if v != "__output__"}
+    # a target (value, neuron axis, A[, shared]): with shared = (op, op input), the base models' op on the fused
+    # model's own input (a unit whose rows are fused neurons, unit_is_shared)
+    targets = [(t[0], t[1], t[2], t[3] if len(t) > 3 else None) for t in targets]
+    names = {v for v, _, _, sh in targets if v != "__output__"} | {sh[1] for *_, sh in targets if sh is not None}
     sums = torch.zeros(len(targets), 2, dtype=torch.float64)
     missing = torch.zeros(len(targets), dtype=torch.float64)
     for b, ins, _ in hcol.inputs(i):
@@ -716,11 +839,15 @@ def held_out_errors(i: int, prep, hcol, targets) -> list[float | None]:
         for k, e in enumerate(envs):
             hcol.store(k, i, b, e["__output__"])
         hcol.store(len(bases), i, b, env_f["__output__"])
-        for t, (value, axis, A) in enumerate(targets):
+        for t, (value, axis, A, shared) in enumerate(targets):
             if value not in env_f or not all(value in e for e in envs):
                 missing[t] = 1.0
                 continue
-            Z = torch.cat([to_rows(e[value], axis) for e in envs], 1).to(torch.float64)
+            if shared is not None:
+                Z = torch.cat([to_rows(lv.get_submodule(shared[0])(env_f[shared[1]]), axis) for lv in bases], 1)
+            else:
+                Z = torch.cat([to_rows(e[value], axis) for e in envs], 1)
+            Z = Z.to(torch.float64)
             T = Z @ A.to(Z)
             diff = to_rows(env_f[value], axis).to(torch.float64) - T
             sums[t, 0] += float((diff * diff).sum())

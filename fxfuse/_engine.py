@@ -918,6 +918,22 @@ def _block_spec(i: int, col: Collector, prep: Prepared):
             base = [attention_heads(chain[i], a.node) if have[k] else None for a in bspec.attention]
             if any(b is None for b in base) or [(b.heads, len(b.q[0]), len(b.v[0])) for b in base] != shape:
                 return None
+    from ._blocks import unit_is_shared
+
+    fused = col.chains[-1][i]
+    for u in bspec.units:
+        if not unit_is_shared(i, prep, bspec, u) or (u in bspec.terms and bspec.moves):
+            continue
+        # rows over grouped neurons (an MLP-Mixer token MLP): the base models' op runs on the fused rows, so it must
+        # be a plain Linear/Conv2d of the same fan-in in every base; a term is fitted so only through axis moves
+        plain = (u in bspec.inner and not u.spec.depthwise and u.spec.groups == 1 and u.spec.norm is None
+                 and u.spec.channel is None and all(u.output != a.unit for a in bspec.attention))
+        fan_in = tuple(fused.get_submodule(u.spec.op).weight.shape[1:]) if plain else None
+        if not plain or not all(have) or any(tuple(chain[i].get_submodule(u.spec.op).weight.shape[1:]) != fan_in
+                                             for chain in col.chains[:-1]):
+            return None
+    if bspec.moves and not all(have):
+        return None  # the sum's base values are read at the sum node itself
     # neurons tied to the level input (a depthwise conv, a gate) are grouped as the input: every base must have
     # them, and the input's grouping must be known
     if bspec.tied or bspec.constants or any(u.space is not None and (u.space in bspec.input_spaces

@@ -4,7 +4,7 @@ Analysis passes return frozen plans and only annotate ``node.meta["fxfuse"]``;
 rewriting passes return new GraphModules and never mutate their input.
 """
 
-from ._affine import AffineSpec, Attention, BlockSpec, BlockUnit, affine_spec, attention_heads, block_spec
+from ._affine import AffineSpec, Attention, BlockSpec, BlockUnit, affine_spec, attention_heads, block_spec, move_index
 from ._depth import DepthAlignment, align_depth, cla_dp, insert_identity, linear_cka, pinned_levels
 from ._partition import Level, LevelPlan, partition_levels
 from ._rewrite import rewrite_params
@@ -18,6 +18,7 @@ __all__ = [
     "BlockSpec",
     "BlockUnit",
     "block_spec",
+    "move_index",
     "DepthAlignment",
     "align_depth",
     "cla_dp",

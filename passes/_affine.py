@@ -8,14 +8,17 @@ in closed form.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 from torch.fx import GraphModule, Node
 
 from ._ops import call_arg, computes_like, is_foldable_norm_module, is_transparent, norm_activation, tensor_shape
 
-__all__ = ["AffineSpec", "Attention", "ChannelAffine", "BlockSpec", "BlockUnit", "Fold", "affine_spec", "attention_heads", "block_spec"]
+__all__ = ["AffineSpec", "Attention", "ChannelAffine", "BlockSpec", "BlockUnit", "Fold", "affine_spec", "attention_heads", "block_spec",
+           "move_index"]
 
 
 @dataclass(frozen=True)
@@ -95,6 +98,8 @@ class BlockUnit:
     act: bool = False  # the norm applies an activation after itself (timm's BatchNormAct2d)
     space: int | None = None  # index of the output's neuron space in the level's neuron_spaces
     in_space: int | None = None  # index of the op input's neuron space (its channels or features)
+    # neuron spaces of the op input's other axes but the batch (an MLP-Mixer token MLP's rows are channels)
+    row_spaces: tuple[int, ...] = ()
 
     @property
     def value(self) -> str:
@@ -162,6 +167,10 @@ class BlockSpec:
     # parameters used as values in the level input's neurons (a ViT's class token and position embedding):
     # (qualname, the dim in the input's neurons); fused as the grouped mean of the base models' values
     constants: tuple[tuple[str, int], ...] = ()
+    # the single term reaches the sum through these axis moves (an MLP-Mixer token MLP's transpose back), in order
+    moves: tuple[str, ...] = ()
+    input_axes: tuple[int | None, ...] = ()  # neuron space of each axis of the level input
+    pre_axes: tuple[int | None, ...] = ()  # neuron space of each axis of the sum
 
     @property
     def units(self) -> tuple[BlockUnit, ...]:
@@ -199,12 +208,15 @@ def _unit_op(level: GraphModule, node: Node) -> AffineSpec | None:
     return AffineSpec(str(node.target), node.name, None, is_conv, m.bias is not None)
 
 
-def block_spec(level: GraphModule) -> BlockSpec | None:
+def block_spec(level: GraphModule, _unfold: frozenset[str] = frozenset()) -> BlockSpec | None:
     """Describe a level as Linear/Conv2d (+ BatchNorm) units summed into its output, or None.
 
     Covers plain and residual blocks (ResNet basic and bottleneck blocks with
-    identity, 1×1 or pooled 1×1 shortcuts; MLP blocks) whose every weighted
+    identity, 1×1 or pooled 1×1 shortcuts; MLP blocks; an MLP-Mixer token MLP,
+    whose last Linear reaches the sum through a transpose) whose every weighted
     module is such a unit. Single-op levels are :func:`affine_spec`'s.
+    ``_unfold``: norms whose affine must be a per-channel unit, not folded (their γ does not meet the input
+    features of the op that reads them: an MLP-Mixer's norm before the token MLP).
     """
     nodes = list(level.graph.nodes)
     attr_users = _per_channel_affines(level, nodes)
@@ -258,7 +270,7 @@ def block_spec(level: GraphModule) -> BlockSpec | None:
                                      or _moves_axes(level, readers[0]) or _pools_tokens(readers[0])):
             readers = [u for u in readers[0].users if not _reads_shape(u)]
         unit = next((u for u in units.values() if len(readers) == 1 and u.spec.op_node == readers[0].name), None)
-        if (unit is None or unit.spec.depthwise or unit.spec.groups != 1 or unit.spec.norm is not None
+        if (unit is None or unit.spec.depthwise or unit.spec.groups != 1 or unit.spec.norm is not None or ln in _unfold
                 or (b is not None and (not unit.spec.has_bias_column or not _no_padding(level, unit.spec)))):
             # no unit to fold into (β would meet a padded conv, or the reader is depthwise or no unit): the
             # affine is a per-channel unit of its own, its neurons the input's (checked on the spaces)
@@ -294,10 +306,12 @@ def block_spec(level: GraphModule) -> BlockSpec | None:
             return None
     terms: list[str] = []
     fixed: list[str] = []
+    moves: dict[str, tuple[str, ...]] = {}
     if node.name in units or _is_add(node):
         stack = [node]
         while stack:
-            n = strip(stack.pop())
+            raw = stack.pop()
+            n = strip(raw)
             if n.name in units and n is not node and sum(not _reads_shape(r) for r in n.users) > 1:
                 # a unit also read elsewhere in the level (a downsampling conv that is both the skip and the
                 # branch's input): an inner unit, its fused value a fixed term of the sum
@@ -308,6 +322,9 @@ def block_spec(level: GraphModule) -> BlockSpec | None:
                 if not all(isinstance(a, Node) for a in n.args):
                     return None
                 stack.extend(reversed(n.args))
+            elif n is not node and (moved := _moved_unit(level, raw, units)) is not None:
+                terms.append(moved[0])  # a unit whose output is transposed (reshaped, …) into the sum
+                moves[moved[0]] = moved[1]
             else:
                 fixed.append(n.name)
     pre = node
@@ -315,6 +332,8 @@ def block_spec(level: GraphModule) -> BlockSpec | None:
         # no unit feeds the output (a squeeze-excitation gate x·σ(W₂ act(W₁ mean x))): every unit is inner
         # and the output must stay in the input's neuron space (checked below)
         pre, fixed = out, []
+    if moves and (len(terms) != 1 or move_index(level, terms[0], moves[terms[0]]) is None):
+        return None  # one term through axis moves, solved alone; the moves must permute each sample's elements
     term_units = [units[t] for t in terms]
     if any(u.act for u in term_units) and not (len(terms) == 1 and pre.name == terms[0]):
         return None  # an activation inside a sum
@@ -355,8 +374,67 @@ def block_spec(level: GraphModule) -> BlockSpec | None:
                 return None
             attention.append(att)
     bspec = BlockSpec(inner, term_units, tuple(fixed), pre_value, tuple(folds), tied=tied, attention=tuple(attention),
-                      constants=tuple((c, -1) for c in constants))
-    return _with_spaces(level, bspec, out)
+                      constants=tuple((c, -1) for c in constants), moves=moves.get(terms[0], ()) if terms else ())
+    res = _with_spaces(level, bspec, out)
+    if isinstance(res, frozenset):  # folds whose γ does not meet the unit's input features: per-channel units
+        return block_spec(level, res) if not _unfold else None
+    return res
+
+
+def _moved_unit(level: GraphModule, n: Node, units: dict) -> tuple[str, tuple[str, ...]] | None:
+    """``(unit output, move nodes in order)`` when ``n`` is a unit's output moved by permutes, transposes, flattens
+    or reshapes with constant arguments (and ops that are the identity in eval mode), each read only there."""
+    chain: list[str] = []
+    cur = n
+    while cur.name not in units:
+        if sum(not _reads_shape(u) for u in cur.users) != 1:
+            return None
+        if is_transparent(level, cur) and len(cur.all_input_nodes) == 1:
+            cur = cur.all_input_nodes[0]
+        elif _moves_axes(level, cur) and isinstance(cur.args[0], Node) and cur.all_input_nodes == [cur.args[0]]:
+            chain.append(cur.name)
+            cur = cur.args[0]
+        else:
+            return None
+    if not chain or sum(not _reads_shape(u) for u in cur.users) != 1:
+        return None
+    return cur.name, tuple(reversed(chain))
+
+
+def move_index(level: GraphModule, start: str, moves: tuple[str, ...]) -> Tensor | None:
+    """Where each element of one sample of the last of ``moves`` comes from in one sample of node ``start``: a
+    permutation of ``range(n)`` (flat positions), or None when the moves do not permute each sample's elements
+    (they mix the batch dim, or a shape is unknown).
+
+    Example:
+        >>> import torch, fxfuse
+        >>> class T(torch.nn.Module):
+        ...     def forward(self, x):
+        ...         return x.transpose(1, 2)
+        >>> gm = fxfuse.trace(T(), torch.randn(2, 2, 3))
+        >>> move_index(gm, "x", ("transpose",))
+        tensor([0, 3, 1, 4, 2, 5])
+    """
+    by_name = {n.name: n for n in level.graph.nodes}
+    shape = tensor_shape(by_name.get(start))
+    if shape is None or not shape or shape[0] < 2:
+        return None
+    per = math.prod(shape[1:])
+    t = torch.arange(shape[0] * per).reshape(shape)
+    for name in moves:
+        n = by_name[name]
+        if n.op == "call_module":
+            t = level.get_submodule(str(n.target))(t)
+        elif n.op == "call_method":
+            t = getattr(t, str(n.target))(*n.args[1:], **n.kwargs)
+        else:
+            t = n.target(t, *n.args[1:], **n.kwargs)
+    if t.dim() == 0 or t.shape[0] != shape[0] or tensor_shape(by_name[moves[-1]]) != tuple(t.shape):
+        return None
+    t = t.reshape(shape[0], -1)
+    if not torch.equal(t, t[:1] + per * torch.arange(shape[0])[:, None]) or not torch.equal(t[0].sort().values, torch.arange(per)):
+        return None
+    return t[0]
 
 
 _MOVES = ("reshape", "view", "permute", "transpose", "flatten", "unflatten", "unbind", "chunk", "split", "squeeze",
@@ -495,9 +573,10 @@ def _is_shape_value(n: Node) -> bool:
     return True
 
 
-def _with_spaces(level: GraphModule, bspec: BlockSpec, out: Node) -> BlockSpec | None:
+def _with_spaces(level: GraphModule, bspec: BlockSpec, out: Node) -> BlockSpec | frozenset[str] | None:
     """``bspec`` with the neuron space of every unit's output and the level input's spaces, or None when a unit or
-    the output must share the input's neurons (a depthwise conv, a tied output) and does not."""
+    the output must share the input's neurons (a depthwise conv, a tied output) and does not; the norm nodes of
+    folds whose γ does not meet their unit's input features, when there are such."""
     import warnings
 
     from ._spaces import neuron_spaces
@@ -526,7 +605,12 @@ def _with_spaces(level: GraphModule, bspec: BlockSpec, out: Node) -> BlockSpec |
             known.add(s)
         x = by_name[u.spec.channel.input] if u.spec.channel else by_name[u.spec.op_node].args[0]
         axis = u.spec.channel.axis if u.spec.channel else (1 if u.spec.is_conv else -1)
-        units.append(dataclasses.replace(u, space=s, in_space=space(x.name, axis) if isinstance(x, Node) else None))
+        rows: tuple[int, ...] = ()
+        if isinstance(x, Node) and tensor_shape(x) is not None:
+            nd = len(tensor_shape(x))
+            rows = tuple(r for a in range(1, nd) if a != axis % nd and (r := space(x.name, a)) is not None)
+        units.append(dataclasses.replace(u, space=s, in_space=space(x.name, axis) if isinstance(x, Node) else None,
+                                         row_spaces=rows))
     if bspec.tied:
         # the output keeps the neurons of the level input, or (with a per-channel term: a LayerScale after a
         # downsampling conv, PoolFormer) those of an inner unit grouped in the level (the level is grouped there)
@@ -536,13 +620,16 @@ def _with_spaces(level: GraphModule, bspec: BlockSpec, out: Node) -> BlockSpec |
             return None
     tensor_space = {(name, dim): s.index for s in spaces for name, dim in s.tensors}
     units_by_op = {u.spec.op: u for u in bspec.units}
+    unfold = []
     for f in bspec.folds:  # γ must scale the unit's input channels one to one
         u = units_by_op[f.op]
         gamma = level.get_parameter(f.weight)
         at = space(by_name[u.spec.op_node].args[0].name, u.axis)
         if gamma.numel() != level.get_submodule(u.spec.op).weight.shape[1] or at is None or \
                 tensor_space.get((f.weight, 0)) != at:
-            return None
+            unfold.append(f.node)
+    if unfold:  # block_spec tries those norms as per-channel units
+        return frozenset(unfold)
     constants = []
     unit_spaces = {u.space for u in units} | {u.in_space for u in units}
     for q, _ in bspec.constants:  # one dim in the input's neurons, the others (tokens) in no unit's space
@@ -554,9 +641,17 @@ def _with_spaces(level: GraphModule, bspec: BlockSpec, out: Node) -> BlockSpec |
         constants.append((q, dims[0]))
     n_in = len(bspec.inner)
     pre = bspec.pre.split(":")[0]
-    pre_space = space(pre, bspec.terms[0].axis) if bspec.terms else None
+    # through axis moves, the sum's neurons are not on the term's output axis: the caller reads them off pre_axes
+    pre_space = space(pre, bspec.terms[0].axis) if bspec.terms and not bspec.moves else None
+
+    def axes(node: Node | None) -> tuple[int | None, ...]:
+        shape = tensor_shape(node)
+        return () if shape is None else tuple(space(node.name, a) for a in range(len(shape)))
+
+    placeholder = next((n for n in level.graph.nodes if n.op == "placeholder"), None)
     return dataclasses.replace(bspec, inner=tuple(units[:n_in]), terms=tuple(units[n_in:]), input_spaces=inputs,
-                               pre_space=pre_space, constants=tuple(constants))
+                               pre_space=pre_space, constants=tuple(constants), input_axes=axes(placeholder),
+                               pre_axes=axes(by_name[pre]))
 
 
 def _moves_axes(level: GraphModule, n: Node) -> bool:
