@@ -728,7 +728,7 @@ def test_mixer_token_mixing_is_recovered_in_closed_form_from_a_random_start(meth
 # levels solved in closed form / all levels, two differently seeded models at 32 px (measured; update on change)
 ZOO_CLOSED_FORM = {"efficientnet_b0": (39, 39), "mobilenetv3_small_100": (28, 28), "convnext_atto": (17, 17),
                    "ghostnet_100": (16, 20), "mobilevit_xxs": (18, 21), "regnetx_002": (15, 15),
-                   "seresnext26d_32x4d": (12, 12), "poolformer_s12": (17, 17)}
+                   "seresnext26d_32x4d": (12, 12), "poolformer_s12": (17, 17), "mixer_s16_224": (18, 18)}
 
 
 @pytest.mark.parametrize("name", list(ZOO_CLOSED_FORM))
