@@ -196,6 +196,18 @@ def input_neuron_space(i: int, prep, bspec) -> int | None:
     return bspec.input_axes[axis]
 
 
+def positional_spaces(i: int, prep, bspec) -> set[int]:
+    """Spaces of the level's positions (tokens, patches): the axes of its input and of its sum other than their
+    neurons. They are never grouped: a unit whose outputs are positions (ResMLP's token-mixing Linear) keeps them,
+    fused position t being the mean of the base models' position t."""
+    out: set[int | None] = set()
+    if bspec.pre_axes:
+        out |= set(bspec.pre_axes) - {bspec.pre_axes[prep.fused_plan[i].neuron_axis % len(bspec.pre_axes)]}
+    if i > 0 and bspec.input_axes:
+        out |= set(bspec.input_axes) - {input_neuron_space(i, prep, bspec)}
+    return out - {None}
+
+
 def unit_is_shared(i: int, prep, bspec, unit) -> bool:
     """Whether ``unit``'s rows run over grouped neurons (the level input's, or an inner unit's): an MLP-Mixer token
     MLP's Linear reads a (batch, channels, tokens) tensor, so its rows are the fused model's channels, which the
@@ -205,7 +217,15 @@ def unit_is_shared(i: int, prep, bspec, unit) -> bool:
     att = {a.unit for a in bspec.attention}
     grouped = {input_neuron_space(i, prep, bspec)} | {u.space for u in bspec.inner if u.output not in att
                                                       and u.space not in bspec.input_spaces}
-    return bool(set(unit.row_spaces) & (grouped - {None}))
+    return bool(set(unit.row_spaces) & (grouped - {None} - positional_spaces(i, prep, bspec)))
+
+
+def fixed_grouping(n_models: int, width: int, how: str):
+    """Neuron c of every model to fused neuron c, averaged (the model input's channels, positions)."""
+    from ._engine import Grouping, _cluster_matrix
+
+    labels = torch.arange(width).repeat(n_models)
+    return Grouping(labels, _cluster_matrix(labels, torch.ones(len(labels), dtype=torch.float64), width), 0.0, how)
 
 
 @torch.no_grad()
@@ -238,9 +258,9 @@ def fold_params(level: GraphModule, folds) -> dict[str, Tensor]:
         g = cur(f.weight)
         W3 = W.reshape(W.shape[0], W.shape[1], -1)  # (out, in, kernel positions): a Linear has one position
         if f.bias is not None:  # the unit has no padding (block_spec): β reaches every kernel position
-            b = b + W3.sum(2) @ cur(f.bias)
+            b = b + W3.sum(2) @ cur(f.bias).reshape(-1)  # β may be shaped (1, 1, C) (an addcmul affine)
             out[f.bias] = torch.zeros_like(g)
-        W3 = W3 * g[None, :, None]
+        W3 = W3 * g.reshape(-1)[None, :, None]
         out[f.weight] = torch.ones_like(g)
         out[f"{f.op}.weight"] = W3.reshape(W.shape)
         if b is not None:
@@ -251,12 +271,8 @@ def fold_params(level: GraphModule, folds) -> dict[str, Tensor]:
 def input_grouping(i: int, prep, col, width: int):
     """The grouping of level ``i``'s input neurons (the fused level ``i-1``'s), or None when it is not known or
     not ``width`` wide. The first level's input is the model input: fused channel c is the mean of channel c."""
-    from ._engine import Grouping, _cluster_matrix
-
     if i == 0:
-        labels = torch.arange(width).repeat(len(col.chains) - 1)
-        return Grouping(labels, _cluster_matrix(labels, torch.ones(len(labels), dtype=torch.float64), width), 0.0,
-                        "model input")
+        return fixed_grouping(len(col.chains) - 1, width, "model input")
     g = col.groupings.get(i - 1)
     return g if g is not None and g.matrix.shape[1] == width else None
 
@@ -264,6 +280,8 @@ def input_grouping(i: int, prep, col, width: int):
 def _tied(g, how: str):
     import dataclasses
 
+    if g.how == how or g.how.startswith(f"{how} ("):  # a chain of tied levels says it once
+        return g
     return dataclasses.replace(g, how=f"{how} ({g.how})" if g.how else how)
 
 
@@ -590,9 +608,14 @@ def fuse_block(i: int, prep, scores: list[Tensor], col, cfg, bspec) -> BlockResu
     by_space: dict[int, Any] = {}
     group_match: dict[str, list[Tensor]] = {}  # grouped conv (output node) -> its groups' match, from its input
 
+    positional = positional_spaces(i, prep, bspec)
+
     def known(u):
         if u.space is None:
             return None
+        if u.space not in by_space and u.space in positional:  # outputs that are positions are never grouped
+            by_space[u.space] = fixed_grouping(len(bases), fused.get_submodule(u.spec.op).weight.shape[0],
+                                               "positions (fixed)")
         if u.space not in by_space and u.space in bspec.input_spaces:
             width = fused.get_parameter(u.spec.op).numel() if u.spec.channel else \
                 fused.get_submodule(u.spec.op).weight.shape[0]

@@ -934,6 +934,17 @@ def _block_spec(i: int, col: Collector, prep: Prepared):
             return None
     if bspec.moves and not all(have):
         return None  # the sum's base values are read at the sum node itself
+    from ._blocks import positional_spaces
+
+    positional = positional_spaces(i, prep, bspec)
+    for u in bspec.inner:
+        if u.space in positional:
+            # outputs that are positions keep them (fixed_grouping): a plain op, as many in every base
+            if u.spec.channel is not None or u.spec.groups != 1 or u.spec.depthwise or not all(have):
+                return None
+            width = fused.get_submodule(u.spec.op).weight.shape[0]
+            if any(chain[i].get_submodule(u.spec.op).weight.shape[0] != width for chain in col.chains[:-1]):
+                return None
     # neurons tied to the level input (a depthwise conv, a gate) are grouped as the input: every base must have
     # them, and the input's grouping must be known
     if bspec.tied or bspec.constants or any(u.space is not None and (u.space in bspec.input_spaces

@@ -40,9 +40,10 @@ class AffineSpec:
 @dataclass(frozen=True)
 class ChannelAffine:
     """A per-channel map y_c = γ_c·u_c (+ β_c) solved as a unit: u is the normalised input x̂ of a ``layer_norm``
-    over the last dim or a one-group ``group_norm`` (channels on dim 1), or, for a LayerScale, the input itself."""
+    over the last dim or a one-group ``group_norm`` (channels on dim 1), or, for a LayerScale or a plain affine
+    ``addcmul(β, γ, x)`` (ResMLP's ``Affine`` norms), the input itself."""
 
-    kind: str  # "layer_norm", "group_norm" or "scale"
+    kind: str  # "layer_norm", "group_norm", "affine" or "scale"
     weight: str  # qualname of γ
     bias: str | None  # qualname of β
     eps: float | None
@@ -112,8 +113,8 @@ class BlockUnit:
 class Fold:
     """A norm's per-channel affine in front of a unit, folded into the unit's Linear/Conv2d before the block is solved.
 
-    ``kind="norm"`` (the only kind): γ, β of a LayerNorm or one-group GroupNorm in front of the unit
-    (W ← W·diag γ, b ← b + Wβ). The norm's affine is then the identity (γ = 1, β = 0), so the level computes
+    ``kind="norm"`` (the only kind): γ, β of a LayerNorm, a one-group GroupNorm or a plain affine
+    ``addcmul(β, γ, x)`` (ResMLP's ``Affine``) in front of the unit (W ← W·diag γ, b ← b + Wβ). The norm's affine is then the identity (γ = 1, β = 0), so the level computes
     the same function. (LayerScales are per-channel units, never folded.)
     """
 
@@ -275,12 +276,17 @@ def block_spec(level: GraphModule, _unfold: frozenset[str] = frozenset()) -> Blo
             # no unit to fold into (β would meet a padded conv, or the reader is depthwise or no unit): the
             # affine is a per-channel unit of its own, its neurons the input's (checked on the spaces)
             node = by_name[ln]
-            if node.op == "call_module":
-                eps = level.get_submodule(str(node.target)).eps
+            if kind == "affine":  # addcmul(β, γ, x): no normalisation; the channel axis is γ's
+                eps = None
+                x = next(a for a in node.args[1:3] if not (isinstance(a, Node) and a.op == "get_attr"))
+                axis = _param_axis(level, next(a for a in node.args[1:3] if a is not x))
             else:
-                eps = call_arg(node, 4, "eps", 1e-5)  # layer_norm's and group_norm's fifth argument
-            axis = -1 if kind == "layer_norm" else 1
-            x = node.args[0]
+                if node.op == "call_module":
+                    eps = level.get_submodule(str(node.target)).eps
+                else:
+                    eps = call_arg(node, 4, "eps", 1e-5)  # layer_norm's and group_norm's fifth argument
+                axis = -1 if kind == "layer_norm" else 1
+                x = node.args[0]
             aff = ChannelAffine(kind, w, b, eps, x.name, axis)
             units[ln] = BlockUnit(AffineSpec(w, ln, None, False, b is not None, depthwise=True, channel=aff), ln, axis)
             continue
@@ -625,8 +631,9 @@ def _with_spaces(level: GraphModule, bspec: BlockSpec, out: Node) -> BlockSpec |
         u = units_by_op[f.op]
         gamma = level.get_parameter(f.weight)
         at = space(by_name[u.spec.op_node].args[0].name, u.axis)
+        g_dim = next((d for d, k in enumerate(gamma.shape) if k != 1), 0)  # (1, 1, C) for an addcmul affine
         if gamma.numel() != level.get_submodule(u.spec.op).weight.shape[1] or at is None or \
-                tensor_space.get((f.weight, 0)) != at:
+                tensor_space.get((f.weight, g_dim)) != at:
             unfold.append(f.node)
     if unfold:  # block_spec tries those norms as per-channel units
         return frozenset(unfold)
@@ -728,6 +735,16 @@ def _per_channel_affines(level: GraphModule, nodes: list[Node]):
                         a is None or (isinstance(a, Node) and a.op == "get_attr") for a in (w, b)):
                     return None
                 norms[user.name] = (str(w.target), None if b is None else str(b.target), "group_norm")
+            elif user.op == "call_function" and name == "addcmul":
+                # β + γ·x with γ, β parameters that vary along one dim (ResMLP's Affine, shaped (1, 1, C))
+                b, *factors = user.args[:3]
+                ps = [a for a in factors if isinstance(a, Node) and a.op == "get_attr"]
+                xs = [a for a in factors if not (isinstance(a, Node) and a.op == "get_attr")]
+                if (len(user.args) != 3 or user.kwargs or len(ps) != 1 or len(xs) != 1 or not isinstance(xs[0], Node)
+                        or not (isinstance(b, Node) and b.op == "get_attr") or _param_axis(level, ps[0]) is None
+                        or _param_axis(level, b) != _param_axis(level, ps[0])):
+                    return None
+                norms[user.name] = (str(ps[0].target), str(b.target), "affine")
             elif (user.op == "call_function" and name == "mul") or (user.op == "call_method" and user.target == "mul"):
                 if len(user.args) != 2 or user.kwargs:
                     return None
@@ -744,6 +761,16 @@ def _per_channel_affines(level: GraphModule, nodes: list[Node]):
             else:
                 return None
     return norms, scales, constants
+
+
+def _param_axis(level: GraphModule, n: Node) -> int | None:
+    """The one dim, counted from the end, along which the parameter at ``n`` is longer than 1 (γ shaped
+    (1, 1, C): -1), or None."""
+    if not _is_param(level, n):
+        return None
+    shape = tuple(level.get_parameter(str(n.target)).shape)
+    dims = [d - len(shape) for d, k in enumerate(shape) if k != 1]
+    return dims[0] if len(dims) == 1 else None
 
 
 def _users_through_views(n: Node) -> list[Node]:

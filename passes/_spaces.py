@@ -132,14 +132,14 @@ class _UnionFind:
 _ELEMENTWISE_FUNCS = {
     operator.add, operator.sub, operator.mul, operator.truediv, operator.neg, operator.pow, operator.iadd,
     operator.imul, torch.add, torch.sub, torch.mul, torch.div, torch.relu, torch.sigmoid, torch.tanh, torch.exp,
-    torch.neg, torch.abs, torch.clamp, torch.where, torch.sqrt, torch.rsqrt, torch.erf, torch.square,
+    torch.neg, torch.abs, torch.clamp, torch.where, torch.sqrt, torch.rsqrt, torch.erf, torch.square, torch.addcmul,
     F.relu, F.gelu, F.silu, F.sigmoid, F.tanh, F.hardswish, F.hardsigmoid, F.relu6, F.leaky_relu, F.elu,
     F.mish, F.softplus, F.dropout, F.hardtanh,
 }
 _ELEMENTWISE_METHODS = {
     "add", "sub", "mul", "div", "relu", "sigmoid", "tanh", "exp", "neg", "abs", "clamp", "sqrt", "rsqrt",
     "pow", "contiguous", "clone", "float", "double", "half", "to", "type_as", "add_", "mul_", "sub_", "div_",
-    "relu_", "sigmoid_", "clamp_", "square", "masked_fill", "detach",
+    "relu_", "sigmoid_", "clamp_", "square", "masked_fill", "detach", "addcmul",
 }
 _ELEMENTWISE_MODULES = (
     nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hardsigmoid, nn.LeakyReLU,

@@ -725,19 +725,68 @@ def test_mixer_token_mixing_is_recovered_in_closed_form_from_a_random_start(meth
         assert _rel(fused(test), a(test)) < 1e-8
 
 
+def _trained_looking_resmlp(seed: int):
+    from timm.models.mlp_mixer import Affine, MlpMixer, ResBlock
+
+    torch.manual_seed(seed)
+    m = MlpMixer(num_classes=5, img_size=32, patch_size=8, embed_dim=32, num_blocks=2, mlp_ratio=4,
+                 block_layer=ResBlock, norm_layer=Affine).eval().double()
+    with torch.no_grad():  # timm starts the Affine norms at the identity, LayerScales at 1e-4 and biases at zero
+        for name, p in m.named_parameters():
+            if "alpha" in name or ".ls" in name:
+                p.uniform_(0.5, 1.5)
+            elif "beta" in name or name.endswith("bias"):
+                p.uniform_(-0.3, 0.3)
+            elif name.startswith("head"):
+                p.normal_(0, 0.3)
+    return m
+
+
+@pytest.mark.parametrize("method", ["hf-linear", "kf-linear"])
+def test_resmlp_token_mixing_keeps_its_positions(method):
+    """ResMLP: its ``Affine`` norms (addcmul(β, α, x)) fold into the channel MLP's fc1 and are per-channel units
+    before the token-mixing Linear, whose outputs are tokens: positions, never grouped, so the fused token Linear
+    is exactly the mean of the base models' (its rows, the fused channels, are the same inputs for both; grouping
+    the tokens like neurons leaves it 92–115% off, checked), and the LayerScale after it is fitted beside the skip.
+    A permuted copy is recovered into a random target."""
+    a, c = _trained_looking_resmlp(0), _trained_looking_resmlp(1)
+    x = torch.randn(300, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    fused = fxfuse.fuse([a, c], x, method=method, progress=False, target=_trained_looking_resmlp(5))
+    params = dict(fused.named_parameters())
+    for blk in (0, 1):
+        for p in ("weight", "bias"):
+            mean = (a.get_parameter(f"blocks.{blk}.linear_tokens.{p}") + c.get_parameter(f"blocks.{blk}.linear_tokens.{p}")) / 2
+            assert _rel(params[f"blocks.{blk}.linear_tokens.{p}"], mean) < 1e-9
+    b = _permuted(a, x)
+    assert not torch.equal(b.state_dict()["blocks.0.norm1.alpha"], a.state_dict()["blocks.0.norm1.alpha"])
+    fused = fxfuse.fuse([a, b], x, method=method, progress=False, held_out=0.1, target=_trained_looking_resmlp(5))
+    levels = {r["name"]: r for r in fused.meta["fxfuse"]["levels"]}
+    assert all(r["approximation"].startswith("closed form") for r in levels.values())
+    ops = {op["op"]: op for op in levels["blocks.1.linear_tokens"]["ops"]}
+    assert ops["blocks.1.norm1.alpha"]["how"] == "per channel" and ops["blocks.1.ls1"]["how"] == "per channel"
+    assert ops["blocks.1.linear_tokens"]["grouping"] == "positions (fixed)"
+    assert "blocks.1.norm2.alpha" not in {op["op"] for op in levels["blocks.1.mlp_channels"]["ops"]}  # folded
+    assert max(op["held_out_error"] for r in levels.values() for op in r["ops"] or []) < 1e-12
+    test = torch.randn(16, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert _rel(fused(test), a(test)) < 1e-8
+
+
 # levels solved in closed form / all levels, two differently seeded models at 32 px (measured; update on change)
 ZOO_CLOSED_FORM = {"efficientnet_b0": (39, 39), "mobilenetv3_small_100": (28, 28), "convnext_atto": (17, 17),
                    "ghostnet_100": (16, 20), "mobilevit_xxs": (18, 21), "regnetx_002": (15, 15),
-                   "seresnext26d_32x4d": (12, 12), "poolformer_s12": (17, 17), "mixer_s16_224": (18, 18)}
+                   "seresnext26d_32x4d": (12, 12), "poolformer_s12": (17, 17), "mixer_s16_224": (18, 18),
+                   "resmlp_12_224": (26, 26)}
 
 
 @pytest.mark.parametrize("name", list(ZOO_CLOSED_FORM))
 def test_the_zoo_fuses_with_its_blocks_in_closed_form(name):
-    torch.manual_seed(0)
-    a = timm.create_model(name, pretrained=False, num_classes=5).eval()
-    torch.manual_seed(1)
-    b = timm.create_model(name, pretrained=False, num_classes=5).eval()
     size = 64 if name == "mobilevit_xxs" else 32
+    kw = {"img_size": size} if name.startswith(("mixer", "resmlp")) else {}  # built for the size they are fed
+    torch.manual_seed(0)
+    a = timm.create_model(name, pretrained=False, num_classes=5, **kw).eval()
+    torch.manual_seed(1)
+    b = timm.create_model(name, pretrained=False, num_classes=5, **kw).eval()
     x = torch.randn(24, 3, size, size)
     fused = fxfuse.fuse([a, b], x, method="hf-linear", progress=False, epochs=1)
     levels = fused.meta["fxfuse"]["levels"]
