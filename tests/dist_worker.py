@@ -24,6 +24,14 @@ def case(name: str, seed_offset: int = 0):
 
         models = [mlp(seed=0 + seed_offset), mlp(seed=1)]
         x = torch.randn(240, 16, generator=torch.Generator().manual_seed(7))
+    elif name == "mixer":  # token-mixing halves: rows over the fused channels, a term through a transpose
+        from timm.models.mlp_mixer import MlpMixer
+
+        models = []
+        for k in range(2):
+            torch.manual_seed(k + seed_offset)
+            models.append(MlpMixer(num_classes=4, img_size=16, patch_size=4, embed_dim=16, num_blocks=2).eval())
+        x = torch.randn(48, 3, 16, 16, generator=torch.Generator().manual_seed(7))
     else:
         import timm
 

@@ -72,7 +72,8 @@ def _single(case, method):
 
 
 @pytest.mark.parametrize("case,method", [("mlp", "hf-linear"), ("mlp", "kf-linear"), ("mlp", "git-rebasin"),
-                                         ("cnn", "hf-linear"), ("cnn", "kf-linear"), ("cnn", "git-rebasin")])
+                                         ("cnn", "hf-linear"), ("cnn", "kf-linear"), ("cnn", "git-rebasin"),
+                                         ("mixer", "kf-linear")])
 def test_two_ranks_with_half_the_data_each_equal_one_process_with_all(case, method, tmp_path):
     out = tmp_path / "fused.pt"
     results, _ = _launch(case, method, out)
