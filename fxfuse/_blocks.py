@@ -822,10 +822,10 @@ def _fit_moved_term(i, prep, col, cfg, bspec, by_space, s, widths, ops, targets)
                 outs[k].append(e["__output__"])
         for k, parts in enumerate(outs):
             col.store(k, i, b, torch.cat(parts))
-    stats.reduce()
+    stats.reduce()  # its rows are then all ranks' rows
     all_reduce_(K)
     t2 = all_reduce_number(t2)
-    rows = all_reduce_number(stats.rows)
+    rows = stats.rows
     lam, V = stats.eig_for(cfg.regularisation)
     n_out = stats.C.shape[1]
     W, rd = stats.solve_for(cfg.regularisation, lam, V, torch.eye(n_out, dtype=torch.float64, device=stats.C.device),

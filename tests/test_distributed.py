@@ -78,8 +78,14 @@ def test_two_ranks_with_half_the_data_each_equal_one_process_with_all(case, meth
     out = tmp_path / "fused.pt"
     results, _ = _launch(case, method, out)
     assert all(rc == 0 for rc, _ in results), [err[-3000:] for _, err in results]
-    got = torch.load(out)["state"]
-    want = _single(case, method).state_dict()
+    saved = torch.load(out)
+    got = saved["state"]
+    single = _single(case, method)
+    want = single.state_dict()
+    # the report counts every rank's rows once, for each level and each op of a block level
+    rows = [[(r.get("rows"), [op["rows"] for op in r.get("ops") or []]) for r in levels]
+            for levels in (saved["levels"], single.meta["fxfuse"].get("levels", []))]
+    assert rows[0] == rows[1]
     assert got.keys() == want.keys()
     for k, v in want.items():
         if v.is_floating_point():
