@@ -820,7 +820,11 @@ def fuse_level(i: int, prep: Prepared, scores: list[list[Tensor]], col: Collecto
         res = fuse_block(i, prep, scores, col, cfg, bspec)
         grouping, ops, op_targets = res.grouping, res.ops, res.targets
         pinv = ", pinv" if cfg.regularisation == "pinv" else ""
-        sol = Solution({}, f"closed form (block: {len(bspec.units)} ops{pinv})", error=res.error, ridge=res.ridge)
+        if pinv:  # no ridge, as a single-op level's pinv solve says (the report leaves it blank)
+            for op in ops:
+                op["ridge"] = None
+        sol = Solution({}, f"closed form (block: {len(bspec.units)} ops{pinv})", error=res.error,
+                       ridge=None if pinv else res.ridge)
         rows, columns = res.rows, res.columns
     else:
         # a–b. collect, group
