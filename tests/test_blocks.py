@@ -669,6 +669,24 @@ def test_held_out_is_validated():
         fxfuse.fuse([a, a], x[:1], method="hf-linear", held_out=0.1, progress=False)
 
 
+def test_move_index_follows_permutes_and_refuses_moves_that_mix_samples():
+    """move_index: where each element of the moved tensor (one sample) comes from; None when the moves mix the batch
+    dim into the others (a reshape across samples), so no term is fitted through them."""
+    from fxfuse.passes import move_index
+
+    class Moves(torch.nn.Module):
+        def forward(self, x):
+            a = x.permute(0, 2, 3, 1).flatten(1, 2)  # (B, C, H, W) -> (B, H·W, C)
+            return a, x.reshape(4, -1)  # the second mixes the two samples of the example into rows
+
+    gm = fxfuse.trace(Moves(), torch.randn(2, 3, 2, 2))
+    names = [n.name for n in gm.graph.nodes if n.op == "call_method"]
+    x = torch.arange(24.0).reshape(2, 3, 2, 2)
+    index = move_index(gm, "x", tuple(names[:2]))
+    assert torch.equal(x.reshape(2, -1)[:, index], x.permute(0, 2, 3, 1).flatten(1, 2).reshape(2, -1))
+    assert move_index(gm, "x", (names[2],)) is None
+
+
 def _trained_looking_mixer(seed: int):
     from timm.models.mlp_mixer import MlpMixer
 

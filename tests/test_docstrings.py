@@ -9,7 +9,7 @@ MODULES = [
     "fxfuse", "fxfuse._trace", "fxfuse._models", "fxfuse.passes._partition",
     "fxfuse._fuse", "fxfuse._export", "fxfuse.data", "fxfuse._grouping", "fxfuse.passes._spaces",
     "fxfuse._baselines", "fxfuse._npmerge", "fxfuse._importance", "fxfuse._recipe", "fxfuse.passes._depth",
-    "fxfuse._finetune",
+    "fxfuse._finetune", "fxfuse.passes._affine", "fxfuse._blocks", "fxfuse._solve", "fxfuse._collect",
 ]
 
 
