@@ -1,6 +1,6 @@
 """ViT half-blocks in closed form (attention and MLP halves op by op) against the gradient fit.
 
-    python benchmarks/vit_blocks.py [--seeds 3] [--model test_vit|mixer|resmlp]
+    python benchmarks/vit_blocks.py [--seeds 3] [--model test_vit|mixer|resmlp|gmixer]
 
 Two timm ``test_vit`` (img_size 32, patch 8, in_chans 1, 10 classes) trained 15 epochs on a
 2-way Dirichlet split of the digits upsampled to 32×32, fused with kf-linear and hf-linear on
@@ -13,7 +13,8 @@ accuracy mean ± std over seeds and seconds per fusion.
 ``--model mixer``: the same with a small timm ``MlpMixer`` (img_size 32, patch 8, in_chans 1, embed_dim 64,
 4 blocks; 16 tokens): its token-mixing halves (the token MLP on channels as rows, fc2 through the transpose back)
 and channel halves in closed form against the gradient fit. ``--model resmlp``: the same block layout as ResMLP
-(timm's ``ResBlock`` with ``Affine`` norms and LayerScales; 64 wide, 4 blocks, MLP ratio 4).
+(timm's ``ResBlock`` with ``Affine`` norms and LayerScales; 64 wide, 4 blocks, MLP ratio 4). ``--model gmixer``:
+gMixer's layout (``GluMlp`` in both halves, SiLU; 64 wide, 4 blocks, MLP ratios (1, 4)).
 """
 
 from __future__ import annotations
@@ -41,6 +42,12 @@ def _model(name: str):
         from timm.models.mlp_mixer import MlpMixer
 
         return MlpMixer(num_classes=10, img_size=32, in_chans=1, patch_size=8, embed_dim=64, num_blocks=4)
+    if name == "gmixer":
+        from timm.layers import GluMlp
+        from timm.models.mlp_mixer import MlpMixer
+
+        return MlpMixer(num_classes=10, img_size=32, in_chans=1, patch_size=8, embed_dim=64, num_blocks=4,
+                        mlp_ratio=(1.0, 4.0), mlp_layer=GluMlp, act_layer=torch.nn.SiLU)
     if name == "resmlp":
         from timm.models.mlp_mixer import Affine, MlpMixer, ResBlock
 
@@ -71,12 +78,12 @@ def run(seed: int, model: str = "test_vit") -> dict[str, tuple[float, float]]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--model", default="test_vit", choices=["test_vit", "mixer", "resmlp"])
+    ap.add_argument("--model", default="test_vit", choices=["test_vit", "mixer", "resmlp", "gmixer"])
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
     runs = [run(s, args.model) for s in range(args.seeds)]
     name = {"test_vit": "test_vit", "mixer": "MlpMixer (64 wide, 4 blocks)",
-            "resmlp": "ResMLP layout (64 wide, 4 blocks)"}[args.model]
+            "resmlp": "ResMLP layout (64 wide, 4 blocks)", "gmixer": "gMixer layout (64 wide, 4 blocks)"}[args.model]
     print(f"\n| {name}, 32×32 digits, Dirichlet 2-way | accuracy % | s per fusion |\n|---|---|---|")
     for label in runs[0]:
         acc = [r[label][0] for r in runs]

@@ -560,6 +560,45 @@ def group_unit(gram: Tensor, widths: list[int], k: int, groups: int, match, *, s
     return group(gram, ones, widths, k, is_head=False, strategy=strategy, seed=seed, cfg=cfg, residual=residual), None
 
 
+def group_parts(gram: Tensor, widths: list[int], k: int, parts: int, *, strategy: str, seed: int, cfg,
+                residual: Tensor | None = None):
+    """The grouping of a unit whose output is chunked into ``parts`` equal parts used together (a GLU's
+    x1 · act(x2), x1 and x2 the two halves of one Linear): neuron j of part p and neuron j of every other part are
+    one *pair* neuron, whose Gram entries are the sums over parts, ⟨(z¹_j, z²_j), (z¹_i, z²_i)⟩ = Σ_p gram[p_j, p_i].
+    The pairs are grouped (HF or KF, uniform scores) into k / parts fused pairs, and fused neuron c of part p takes
+    the base neurons of part p whose pairs went to c, so every part is permuted alike. Each width a multiple of
+    ``parts``.
+
+    Example:
+        >>> import torch
+        >>> from fxfuse._blocks import group_parts
+        >>> from fxfuse._config import make_config
+        >>> z = torch.randn(50, 4, dtype=torch.float64)  # one model: parts [0, 1] and [2, 3]
+        >>> z2 = z[:, [1, 0, 3, 2]]  # the same neurons, the pairs swapped alike in both parts
+        >>> Z = torch.cat([z, z2], 1)
+        >>> g = group_parts(Z.T @ Z, [4, 4], 4, 2, strategy="hf", seed=0, cfg=make_config("hf-linear"))
+        >>> g.labels.tolist()
+        [0, 1, 2, 3, 1, 0, 3, 2]
+    """
+    from ._engine import Grouping, group
+
+    offsets = [sum(widths[:m]) for m in range(len(widths))]
+    halves = [w // parts for w in widths]
+    idx = [torch.cat([o + p * h + torch.arange(h) for o, h in zip(offsets, halves)]).to(gram.device)
+           for p in range(parts)]
+    pair_gram = sum(gram[ix][:, ix] for ix in idx)
+    pair_res = sum(residual[ix] for ix in idx) if residual is not None else None
+    ones = torch.ones(sum(halves), dtype=torch.float64, device=gram.device)
+    g = group(pair_gram, ones, halves, k // parts, is_head=False, strategy=strategy, seed=seed, cfg=cfg,
+              residual=pair_res)
+    labels = torch.empty(sum(widths), dtype=g.labels.dtype, device=g.labels.device)
+    matrix = torch.zeros(sum(widths), k, dtype=g.matrix.dtype, device=g.matrix.device)
+    for p, ix in enumerate(idx):
+        labels[ix] = g.labels + p * (k // parts)
+        matrix[ix, p * (k // parts) : (p + 1) * (k // parts)] = g.matrix
+    return Grouping(labels, matrix, g.cost, f"{g.how}, {parts} parts alike")
+
+
 def _per_sample(fused, unit, op_in, h) -> int:
     from ._solve import diagonal_rows
 
@@ -685,9 +724,14 @@ def fuse_block(i: int, prep, scores: list[Tensor], col, cfg, bspec) -> BlockResu
             # conv's output then follows
             reader = next((v for v in bspec.inner if v.spec.groups != 1 and u.space is not None
                            and v.in_space == u.space), None) if len(unit_widths) == len(bases) else None
-            g, match = group_unit(gram, unit_widths, fused.get_submodule(u.spec.op).weight.shape[0],
-                                  reader.spec.groups if reader else 1, None, strategy=method.grouping,
-                                  seed=cfg.seed + 1000 * i + j, cfg=cfg, residual=unreproduced(stats.K, gram))
+            if u.parts > 1:  # chunked into parts used together (a GLU): neuron j of every part grouped as one
+                g, match = group_parts(gram, unit_widths, fused.get_submodule(u.spec.op).weight.shape[0], u.parts,
+                                       strategy=method.grouping, seed=cfg.seed + 1000 * i + j, cfg=cfg,
+                                       residual=unreproduced(stats.K, gram)), None
+            else:
+                g, match = group_unit(gram, unit_widths, fused.get_submodule(u.spec.op).weight.shape[0],
+                                      reader.spec.groups if reader else 1, None, strategy=method.grouping,
+                                      seed=cfg.seed + 1000 * i + j, cfg=cfg, residual=unreproduced(stats.K, gram))
             if match is not None:
                 group_match[reader.output] = match
             if u.space is not None:

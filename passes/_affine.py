@@ -101,6 +101,9 @@ class BlockUnit:
     in_space: int | None = None  # index of the op input's neuron space (its channels or features)
     # neuron spaces of the op input's other axes but the batch (an MLP-Mixer token MLP's rows are channels)
     row_spaces: tuple[int, ...] = ()
+    # the output is chunked into this many equal parts on its neuron axis (a GLU's x1 · act(x2)): neuron j of
+    # every part moves together, so the parts are grouped as one
+    parts: int = 1
 
     @property
     def value(self) -> str:
@@ -616,7 +619,7 @@ def _with_spaces(level: GraphModule, bspec: BlockSpec, out: Node) -> BlockSpec |
             nd = len(tensor_shape(x))
             rows = tuple(r for a in range(1, nd) if a != axis % nd and (r := space(x.name, a)) is not None)
         units.append(dataclasses.replace(u, space=s, in_space=space(x.name, axis) if isinstance(x, Node) else None,
-                                         row_spaces=rows))
+                                         row_spaces=rows, parts=_chunks_of(level, by_name[u.output], u.axis)))
     if bspec.tied:
         # the output keeps the neurons of the level input, or (with a per-channel term: a LayerScale after a
         # downsampling conv, PoolFormer) those of an inner unit grouped in the level (the level is grouped there)
@@ -659,6 +662,30 @@ def _with_spaces(level: GraphModule, bspec: BlockSpec, out: Node) -> BlockSpec |
     return dataclasses.replace(bspec, inner=tuple(units[:n_in]), terms=tuple(units[n_in:]), input_spaces=inputs,
                                pre_space=pre_space, constants=tuple(constants), input_axes=axes(placeholder),
                                pre_axes=axes(by_name[pre]))
+
+
+def _chunks_of(level: GraphModule, out: Node, axis: int) -> int:
+    """How many equal parts ``out`` (a unit's output) is chunked into on its neuron ``axis`` when a ``chunk`` is
+    its only reader (through ops that are the identity in eval mode), else 1."""
+    n = out
+    while True:
+        readers = [u for u in n.users if not _reads_shape(u)]
+        if len(readers) != 1:
+            return 1
+        r = readers[0]
+        if is_transparent(level, r) and len(r.all_input_nodes) == 1:
+            n = r
+            continue
+        break
+    shape = tensor_shape(n)
+    is_chunk = (r.op == "call_method" and r.target == "chunk") or (r.op == "call_function" and r.target is torch.chunk)
+    if not is_chunk or shape is None or r.args[0] is not n:
+        return 1
+    m, dim = call_arg(r, 1, "chunks"), call_arg(r, 2, "dim", 0)
+    if not isinstance(m, int) or not isinstance(dim, int) or dim % len(shape) != axis % len(shape) or \
+            shape[axis] % m:
+        return 1
+    return m
 
 
 def _moves_axes(level: GraphModule, n: Node) -> bool:

@@ -687,6 +687,54 @@ def test_move_index_follows_permutes_and_refuses_moves_that_mix_samples():
     assert move_index(gm, "x", (names[2],)) is None
 
 
+def test_a_glu_units_parts_are_grouped_alike():
+    """group_parts: a Linear chunked into x1, x2 for x1 · act(x2) has neuron j of both halves grouped as one pair.
+    Here the second model's halves are the first model's swapped (its x1 neurons are the first's x2 ones), so
+    grouping the neurons one by one pairs x1 with x2 across models; the pair grouping keeps every part in its
+    place, and matches the pairs as the sums of the parts' Gram matrices say."""
+    from fxfuse._blocks import group_parts
+    from fxfuse._config import make_config
+    from fxfuse._engine import group
+
+    z = torch.randn(200, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    perm = torch.tensor([2, 0, 1])
+    z2 = torch.cat([z[:, 3:][:, perm], z[:, :3][:, perm]], 1)  # halves swapped, pairs permuted alike
+    Z = torch.cat([z, z2], 1)
+    for method in ("hf-linear", "kf-linear"):
+        cfg = make_config(method)
+        strategy = method[:2]
+        ones = torch.ones(12, dtype=torch.float64)
+        single = group(Z.T @ Z, ones, [6, 6], 6, is_head=False, strategy=strategy, seed=0, cfg=cfg)
+        assert any(int(single.labels[6 + j]) // 3 != j // 3 for j in range(6))  # crosses the halves
+        g = group_parts(Z.T @ Z, [6, 6], 6, 2, strategy=strategy, seed=0, cfg=cfg)
+        part = torch.arange(12) % 6 // 3
+        assert torch.equal(g.labels // 3, part)  # every base neuron stays in its part
+        assert torch.equal(g.labels[:3] + 3, g.labels[3:6])  # a pair's two neurons go to one fused pair
+        assert torch.equal(g.matrix.sum(0), torch.ones(6, dtype=torch.float64))
+        assert g.how.endswith("2 parts alike")
+
+
+def test_gmixer_glu_halves_are_solved_with_their_parts_alike():
+    """timm's gMixer (GluMlp in both halves: fc1 chunked into x1 · act(x2)): every level in closed form, fc1
+    grouped pairwise; self-fusion reproduces the model."""
+    from timm.layers import GluMlp
+    from timm.models.mlp_mixer import MlpMixer
+
+    torch.manual_seed(0)  # gmixer_12_224's layout (GluMlp, MLP ratios (1, 4)), narrow and 2 blocks deep
+    a = MlpMixer(num_classes=5, img_size=32, patch_size=8, embed_dim=32, num_blocks=2, mlp_ratio=(1.0, 4.0),
+                 mlp_layer=GluMlp, act_layer=torch.nn.SiLU).eval()
+    with torch.no_grad():
+        a.get_classifier().weight.normal_(0, 0.3)  # timm starts the head at zero
+    x = torch.randn(48, 3, 32, 32)
+    fused = fxfuse.fuse([a, a], x, method="hf-linear", progress=False)
+    levels = fused.meta["fxfuse"]["levels"]
+    assert all(r["approximation"].startswith("closed form") for r in levels)
+    fc1 = [op for r in levels for op in r["ops"] or [] if op["op"].endswith("fc1")]
+    assert len(fc1) == 4 and all(op["grouping"].endswith("2 parts alike") for op in fc1)
+    with torch.no_grad():
+        assert _rel(fused(x), a(x)) < 1e-5
+
+
 def _trained_looking_mixer(seed: int):
     from timm.models.mlp_mixer import MlpMixer
 
@@ -795,13 +843,13 @@ def test_resmlp_token_mixing_keeps_its_positions(method):
 ZOO_CLOSED_FORM = {"efficientnet_b0": (39, 39), "mobilenetv3_small_100": (28, 28), "convnext_atto": (17, 17),
                    "ghostnet_100": (16, 20), "mobilevit_xxs": (18, 21), "regnetx_002": (15, 15),
                    "seresnext26d_32x4d": (12, 12), "poolformer_s12": (17, 17), "mixer_s16_224": (18, 18),
-                   "resmlp_12_224": (26, 26)}
+                   "resmlp_12_224": (26, 26), "gmixer_12_224": (26, 26)}
 
 
 @pytest.mark.parametrize("name", list(ZOO_CLOSED_FORM))
 def test_the_zoo_fuses_with_its_blocks_in_closed_form(name):
     size = 64 if name == "mobilevit_xxs" else 32
-    kw = {"img_size": size} if name.startswith(("mixer", "resmlp")) else {}  # built for the size they are fed
+    kw = {"img_size": size} if name.startswith(("mixer", "resmlp", "gmixer")) else {}  # built for the size fed
     torch.manual_seed(0)
     a = timm.create_model(name, pretrained=False, num_classes=5, **kw).eval()
     torch.manual_seed(1)
