@@ -546,12 +546,15 @@ def group_in_blocks(gram: Tensor, scores: Tensor, widths: list[int], k: int, gro
 
 
 def group_unit(gram: Tensor, widths: list[int], k: int, groups: int, match, *, strategy: str, seed: int, cfg,
-               residual: Tensor | None = None):
-    """An inner unit's grouping (uniform scores) and the match of groups it used: within matched groups
+               residual: Tensor | None = None, parts: int = 1):
+    """An inner unit's grouping (uniform scores) and the match of groups it used: its ``parts`` alike when its
+    output is chunked into parts used together (:func:`group_parts`), within matched groups
     (:func:`group_in_blocks`) when ``groups`` > 1 and the widths allow, else over all neurons (match None).
     ``residual``: as for :func:`fxfuse._engine.group` (the ``"distance"`` HF cost), over all neurons only."""
     from ._engine import group
 
+    if parts > 1:
+        return group_parts(gram, widths, k, parts, strategy=strategy, seed=seed, cfg=cfg, residual=residual), None
     ones = torch.ones(sum(widths), dtype=torch.float64, device=gram.device)
     blocked = group_in_blocks(gram, ones, widths, k, groups, match, strategy=strategy, seed=seed, cfg=cfg) \
         if groups > 1 else None
@@ -724,14 +727,10 @@ def fuse_block(i: int, prep, scores: list[Tensor], col, cfg, bspec) -> BlockResu
             # conv's output then follows
             reader = next((v for v in bspec.inner if v.spec.groups != 1 and u.space is not None
                            and v.in_space == u.space), None) if len(unit_widths) == len(bases) else None
-            if u.parts > 1:  # chunked into parts used together (a GLU): neuron j of every part grouped as one
-                g, match = group_parts(gram, unit_widths, fused.get_submodule(u.spec.op).weight.shape[0], u.parts,
-                                       strategy=method.grouping, seed=cfg.seed + 1000 * i + j, cfg=cfg,
-                                       residual=unreproduced(stats.K, gram)), None
-            else:
-                g, match = group_unit(gram, unit_widths, fused.get_submodule(u.spec.op).weight.shape[0],
-                                      reader.spec.groups if reader else 1, None, strategy=method.grouping,
-                                      seed=cfg.seed + 1000 * i + j, cfg=cfg, residual=unreproduced(stats.K, gram))
+            g, match = group_unit(gram, unit_widths, fused.get_submodule(u.spec.op).weight.shape[0],
+                                  reader.spec.groups if reader else 1, None, strategy=method.grouping,
+                                  seed=cfg.seed + 1000 * i + j, cfg=cfg, residual=unreproduced(stats.K, gram),
+                                  parts=u.parts)
             if match is not None:
                 group_match[reader.output] = match
             if u.space is not None:

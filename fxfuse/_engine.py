@@ -922,9 +922,14 @@ def _block_spec(i: int, col: Collector, prep: Prepared):
             base = [attention_heads(chain[i], a.node) if have[k] else None for a in bspec.attention]
             if any(b is None for b in base) or [(b.heads, len(b.q[0]), len(b.v[0])) for b in base] != shape:
                 return None
-    from ._blocks import unit_is_shared
+    from ._blocks import positional_spaces, unit_is_shared
 
-    fused = col.chains[-1][i]
+    def as_fused_everywhere(u, dims: slice) -> bool:
+        """Every base has the unit's Linear/Conv2d, with the fused one's weight shape over ``dims``."""
+        shape = col.chains[-1][i].get_submodule(u.spec.op).weight.shape[dims]
+        return all(have) and all(chain[i].get_submodule(u.spec.op).weight.shape[dims] == shape
+                                 for chain in col.chains[:-1])
+
     for u in bspec.units:
         if not unit_is_shared(i, prep, bspec, u) or (u in bspec.terms and bspec.moves):
             continue
@@ -932,23 +937,16 @@ def _block_spec(i: int, col: Collector, prep: Prepared):
         # be a plain Linear/Conv2d of the same fan-in in every base; a term is fitted so only through axis moves
         plain = (u in bspec.inner and not u.spec.depthwise and u.spec.groups == 1 and u.spec.norm is None
                  and u.spec.channel is None and all(u.output != a.unit for a in bspec.attention))
-        fan_in = tuple(fused.get_submodule(u.spec.op).weight.shape[1:]) if plain else None
-        if not plain or not all(have) or any(tuple(chain[i].get_submodule(u.spec.op).weight.shape[1:]) != fan_in
-                                             for chain in col.chains[:-1]):
+        if not plain or not as_fused_everywhere(u, slice(1, None)):
             return None
     if bspec.moves and not all(have):
         return None  # the sum's base values are read at the sum node itself
-    from ._blocks import positional_spaces
-
     positional = positional_spaces(i, prep, bspec)
     for u in bspec.inner:
-        if u.space in positional:
-            # outputs that are positions keep them (fixed_grouping): a plain op, as many in every base
-            if u.spec.channel is not None or u.spec.groups != 1 or u.spec.depthwise or not all(have):
-                return None
-            width = fused.get_submodule(u.spec.op).weight.shape[0]
-            if any(chain[i].get_submodule(u.spec.op).weight.shape[0] != width for chain in col.chains[:-1]):
-                return None
+        # outputs that are positions keep them (fixed_grouping): a plain op, as many in every base
+        if u.space in positional and (u.spec.channel is not None or u.spec.groups != 1 or u.spec.depthwise
+                                      or not as_fused_everywhere(u, slice(0, 1))):
+            return None
     # neurons tied to the level input (a depthwise conv, a gate) are grouped as the input: every base must have
     # them, and the input's grouping must be known
     if bspec.tied or bspec.constants or any(u.space is not None and (u.space in bspec.input_spaces

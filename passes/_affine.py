@@ -17,8 +17,8 @@ from torch.fx import GraphModule, Node
 
 from ._ops import call_arg, computes_like, is_foldable_norm_module, is_transparent, norm_activation, tensor_shape
 
-__all__ = ["AffineSpec", "Attention", "ChannelAffine", "BlockSpec", "BlockUnit", "Fold", "affine_spec", "attention_heads", "block_spec",
-           "move_index"]
+__all__ = ["AffineSpec", "Attention", "ChannelAffine", "BlockSpec", "BlockUnit", "Fold", "affine_spec",
+           "attention_heads", "block_spec", "move_index"]
 
 
 @dataclass(frozen=True)
@@ -117,8 +117,9 @@ class Fold:
     """A norm's per-channel affine in front of a unit, folded into the unit's Linear/Conv2d before the block is solved.
 
     ``kind="norm"`` (the only kind): γ, β of a LayerNorm, a one-group GroupNorm or a plain affine
-    ``addcmul(β, γ, x)`` (ResMLP's ``Affine``) in front of the unit (W ← W·diag γ, b ← b + Wβ). The norm's affine is then the identity (γ = 1, β = 0), so the level computes
-    the same function. (LayerScales are per-channel units, never folded.)
+    ``addcmul(β, γ, x)`` (ResMLP's ``Affine``) in front of the unit (W ← W·diag γ, b ← b + Wβ). The norm's
+    affine is then the identity (γ = 1, β = 0), so the level computes the same function. (LayerScales are
+    per-channel units, never folded.)
     """
 
     kind: str
@@ -441,7 +442,8 @@ def move_index(level: GraphModule, start: str, moves: tuple[str, ...]) -> Tensor
     if t.dim() == 0 or t.shape[0] != shape[0] or tensor_shape(by_name[moves[-1]]) != tuple(t.shape):
         return None
     t = t.reshape(shape[0], -1)
-    if not torch.equal(t, t[:1] + per * torch.arange(shape[0])[:, None]) or not torch.equal(t[0].sort().values, torch.arange(per)):
+    if not torch.equal(t, t[:1] + per * torch.arange(shape[0])[:, None]) or \
+            not torch.equal(t[0].sort().values, torch.arange(per)):
         return None
     return t[0]
 

@@ -777,7 +777,8 @@ def test_mixer_token_mixing_is_recovered_in_closed_form_from_a_random_start(meth
     a = _trained_looking_mixer(0)
     x = torch.randn(300, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     b = _permuted(a, x)
-    assert not torch.equal(b.state_dict()["blocks.0.mlp_tokens.fc1.weight"], a.state_dict()["blocks.0.mlp_tokens.fc1.weight"])
+    name = "blocks.0.mlp_tokens.fc1.weight"
+    assert not torch.equal(b.state_dict()[name], a.state_dict()[name])
     test = torch.randn(16, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     fused = fxfuse.fuse([a, b], x, method=method, progress=False, held_out=0.1, target=_trained_looking_mixer(5))
     levels = {r["name"]: r for r in fused.meta["fxfuse"]["levels"]}
@@ -822,7 +823,8 @@ def test_resmlp_token_mixing_keeps_its_positions(method):
     params = dict(fused.named_parameters())
     for blk in (0, 1):
         for p in ("weight", "bias"):
-            mean = (a.get_parameter(f"blocks.{blk}.linear_tokens.{p}") + c.get_parameter(f"blocks.{blk}.linear_tokens.{p}")) / 2
+            q = f"blocks.{blk}.linear_tokens.{p}"
+            mean = (a.get_parameter(q) + c.get_parameter(q)) / 2
             assert _rel(params[f"blocks.{blk}.linear_tokens.{p}"], mean) < 1e-9
     b = _permuted(a, x)
     assert not torch.equal(b.state_dict()["blocks.0.norm1.alpha"], a.state_dict()["blocks.0.norm1.alpha"])
