@@ -5,7 +5,8 @@
 
 For each model, two fusions per method: self-fusion (``fuse([A, A])``) and two
 models of different seeds (``fuse([A, B])``); ``pretrained=False``, 10 classes,
-``img_size`` set for ViTs. Inputs are the embedded digits upsampled to 3×size×size.
+``img_size`` set for ViTs and MLP-Mixers (a head timm starts at zero gets weights of std 0.02).
+Inputs are the embedded digits upsampled to 3×size×size.
 Each row runs in a fresh process (``--timeout`` seconds at most) and reports the
 wall time of ``fxfuse.fuse``, its peak resident memory (the kernel's high-water
 mark, reset after the models and data are built), the level count and how many
@@ -33,8 +34,13 @@ def _model(name: str, seed: int, size: int):
     import torch
 
     torch.manual_seed(seed)
-    kw = {"img_size": size} if name.startswith(("vit", "deit")) else {}
-    return timm.create_model(name, pretrained=False, num_classes=10, **kw).eval()
+    kw = {"img_size": size} if name.startswith(("vit", "deit", "mixer", "resmlp", "gmixer")) else {}
+    m = timm.create_model(name, pretrained=False, num_classes=10, **kw).eval()
+    head = m.get_classifier()
+    if isinstance(head, torch.nn.Linear) and not head.weight.any():
+        with torch.no_grad():  # timm starts some heads at zero (Mixers): give them a trained-looking scale
+            head.weight.normal_(0, 0.02)
+    return m
 
 
 def child(name: str, pair: bool, method: str, samples: int, size: int, device: str) -> None:
