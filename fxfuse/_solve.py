@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.fx import GraphModule, Interpreter
+from torch.fx import GraphModule
 
 from fxfuse.passes._affine import AffineSpec, affine_spec
 
@@ -131,11 +131,14 @@ def from_rows(rows: Tensor, like_shape: tuple[int, ...], axis: int) -> Tensor:
 
 
 def op_input(level: GraphModule, spec: AffineSpec, x: Tensor) -> Tensor:
-    """The tensor the level's affine op receives when the level gets ``x``."""
-    interp = Interpreter(level, garbage_collect_values=False)
-    interp.run(x)
-    node = next(n for n in level.graph.nodes if n.name == spec.op_node)
-    return interp.env[node.args[0]]
+    """The tensor the level's affine op receives when the level gets ``x`` (the level runs only as far as that
+    tensor: not the op itself, nor what follows it)."""
+    from ._collect import Capture
+
+    source = next(n for n in level.graph.nodes if n.name == spec.op_node).args[0]
+    cap = Capture(level, {source.name}, stop=True)
+    cap.capture(x)
+    return cap.values[source.name]
 
 
 def design_rows(level: GraphModule, spec: AffineSpec, op_in: Tensor) -> Tensor:
