@@ -1,7 +1,7 @@
 """Reproduce the paper's Table 1 layout on the embedded digits and print a markdown table.
 
     python benchmarks/fusion_table.py [--arch mlp|cnn] [--seeds 3] [--settings dirichlet-2 dirichlet-4 shard-2]
-                                      [--blocks closed-form gradient]
+                                      [--blocks closed-form gradient] [--targets labels own ensemble]
 
 Settings: non-IID Dirichlet splits (appendix D.1, min_max_ratio 0.2) into 2 and 4
 models, and a sharded split (D.2) into 2 models. Rows: the base models (sorted
@@ -16,7 +16,9 @@ scores use them). ``--blocks closed-form gradient`` runs each ``*-linear`` row
 with both block solvers, side by side in one run ("(blocks by gradient)" rows:
 the whole block level fitted by Adam), and a last table sets each closed-form cell against
 its gradient twin: accuracy difference and speed-up. One fusion runs before the table so that the
-first row's seconds do not include imports and tracing set-up.
+first row's seconds do not include imports and tracing set-up. ``--targets`` runs every scored row once per
+``importance_target`` (the attributed logit: the labels, each model's own prediction, or the ensemble's), labelled
+"(conductance, own)" and so on; the default is the labels only.
 """
 
 from __future__ import annotations
@@ -42,7 +44,8 @@ _BASELINE_IMPORTANCES = ("uniform", "conductance")
 
 
 def _rows(methods: list[str], importances: list[str], n_models: int,
-          blocks: tuple[str, ...] = ("closed-form",)) -> list[tuple[str, str, str, dict]]:
+          blocks: tuple[str, ...] = ("closed-form",),
+          targets: tuple[str, ...] = ("labels",)) -> list[tuple[str, str, str, dict]]:
     out = []
     # baselines first, then the fusions, as in the paper's tables
     for name in sorted(methods, key=lambda n: METHODS[n].levelwise and METHODS[n].grouping != "aligned"):
@@ -53,12 +56,16 @@ def _rows(methods: list[str], importances: list[str], n_models: int,
         if m.pairwise or not m.uses_importance:
             imps = ["uniform"]
         for imp in imps or ["uniform"]:
-            label = name if len(imps) <= 1 and not (m.levelwise and m.grouping != "aligned") else f"{name} ({imp})"
-            for b in blocks if m.solver == "linear" else ("closed-form",):
-                if b == "closed-form":
-                    out.append((label, name, imp, {}))
-                else:
-                    out.append((f"{label} (blocks by gradient)", name, imp, {"blocks": b}))
+            for t in targets if imp != "uniform" else ("labels",):
+                label = name if len(imps) <= 1 and not (m.levelwise and m.grouping != "aligned") else f"{name} ({imp})"
+                opts = {} if t == "labels" else {"importance_target": t}
+                if opts:
+                    label = label[:-1] + f", {t})" if label.endswith(")") else f"{label} ({t})"
+                for b in blocks if m.solver == "linear" else ("closed-form",):
+                    if b == "closed-form":
+                        out.append((label, name, imp, opts))
+                    else:
+                        out.append((f"{label} (blocks by gradient)", name, imp, {**opts, "blocks": b}))
     return out
 
 
@@ -89,6 +96,8 @@ def main() -> None:
     p.add_argument("--importances", nargs="+", default=list(IMPORTANCES))
     p.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, choices=list(METHODS))
     p.add_argument("--rows", nargs="+", default=None, help="only these row labels (and the base models)")
+    p.add_argument("--targets", nargs="+", default=["labels"], choices=["labels", "own", "ensemble"],
+                   help="importance_target of the scored rows (each a row of its own)")
     p.add_argument("--blocks", nargs="+", default=["closed-form"], choices=["closed-form", "gradient"],
                    help="block solvers of the *-linear rows (default closed-form; both: a side-by-side column)")
     args = p.parse_args()
@@ -114,7 +123,8 @@ def main() -> None:
             xt, yt = s.test
             for rank, acc in enumerate(sorted((accuracy(m, xt, yt) for m in s.models), reverse=True)):
                 add(f"base model {rank + 1}", setting, acc)
-            for row, method, imp, opts in _rows(args.methods, args.importances, n_models, tuple(args.blocks)):
+            for row, method, imp, opts in _rows(args.methods, args.importances, n_models, tuple(args.blocks),
+                                                tuple(args.targets)):
                 if args.rows is not None and row not in args.rows:
                     continue
                 t0 = time.perf_counter()

@@ -122,7 +122,7 @@ def matched_spaces(gms: Sequence[GraphModule], method: str, *, same_widths: bool
 
 
 def space_scores(gm: GraphModule, spaces, data, importance: str, *, n_steps: int = CONDUCTANCE_STEPS,
-                 device=None) -> dict[int, Tensor]:
+                 device=None, target: str = "labels") -> dict[int, Tensor]:
     """Importance score of every neuron of every free space of one model.
 
     Each space is scored at its last node in graph order (the activation that
@@ -135,7 +135,8 @@ def space_scores(gm: GraphModule, spaces, data, importance: str, *, n_steps: int
     from ._importance import node_scores
 
     free = spaces.free
-    scores = node_scores(gm, [s.nodes[-1] for s in free], data, importance, n_steps=n_steps, device=device)
+    scores = node_scores(gm, [s.nodes[-1] for s in free], data, importance, n_steps=n_steps, device=device,
+                         target=target)
     return {s.index: sc for s, sc in zip(free, scores)}
 
 
@@ -256,6 +257,7 @@ def align(
     match: str = "correlation",
     method: str = "git-rebasin",
     device=None,
+    target: str = "labels",
 ) -> SpaceAlignment:
     """Permute ``gms[1:]`` so that their neurons match ``gms[0]``'s, space by space.
 
@@ -278,6 +280,8 @@ def align(
             costs are summed over; a seeded random subset beyond it.
         match: ``"correlation"`` or ``"inner"`` (see :func:`space_distances`).
         method: The calling method's name, for error messages.
+        target: What the scores attribute: ``"labels"`` or ``"own"`` (each model's own prediction; see
+            :func:`fxfuse._importance.node_scores`).
 
     Returns:
         The aligned models, the spaces and the aligned scores.
@@ -307,7 +311,8 @@ def align(
 
     data = data if isinstance(data, FusionData) else FusionData(data)
     spaces = matched_spaces(gms, method, same_widths=True)
-    scores = [space_scores(g, sp, data, importance, n_steps=n_steps, device=device) for g, sp in zip(gms, spaces)]
+    scores = [space_scores(g, sp, data, importance, n_steps=n_steps, device=device, target=target)
+              for g, sp in zip(gms, spaces)]
     dists = space_distances(gms, spaces, data, batch_size=batch_size, max_rows=max_rows, seed=seed, match=match,
                             device=device)
     perms: list[dict[int, Tensor]] = [{} for _ in gms]
@@ -324,4 +329,5 @@ def align(
 def align_with(gms: Sequence[GraphModule], data, cfg) -> SpaceAlignment:
     """:func:`align` with the settings of a fusion (a :class:`fxfuse._config.FuseConfig`)."""
     return align(gms, data, importance=cfg.importance, batch_size=cfg.batch_size, max_rows=cfg.max_rows,
-                 seed=cfg.seed, n_steps=cfg.importance_steps, match=cfg.match, method=cfg.method, device=cfg.device)
+                 seed=cfg.seed, n_steps=cfg.importance_steps, match=cfg.match, method=cfg.method, device=cfg.device,
+                 target="own" if cfg.importance_target == "own" else "labels")

@@ -247,12 +247,13 @@ class FusionData:
                 counts += torch.bincount(y.reshape(-1).long().cpu(), minlength=n_classes)[:n_classes]
         return counts
 
-    def with_labels(self, make: Callable[[Tensor], Tensor]) -> FusionData:
-        """A view whose unlabelled batches get ``make(inputs)`` as labels (e.g. the ensemble's argmax).
+    def with_labels(self, make: Callable[[Tensor], Tensor], replace: bool = False) -> FusionData:
+        """A view whose unlabelled batches (with ``replace``, all batches) get ``make(inputs)`` as labels (e.g. the
+        ensemble's argmax).
 
         The labels are computed once per batch and kept (n_samples integers).
         """
-        if self.has_labels:
+        if self.has_labels and not replace:
             return self
         view = object.__new__(FusionData)
         view.__dict__.update(self.__dict__)

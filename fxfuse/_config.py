@@ -20,6 +20,8 @@ __all__ = ["TrainConfig", "FuseConfig", "make_config", "OPTION_DEFAULTS", "OBJEC
 
 OBJECTIVES = ("distill", "ce")
 MATCHES = ("correlation", "inner")
+# which logit of each sample conductance and DeepLift attribute (option importance_target)
+IMPORTANCE_TARGETS = ("labels", "ensemble", "own")
 BLOCK_SOLVERS = ("closed-form", "gradient")
 STARTS = ("first", "closed-form")
 REGULARISATIONS = ("gcv", "pinv")
@@ -94,6 +96,7 @@ OPTION_DEFAULTS: dict[str, Any] = {
     "memory_budget": 256 << 20,  # bytes of level outputs cached between levels; beyond it they are recomputed
     "n_init": 5,  # k-means restarts (greedy k-means++ seeding, kernel form)
     "importance_steps": CONDUCTANCE_STEPS,  # conductance integration steps (the reference implementation's)
+    "importance_target": "own",  # attributed logit: each model's own prediction, the "labels", or the "ensemble"'s
     "objective": "distill",  # np-merge: "distill" (KL to the ensemble's mean softmax, no labels) or "ce" (labels)
     "temperature": 1.0,  # np-merge distill: softmax temperature of teacher and student
     "match": "correlation",  # activation matching cost: "correlation" (standardised) or "inner" (raw L2)
@@ -126,6 +129,9 @@ class FuseConfig:
         memory_budget: Bytes of level outputs the collector may cache.
         n_init: k-means restarts.
         importance_steps: Integration steps of conductance (default 10, as the reference implementation).
+        importance_target: Which logit of each fusion sample conductance and DeepLift attribute: ``"own"`` (the
+            class each scored model itself predicts; the default, needs no labels), ``"labels"`` (its label, as
+            the reference implementation) or ``"ensemble"`` (the class the base models' ensemble predicts).
         objective: NP Merge's loss: ``"distill"`` or ``"ce"``.
         temperature: Softmax temperature of the ``"distill"`` objective.
         match: Activation-matching cost of the permutation methods: ``"correlation"`` or ``"inner"``.
@@ -171,6 +177,7 @@ class FuseConfig:
     train: TrainConfig
     regularisation: str = "gcv"
     hf_cost: str = "squared"
+    importance_target: str = "own"
 
     @property
     def uses_labels(self) -> bool:
@@ -178,7 +185,8 @@ class FuseConfig:
         from ._methods import get_method
 
         spec = get_method(self.method)
-        return (spec.uses_objective and self.objective == "ce") or self.importance != "uniform"
+        return (spec.uses_objective and self.objective == "ce") or (
+            self.importance != "uniform" and self.importance_target == "labels")
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -262,6 +270,14 @@ def make_config(
         if name in options and not applies:
             users = ", ".join(m.name for m in METHODS.values() if users_of(m))
             raise ValueError(f"{method} has no {name} option (it applies to {users}); remove it")
+    it = opts["importance_target"]
+    if it not in IMPORTANCE_TARGETS:
+        raise ValueError(f"option importance_target must be one of {', '.join(map(repr, IMPORTANCE_TARGETS))}, "
+                         f"got {it!r}")
+    if "importance_target" in options and importance == "uniform":
+        raise ValueError(f"option importance_target={it!r} chooses what conductance and DeepLift attribute; "
+                         "importance='uniform' attributes nothing: pass importance='conductance' or 'deeplift', "
+                         "or remove the option")
     t = opts["temperature"]
     if isinstance(t, bool) or not isinstance(t, (int, float)) or not t > 0:
         raise ValueError(f"option temperature must be a positive number, got {t!r}")
@@ -281,5 +297,5 @@ def make_config(
         n_init=opts["n_init"], importance_steps=opts["importance_steps"], objective=opts["objective"],
         temperature=float(t), match=opts["match"], blocks=opts["blocks"], start=opts["start"],
         cla_samples=opts["cla_samples"], held_out=float(h), train=train, regularisation=opts["regularisation"],
-        hf_cost=opts["hf_cost"],
+        hf_cost=opts["hf_cost"], importance_target=it,
     )

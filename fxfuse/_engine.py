@@ -64,8 +64,7 @@ class Prepared:
     Attributes:
         models: The base models, traced copies on the device (float32 where the
             user's are half precision); the user's models are never touched.
-        data: The fusion data; labelled where importance scores need labels
-            (with the ensemble's argmax when the user gave none).
+        data: The fusion data; with ``importance_target="ensemble"`` labelled with the ensemble's argmax.
         plans: Level plans of the base models (level-wise methods only).
         fused_plan: Level plan of the fused model, a traced copy of ``target=`` or
             ``models[0]`` whose parameters the solvers rewrite.
@@ -300,8 +299,17 @@ def prepare(models: Any, data: Any, cfg: FuseConfig) -> Prepared:
                 )
     if cfg.uses_labels and data.has_labels and data.n_classes:
         _warn_skew(data, method, cfg)
-    if cfg.importance != "uniform" and not data.has_labels:
-        data = data.with_labels(lambda x: sum(g(x).softmax(-1) for g in gms).argmax(-1))
+    if cfg.importance != "uniform":
+        target = cfg.importance_target
+        if target == "labels" and not data.has_labels:
+            raise ValueError("importance_target='labels' attributes each fusion sample's label, but the data has "
+                             "none: pass (inputs, labels), or use importance_target='ensemble' or 'own', which need "
+                             "no labels")
+        if target == "ensemble" and method.uses_objective and cfg.objective == "ce":
+            raise ValueError(f"{method.name}: importance_target='ensemble' would replace the labels that "
+                             "objective='ce' learns on; use objective='distill' or importance_target='own'")
+        if target == "ensemble":
+            data = data.with_labels(lambda x: sum(g(x).softmax(-1) for g in gms).argmax(-1), replace=True)
     if not method.levelwise:
         target = cfg.target if cfg.target is not None else models[0]
         dtype = next((p.dtype for p in target.parameters() if p.is_floating_point()), torch.float32)
@@ -362,9 +370,10 @@ def _warn_skew(data: FusionData, method: Method, cfg: FuseConfig) -> None:
     if method.uses_objective and cfg.objective == "ce":
         uses.append(f"{method.name} with objective='ce'")
         fixes.append("objective='distill' (the default) learns from the ensemble's softmax and needs no labels")
-    if cfg.importance != "uniform":
+    if cfg.importance != "uniform" and cfg.importance_target == "labels":
         uses.append(f"importance={cfg.importance!r} (scores for the labelled class)")
-        fixes.append("importance='uniform' reads no labels")
+        fixes.append("importance_target='own' (the default) attributes each model's own prediction instead (on one "
+                     "party's skewed sample it is far more accurate: README), and importance='uniform' reads no labels")
     warn_label_skew(data.label_counts(data.n_classes), " and ".join(uses), "Label-free choice: " + "; ".join(fixes) + ".")
 
 
@@ -506,6 +515,8 @@ def score_neurons(prep: Prepared, cfg: FuseConfig) -> list[list[Tensor]]:
         bar = progress_bar(None if None in batches else sum(batches), f"importance ({cfg.importance})", cfg.progress)
     try:
         return [level_scores(p, prep.data, cfg.importance, n_steps=cfg.importance_steps, batch_size=_SCORE_BATCH,
+                             # "ensemble": the ensemble's predictions are the data's labels here (prepare)
+                             target="own" if cfg.importance_target == "own" else "labels",
                              device=cfg.device, progress=bar) for p in prep.plans]
     finally:
         if bar is not None:

@@ -87,7 +87,10 @@ def fuse(
             ``reset_bn``, ``class_weights``, ``max_rows``,
             ``batch_size``, ``memory_budget`` (bytes of level outputs cached between
             levels, default 256 MiB; beyond it they are recomputed), ``n_init``,
-            ``importance_steps``, ``match`` (alignment methods: ``"correlation"``,
+            ``importance_steps``, ``importance_target`` (what conductance and DeepLift attribute: ``"own"``,
+            default, each model's own prediction, needs no labels; ``"labels"``, each sample's label, as the
+            reference implementation; ``"ensemble"``, the base models' ensemble prediction),
+            ``match`` (alignment methods: ``"correlation"``,
             default, or ``"inner"``), ``objective`` (np-merge: ``"distill"``, default,
             needs no labels; ``"ce"``, the paper's, needs labels) and ``temperature``,
             ``blocks`` (``*-linear``: ``"closed-form"``, default, solves ResNet-style block

@@ -28,6 +28,8 @@ from torch.fx import GraphModule
 __all__ = ["IMPORTANCES", "level_scores", "node_scores"]
 
 IMPORTANCES = ("uniform", "conductance", "deeplift")
+# what node_scores attributes: each sample's label, or the class the scored model predicts for it
+SCORE_TARGETS = ("labels", "own")
 
 # Conductance's integration steps by default: the reference implementation's (its ``Conductance`` scores call
 # captum's ``LayerConductance`` with ``n_steps=10``). Each step is one more copy of every batch in the forward and
@@ -162,13 +164,15 @@ def _keep_outputs(layers: list[nn.Module], saved: list) -> list:
 
 
 def _all_at_once(model: nn.Module, layers: list[nn.Module], axes: list[int], data, batch_size: int, device,
-                 progress, *, copies: int, inputs, attribution, rules=contextlib.nullcontext) -> list[Tensor]:
+                 progress, *, copies: int, inputs, attribution, rules=contextlib.nullcontext,
+                 own: bool = False) -> list[Tensor]:
     """Attributions at every layer from one forward and one backward pass per batch.
 
     ``inputs(xb)`` stacks ``copies`` versions of the batch (interpolated inputs, or inputs and baselines); the
     target logits of all of them are differentiated at once with respect to every layer's output ``a``, and
     ``attribution(a, ∂F/∂a, m)`` (m samples in the batch) gives the layer's attribution per sample. ``rules()``
-    is the context in which the passes run (DeepLift's gradient rules)."""
+    is the context in which the passes run (DeepLift's gradient rules). With ``own`` the target of each sample is
+    the model's own predicted class on it (one more forward pass, without gradients) instead of its label."""
     totals: list[Tensor | None] = [None] * len(layers)
     n, fmt = 0, None
     for xb, yb in data.batches(batch_size, device):
@@ -177,6 +181,9 @@ def _all_at_once(model: nn.Module, layers: list[nn.Module], axes: list[int], dat
         if fmt:
             xb = xb.contiguous(memory_format=torch.channels_last)
         m = xb.shape[0]
+        if own:
+            with torch.no_grad():
+                yb = model(xb).argmax(1)
         saved: list[Tensor | None] = [None] * len(layers)
         handles = _keep_outputs(layers, saved)
         try:
@@ -203,7 +210,7 @@ def _all_at_once(model: nn.Module, layers: list[nn.Module], axes: list[int], dat
 
 
 def _conductance_all(model: nn.Module, layers: list[nn.Module], axes: list[int], data, n_steps: int,
-                     batch_size: int, device, progress=None) -> list[Tensor]:
+                     batch_size: int, device, progress=None, own: bool = False) -> list[Tensor]:
     """:func:`_attribute`'s conductance at every layer at once: one set of interpolated forward passes and one
     backward pass per batch serve all layers, instead of one set per layer.
 
@@ -218,11 +225,11 @@ def _conductance_all(model: nn.Module, layers: list[nn.Module], axes: list[int],
 
     return _all_at_once(model, layers, axes, data, batch_size, device, progress, copies=n_steps + 1,
                         inputs=lambda xb: torch.cat([a * xb for a in alphas]),  # baseline 0 + α(x − 0)
-                        attribution=attribution)
+                        attribution=attribution, own=own)
 
 
 def _deeplift_all(model: nn.Module, layers: list[nn.Module], axes: list[int], data, batch_size: int,
-                  device, progress=None) -> list[Tensor]:
+                  device, progress=None, own: bool = False) -> list[Tensor]:
     """:func:`_attribute`'s DeepLift at every layer at once: one forward and one backward pass per batch serve
     all layers, instead of one pair per layer.
 
@@ -248,7 +255,7 @@ def _deeplift_all(model: nn.Module, layers: list[nn.Module], axes: list[int], da
 
     return _all_at_once(model, layers, axes, data, batch_size, device, progress, copies=2,
                         inputs=lambda xb: torch.cat([xb, torch.zeros_like(xb)]),
-                        attribution=lambda a, g, m: (a[:m] - a[m:]) * g[:m], rules=rules)
+                        attribution=lambda a, g, m: (a[:m] - a[m:]) * g[:m], rules=rules, own=own)
 
 
 def _tapped(gm: GraphModule, names: list[str]) -> GraphModule:
@@ -276,6 +283,7 @@ def node_scores(
     batch_size: int = 128,
     device: torch.device | str | None = None,
     progress: Any = None,
+    target: str = "labels",
 ) -> list[Tensor]:
     """Importance score of every neuron at arbitrary nodes of a traced model.
 
@@ -285,13 +293,15 @@ def node_scores(
     Args:
         gm: A GraphModule from :func:`fxfuse.trace` (its shape metadata gives the widths).
         taps: ``(node_name, neuron_dim)`` pairs.
-        data: Fusion data as :func:`level_scores` takes it; labels are the
-            attribution targets (unused for ``"uniform"``).
+        data: Fusion data as :func:`level_scores` takes it; its labels are the
+            attribution targets with ``target="labels"`` (unused for ``"uniform"``).
         importance: ``"uniform"``, ``"conductance"`` or ``"deeplift"``.
         n_steps: Conductance's integration steps (default 10, the reference implementation's).
         batch_size: Samples per attribution pass at most; fewer where the pass's copies of them would keep more
             than ``SCORE_PASS_BYTES`` of activations (:func:`scoring_batch`).
         progress: Anything with ``update(1)`` (a tqdm bar), called once per batch of attributions.
+        target: Which logit of each sample is attributed: ``"labels"`` (the sample's label, as the papers do)
+            or ``"own"`` (the class the model itself predicts for it: needs no labels).
 
     Returns:
         One Tensor of shape (width,) per tap, float64, positive.
@@ -314,17 +324,20 @@ def node_scores(
     if importance == "uniform":
         dev = next((p.device for p in gm.parameters()), torch.device("cpu"))
         return [torch.ones(w, dtype=torch.float64, device=dev) for w in widths]
+    if target not in SCORE_TARGETS:
+        raise ValueError(f"node_scores: unknown target {target!r}; valid: {', '.join(map(repr, SCORE_TARGETS))}")
     data = _as_data(data)
-    if not data.has_labels:
-        raise ValueError(f"importance={importance!r} needs labels to attribute to; pass (inputs, labels) as data")
+    if target == "labels" and not data.has_labels:
+        raise ValueError(f"importance={importance!r} with target='labels' needs labels to attribute to; pass "
+                         "(inputs, labels) as data, or attribute to each model's own prediction (target='own')")
     batch_size = scoring_batch(gm, importance, batch_size, n_steps)  # bounded activation memory per pass
     tapped = _tapped(gm, [name for name, _ in taps])
     layers = [tapped.get_submodule(f"fxfuse_tap_{k}") for k in range(len(taps))]
     axes = [d for _, d in taps]
     # every tap from one set of passes (captum's LayerConductance / LayerDeepLift, per tap, in _attribute)
     if importance == "conductance":
-        return _conductance_all(tapped, layers, axes, data, n_steps, batch_size, device, progress)
+        return _conductance_all(tapped, layers, axes, data, n_steps, batch_size, device, progress, own=target == "own")
     if importance == "deeplift":
-        return _deeplift_all(tapped, layers, axes, data, batch_size, device, progress)
+        return _deeplift_all(tapped, layers, axes, data, batch_size, device, progress, own=target == "own")
     raise ValueError(f"node_scores: unknown importance {importance!r}; valid importance scores: "
                      f"{', '.join(IMPORTANCES)}")

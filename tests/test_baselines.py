@@ -304,16 +304,20 @@ def test_skewed_fusion_labels_warn_once_naming_the_missing_classes():
     with pytest.warns(fxfuse.LabelSkewWarning, match="miss class\\(es\\) 2 of the models' 4.*objective='distill'") as rec:
         fxfuse.fuse([a, b], (x, skewed), method="np-merge", objective="ce", epochs=1, progress=False)
     assert len([w for w in rec if issubclass(w.category, fxfuse.LabelSkewWarning)]) == 1
-    with pytest.warns(fxfuse.LabelSkewWarning, match="importance='conductance'.*importance='uniform'"):
-        fxfuse.fuse([a, b], (x, skewed), method="kf-linear", importance="conductance", progress=False)
+    with pytest.warns(fxfuse.LabelSkewWarning,
+                      match="importance='conductance'.*importance_target='own'.*importance='uniform'"):
+        fxfuse.fuse([a, b], (x, skewed), method="kf-linear", importance="conductance", importance_target="labels",
+                    progress=False)
     far = torch.cat([torch.zeros(100, dtype=torch.long), torch.arange(20) % 4])  # no class absent, 85% one class
     with pytest.warns(fxfuse.LabelSkewWarning, match="far from uniform"):
         fxfuse.fuse([a, b], (x, far), method="np-merge", objective="ce", epochs=1, progress=False)
     with warnings.catch_warnings():
         warnings.simplefilter("error", fxfuse.LabelSkewWarning)
         fxfuse.fuse([a, b], (x, balanced), method="np-merge", objective="ce", epochs=1, progress=False)
-        # labels that nothing reads are not checked: the default objective distils the ensemble
+        # labels that nothing reads are not checked: the default objective distils the ensemble, and importance
+        # scores attribute each model's own prediction by default
         fxfuse.fuse([a, b], (x, skewed), method="np-merge", epochs=1, progress=False)
+        fxfuse.fuse([a, b], (x, skewed), method="kf-linear", importance="conductance", progress=False)
 
 
 def test_pairwise_merges_in_rounds():

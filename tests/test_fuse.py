@@ -214,8 +214,40 @@ def test_importance_scores_run_end_to_end(importance):
     fused = fxfuse.fuse([a, b], (x, y), method="kf-linear", importance=importance, progress=False)
     uniform = fxfuse.fuse([a, b], (x, y), method="kf-linear", progress=False)
     assert not torch.allclose(fused(x), uniform(x))  # the scores change the result
-    # without labels the ensemble's argmax is the attribution target
+    # without labels too (each model's own prediction is the attribution target by default)
     fxfuse.fuse([a, b], x, method="kf-linear", importance=importance, progress=False)
+
+
+@pytest.mark.parametrize("importance", ["conductance", "deeplift"])
+def test_importance_target_chooses_the_attributed_logit(importance):
+    """importance_target: "own" (each model's own prediction, the default), "labels" (each sample's label) and
+    "ensemble" (the base models' ensemble prediction); only "labels" reads the data's labels."""
+    a, b = seeded(ConvBN, 0), seeded(ConvBN, 1)
+    x, y = _data((3, 8, 8), 48), torch.randint(0, 4, (48,))
+    wrong = (y + 1) % 4
+
+    def fused(data, **opts):
+        return fxfuse.fuse([a, b], data, method="kf-linear", importance=importance, progress=False, **opts)(x)
+
+    own = fused((x, y))
+    torch.testing.assert_close(own, fused(x))  # the default needs no labels
+    torch.testing.assert_close(own, fused((x, wrong), importance_target="own"))  # and reads none
+    labels = fused((x, y), importance_target="labels")
+    assert not torch.allclose(labels, fused((x, wrong), importance_target="labels"))  # these do read them
+    ensemble = fused((x, y), importance_target="ensemble")
+    torch.testing.assert_close(ensemble, fused(x, importance_target="ensemble"))
+    torch.testing.assert_close(ensemble, fused((x, wrong), importance_target="ensemble"))
+    for p, q in ((own, labels), (own, ensemble), (labels, ensemble)):  # three targets, three fusions
+        assert not torch.allclose(p, q)
+    with pytest.raises(ValueError, match="importance_target='labels'.*has none.*'ensemble' or 'own'"):
+        fused(x, importance_target="labels")
+    with pytest.raises(ValueError, match="importance_target must be one of 'labels', 'ensemble', 'own'"):
+        fused((x, y), importance_target="predicted")
+    with pytest.raises(ValueError, match="importance='uniform' attributes nothing"):
+        fxfuse.fuse([a, b], (x, y), method="kf-linear", importance_target="own", progress=False)
+    with pytest.raises(ValueError, match="objective='ce' learns on"):
+        fxfuse.fuse([a, b], (x, y), method="np-merge", importance=importance, importance_target="ensemble",
+                    objective="ce", progress=False)
 
 
 # --- bad input -------------------------------------------------------------------------------

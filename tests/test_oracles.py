@@ -562,3 +562,31 @@ def test_node_scores_rejects_an_unknown_importance():
     gm = fxfuse.trace(nn.Sequential(nn.Linear(4, 3)), torch.randn(2, 4))
     with pytest.raises(ValueError, match="unknown importance 'shap'.*conductance"):
         node_scores(gm, [("_0", 1)], (torch.randn(4, 4), torch.zeros(4, dtype=torch.long)), "shap")
+
+
+@pytest.mark.parametrize("importance", ["conductance", "deeplift"])
+def test_own_target_attributes_each_sample_to_the_models_own_prediction(importance):
+    """target="own" needs no labels: its scores are those of the labelled route with the model's own argmax as the
+    labels (to rounding: the same passes), and not those of other labels."""
+    import fxfuse
+    from fxfuse._importance import node_scores
+    from fxfuse.passes import partition_levels
+
+    torch.manual_seed(0)
+    model = _small_vgg().eval()
+    x = torch.randn(24, 1, 16, 16, generator=_gen(3))
+    plan = partition_levels(fxfuse.trace(model, x[:2]))
+    taps = [(lv.output, lv.neuron_axis) for lv in plan]
+    with torch.no_grad():
+        predicted = model(x).argmax(1)
+    assert predicted.unique().numel() > 1  # the predictions are not all one class
+    own = node_scores(plan.gm, taps, x, importance, batch_size=10, target="own")
+    as_labels = node_scores(plan.gm, taps, (x, predicted), importance, batch_size=10)
+    other = node_scores(plan.gm, taps, (x, (predicted + 1) % 5), importance, batch_size=10)
+    for s, ref, o in zip(own, as_labels, other):
+        torch.testing.assert_close(s, ref, rtol=1e-6, atol=1e-9 * float(ref.abs().max()))
+        assert not torch.allclose(s, o, rtol=1e-3)
+    with pytest.raises(ValueError, match="target='labels' needs labels.*target='own'"):
+        node_scores(plan.gm, taps, x, importance)
+    with pytest.raises(ValueError, match="unknown target 'pred'"):
+        node_scores(plan.gm, taps, x, importance, target="pred")
