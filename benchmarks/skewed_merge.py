@@ -8,7 +8,9 @@ classes); fusion uses ``--samples`` samples of the *first* model's part only, so
 the fusion labels are skewed as well. Rows: the bases, the ensemble, vanilla
 averaging, git-rebasin with correlation and inner-product matching, and np-merge
 with the label-free distillation objective (default) and the paper's
-cross-entropy, each with both matching costs. Cells are test accuracy (%) mean ±
+cross-entropy, each with both matching costs; then hf-linear and kf-linear with uniform scores and with
+conductance attributed to each model's own prediction (``importance_target="own"``, the default) and to the
+skewed labels (``"labels"``). Cells are test accuracy (%) mean ±
 std over seeds; the last column is the test accuracy on the classes absent from
 the fusion labels (bases: each model's own).
 """
@@ -36,6 +38,10 @@ ROWS = (
     ("np-merge distill (inner)", "np-merge", {"objective": "distill", "match": "inner"}),
     ("np-merge ce (correlation)", "np-merge", {"objective": "ce", "match": "correlation"}),
     ("np-merge ce (inner; the paper, before this change)", "np-merge", {"objective": "ce", "match": "inner"}),
+    *((f"{m} ({label})", m, opts) for m in ("hf-linear", "kf-linear") for label, opts in (
+        ("uniform", {}),
+        ("conductance, own prediction; default target", {"importance": "conductance"}),
+        ("conductance, labels", {"importance": "conductance", "importance_target": "labels"}))),
 )
 
 
