@@ -150,7 +150,8 @@ def fuse_recipe(args: argparse.Namespace):
     transform: Any = args.transform
     if args.input_size is not None:
         transform = {"input_size": list(args.input_size)} if args.transform == "model" else transform
-    options = {k: v for k, v in (("objective", args.objective), ("match", args.match)) if v is not None}
+    options = {k: v for k, v in (("objective", args.objective), ("match", args.match),
+                                 ("importance_target", args.importance_target)) if v is not None}
     output = {k: v for k, v in (("checkpoint", args.out), ("torchscript", args.torchscript), ("export", args.export))
               if v is not None}
     d = {"format": RECIPE_FORMAT, "seed": args.seed, "device": args.device or "auto", "models": models,
@@ -160,7 +161,8 @@ def fuse_recipe(args: argparse.Namespace):
 
 
 # recipe key paths and the `fxfuse fuse` flags they come from
-_FLAGS = (("method.options.objective", "--objective"), ("method.options.match", "--match"), ("method", "--method"),
+_FLAGS = (("method.options.objective", "--objective"), ("method.options.match", "--match"),
+          ("method.options.importance_target", "--importance-target"), ("method", "--method"),
           ("data.fusion", "--data"), ("data.transform", "--input-size"), ("output.checkpoint", "--out"),
           ("output.torchscript", "--torchscript"), ("output.export", "--export"), ("device", "--device"),
           ("importance", "--importance"))
@@ -233,7 +235,7 @@ def _positive_int(text: str) -> int:
 
 
 def add_parsers(sub) -> None:
-    from ._config import MATCHES, OBJECTIVES
+    from ._config import IMPORTANCE_TARGETS, MATCHES, OBJECTIVES
     from ._importance import IMPORTANCES
     from ._methods import METHODS
 
@@ -261,6 +263,9 @@ def add_parsers(sub) -> None:
     f.add_argument("--method", default="kf-linear", choices=fuse_methods, metavar="METHOD",
                    help="; ".join(f"{n}: {METHODS[n].summary}" for n in fuse_methods) + " (default kf-linear)")
     f.add_argument("--importance", default="uniform", choices=list(IMPORTANCES))
+    f.add_argument("--importance-target", default=None, choices=list(IMPORTANCE_TARGETS),
+                   help="the logit conductance and deeplift attribute: each model's own prediction (default, no "
+                   "labels needed), the labels, or the ensemble's prediction")
     f.add_argument("--objective", default=None, choices=list(OBJECTIVES),
                    help="np-merge's loss: distill (KL to the ensemble's softmax, no labels; default) or ce (labels)")
     f.add_argument("--match", default=None, choices=list(MATCHES),

@@ -175,6 +175,13 @@ def _trace_copy(k: Any, m: nn.Module, example: Tensor, dev: torch.device) -> Gra
         gm = gm.float()  # fits and statistics in float32 (half precision degrades them); emit casts back
     for p in gm.parameters():
         p.requires_grad_(True)  # copies: fitted whatever the user's flags
+    p1 = next((p for p in gm.parameters() if p.is_floating_point()), None)
+    if example.dim() == 4 and example.is_floating_point() and p1 is not None:
+        from ._importance import _channels_last_if_it_runs
+
+        # image models compute channels-last where they can (oneDNN's convolutions are faster that way on the CPU;
+        # every op computes the same function); emit returns the fused model in the standard format
+        _channels_last_if_it_runs(gm, example.to(p1.device, p1.dtype))
     return gm
 
 
@@ -976,7 +983,7 @@ def emit(fused: GraphModule, prep: Prepared, records: list[LevelRecord], cfg: Fu
     """The fused GraphModule in eval mode on the device, in the target's dtype and ``requires_grad`` flags,
     with the report in ``fused.meta["fxfuse"]`` (``seconds`` in all, ``score_seconds`` of them for the importance
     scores)."""
-    fused = fused.to(device=cfg.device, dtype=prep.dtype).eval()
+    fused = fused.to(device=cfg.device, dtype=prep.dtype).to(memory_format=torch.contiguous_format).eval()
     for n, p in fused.named_parameters():
         p.requires_grad_(prep.grad_flags.get(n, True))
     from ._dist import check_same_across_ranks, model_checksum
@@ -1005,6 +1012,7 @@ def emit(fused: GraphModule, prep: Prepared, records: list[LevelRecord], cfg: Fu
         )
     fused.meta["fxfuse"] = {
         "method": cfg.method, "importance": cfg.importance, "n_models": len(prep.models), "seed": cfg.seed,
+        "importance_target": cfg.importance_target if cfg.importance != "uniform" else None,
         "seconds": time.perf_counter() - t_start, "score_seconds": score_seconds,
         "levels": [dataclasses.asdict(r) for r in records],
     }

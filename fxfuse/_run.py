@@ -479,7 +479,10 @@ def plan_text(recipe: Recipe) -> str:
         lines.append(f"eval data: {ewhat}")
     lines.append("preprocessing: " + ", ".join(f"{k}={dc[k]}" for k in _DC_FIELDS if k in dc))
     cfg = make_config(**recipe.fuse_kwargs())
-    lines.append(f"method: {cfg.method} (importance {cfg.importance}, seed {cfg.seed}, device {cfg.device})"
+    scored = {"own": " of each model's own prediction", "labels": " of the labels",
+              "ensemble": " of the ensemble's prediction"}[cfg.importance_target]
+    lines.append(f"method: {cfg.method} (importance {cfg.importance}{scored if cfg.importance != 'uniform' else ''}, "
+                 f"seed {cfg.seed}, device {cfg.device})"
                  + (f" options {recipe.method.options}" if recipe.method.options else ""))
     if recipe.compare:
         lines.append("compare: " + ", ".join(m.name for m in recipe.compare))

@@ -338,7 +338,7 @@ class TridiagonalBasis:
     """The eigenvectors V = QS of a symmetric matrix, with Q never formed.
 
     LAPACK's ``dsytrd`` reduces M = QTQᵀ (Q a product of Householder reflectors), the
-    tridiagonal's eigenvectors S come from ``stevd`` (scipy), and V = QS is applied
+    tridiagonal's eigenvectors S come from ``stemr`` (MRRR; ``stevd`` where it fails), and V = QS is applied
     to a block of columns by ``dormqr`` in O(d²m): forming V (the back-transformation
     inside ``torch.linalg.eigh``) costs as much as the rest of the decomposition, and
     a closed-form level applies V to fewer columns than it has. ``V.T @ M`` and ``V @ M``
@@ -369,7 +369,10 @@ class TridiagonalBasis:
         c, d, e, tau, info = lapack.dsytrd(a, lower=1, lwork=max(lwork, 1), overwrite_a=1)
         if info != 0:
             raise torch.linalg.LinAlgError(f"dsytrd failed (info {info})")
-        lam, S = eigh_tridiagonal(d, e, check_finite=False)
+        try:  # MRRR: O(d²) for all eigenvectors, where divide and conquer (stevd) takes about twice as long here
+            lam, S = eigh_tridiagonal(d, e, check_finite=False, lapack_driver="stemr")
+        except (np.linalg.LinAlgError, ValueError):
+            lam, S = eigh_tridiagonal(d, e, check_finite=False, lapack_driver="stevd")
         return torch.from_numpy(lam), cls(np.asfortranarray(c[1:, :-1]), tau, torch.from_numpy(S))
 
     @property

@@ -212,6 +212,9 @@ def test_user_models_their_modes_and_flags_are_unchanged(method, tmp_path):
         assert all(torch.equal(v, sd[k]) for k, v in m.state_dict().items())
         assert [mod.training for mod in m.modules()] == modes
         assert [p.requires_grad for p in m.parameters()] == flags
+        # the engine's copies compute channels-last; neither the user's models nor the fused one are left that way
+        assert all(p.is_contiguous() for p in m.parameters())
+    assert all(p.is_contiguous() for p in fused.parameters())
 
 
 # --- command line ------------------------------------------------------------------------------

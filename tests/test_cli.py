@@ -136,6 +136,16 @@ def test_fuse_command_np_merge_uses_the_digit_labels(tmp_path, capsys):
     assert main(["fuse", *paths, "--data", "digits", "--samples", "64", "--method", "kf-linear", "--objective",
                  "ce", "--quiet", "--out", str(tmp_path / "no.pt")]) == 2
     assert "--objective: kf-linear has no objective option" in capsys.readouterr().err
+    # importance scores need no labels by default (each model's own prediction); the labels target does
+    assert main(["fuse", *paths, "--data", str(tmp_path / "x.pt"), "--importance", "deeplift", "--quiet",
+                 "--out", str(tmp_path / "own.pt")]) == 0
+    assert main(["fuse", *paths, "--data", str(tmp_path / "x.pt"), "--importance", "deeplift",
+                 "--importance-target", "labels", "--quiet", "--out", str(tmp_path / "no.pt")]) == 2
+    assert "importance_target='labels' attributes each fusion sample's label, but the data has none" in \
+        capsys.readouterr().err
+    assert main(["fuse", *paths, "--data", "digits", "--samples", "64", "--importance-target", "own", "--quiet",
+                 "--out", str(tmp_path / "no.pt")]) == 2
+    assert "--importance-target: option importance_target='own'" in capsys.readouterr().err
 
 
 def test_levels_of_two_models_prints_their_depth_alignment(tmp_path, capsys):
