@@ -330,4 +330,4 @@ def align_with(gms: Sequence[GraphModule], data, cfg) -> SpaceAlignment:
     """:func:`align` with the settings of a fusion (a :class:`fxfuse._config.FuseConfig`)."""
     return align(gms, data, importance=cfg.importance, batch_size=cfg.batch_size, max_rows=cfg.max_rows,
                  seed=cfg.seed, n_steps=cfg.importance_steps, match=cfg.match, method=cfg.method, device=cfg.device,
-                 target="own" if cfg.importance_target == "own" else "labels")
+                 target=cfg.score_target)

@@ -171,7 +171,7 @@ def otfusion(prep, cfg) -> GraphModule:
     gms, data = prep.models, prep.data
     spaces = matched_spaces(gms, "otfusion", same_widths=False)
     scores = [space_scores(g, sp, data, cfg.importance, n_steps=cfg.importance_steps, device=cfg.device,
-                           target="own" if cfg.importance_target == "own" else "labels")
+                           target=cfg.score_target)
               for g, sp in zip(gms, spaces)]
     dists = space_distances(gms, spaces, data, batch_size=cfg.batch_size, max_rows=cfg.max_rows, seed=cfg.seed,
                             match=cfg.match, device=cfg.device)

@@ -180,6 +180,12 @@ class FuseConfig:
     importance_target: str = "own"
 
     @property
+    def score_target(self) -> str:
+        """What :func:`fxfuse._importance.node_scores` attributes in this fusion: ``"own"``, or ``"labels"`` (also
+        for ``"ensemble"``, whose predictions ``prepare`` puts in the data's labels)."""
+        return "own" if self.importance_target == "own" else "labels"
+
+    @property
     def uses_labels(self) -> bool:
         """Whether this fusion reads the data's labels (NP Merge's ``"ce"`` objective, non-uniform importance)."""
         from ._methods import get_method

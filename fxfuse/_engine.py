@@ -522,8 +522,7 @@ def score_neurons(prep: Prepared, cfg: FuseConfig) -> list[list[Tensor]]:
         bar = progress_bar(None if None in batches else sum(batches), f"importance ({cfg.importance})", cfg.progress)
     try:
         return [level_scores(p, prep.data, cfg.importance, n_steps=cfg.importance_steps, batch_size=_SCORE_BATCH,
-                             # "ensemble": the ensemble's predictions are the data's labels here (prepare)
-                             target="own" if cfg.importance_target == "own" else "labels",
+                             target=cfg.score_target,
                              device=cfg.device, progress=bar) for p in prep.plans]
     finally:
         if bar is not None:

@@ -165,14 +165,15 @@ def _keep_outputs(layers: list[nn.Module], saved: list) -> list:
 
 def _all_at_once(model: nn.Module, layers: list[nn.Module], axes: list[int], data, batch_size: int, device,
                  progress, *, copies: int, inputs, attribution, rules=contextlib.nullcontext,
-                 own: bool = False) -> list[Tensor]:
+                 own: bool = False, x_first: bool = False) -> list[Tensor]:
     """Attributions at every layer from one forward and one backward pass per batch.
 
     ``inputs(xb)`` stacks ``copies`` versions of the batch (interpolated inputs, or inputs and baselines); the
     target logits of all of them are differentiated at once with respect to every layer's output ``a``, and
     ``attribution(a, ∂F/∂a, m)`` (m samples in the batch) gives the layer's attribution per sample. ``rules()``
     is the context in which the passes run (DeepLift's gradient rules). With ``own`` the target of each sample is
-    the model's own predicted class on it (one more forward pass, without gradients) instead of its label."""
+    the model's own predicted class on it instead of its label: read from the pass itself when ``x_first`` (the
+    first m rows of ``inputs(xb)`` are the batch), else from one more forward pass without gradients."""
     totals: list[Tensor | None] = [None] * len(layers)
     n, fmt = 0, None
     for xb, yb in data.batches(batch_size, device):
@@ -181,7 +182,7 @@ def _all_at_once(model: nn.Module, layers: list[nn.Module], axes: list[int], dat
         if fmt:
             xb = xb.contiguous(memory_format=torch.channels_last)
         m = xb.shape[0]
-        if own:
+        if own and not x_first:
             with torch.no_grad():
                 yb = model(xb).argmax(1)
         saved: list[Tensor | None] = [None] * len(layers)
@@ -189,6 +190,8 @@ def _all_at_once(model: nn.Module, layers: list[nn.Module], axes: list[int], dat
         try:
             with rules():
                 out = model(inputs(xb).requires_grad_())
+                if own and x_first:
+                    yb = out[:m].detach().argmax(1)
                 target = yb.repeat(copies).reshape(-1, 1).to(out.device)
                 grads = torch.autograd.grad(torch.gather(out, 1, target).sum(), saved, allow_unused=True)
         finally:
@@ -255,7 +258,7 @@ def _deeplift_all(model: nn.Module, layers: list[nn.Module], axes: list[int], da
 
     return _all_at_once(model, layers, axes, data, batch_size, device, progress, copies=2,
                         inputs=lambda xb: torch.cat([xb, torch.zeros_like(xb)]),
-                        attribution=lambda a, g, m: (a[:m] - a[m:]) * g[:m], rules=rules, own=own)
+                        attribution=lambda a, g, m: (a[:m] - a[m:]) * g[:m], rules=rules, own=own, x_first=True)
 
 
 def _tapped(gm: GraphModule, names: list[str]) -> GraphModule:
