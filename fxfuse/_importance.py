@@ -324,11 +324,14 @@ def node_scores(
         if name not in by_name:
             raise ValueError(f"node_scores: no node named {name!r} in the graph; valid names: {list(by_name)[:10]} ...")
         widths.append(by_name[name].meta["fxfuse"]["shape"][d])
+    if importance not in IMPORTANCES:
+        raise ValueError(f"node_scores: unknown importance {importance!r}; valid importance scores: "
+                         f"{', '.join(IMPORTANCES)}")
+    if target not in SCORE_TARGETS:  # checked for uniform scores too: a typo must not pass silently
+        raise ValueError(f"node_scores: unknown target {target!r}; valid: {', '.join(map(repr, SCORE_TARGETS))}")
     if importance == "uniform":
         dev = next((p.device for p in gm.parameters()), torch.device("cpu"))
         return [torch.ones(w, dtype=torch.float64, device=dev) for w in widths]
-    if target not in SCORE_TARGETS:
-        raise ValueError(f"node_scores: unknown target {target!r}; valid: {', '.join(map(repr, SCORE_TARGETS))}")
     data = _as_data(data)
     if target == "labels" and not data.has_labels:
         raise ValueError(f"importance={importance!r} with target='labels' needs labels to attribute to; pass "
@@ -340,7 +343,4 @@ def node_scores(
     # every tap from one set of passes (captum's LayerConductance / LayerDeepLift, per tap, in _attribute)
     if importance == "conductance":
         return _conductance_all(tapped, layers, axes, data, n_steps, batch_size, device, progress, own=target == "own")
-    if importance == "deeplift":
-        return _deeplift_all(tapped, layers, axes, data, batch_size, device, progress, own=target == "own")
-    raise ValueError(f"node_scores: unknown importance {importance!r}; valid importance scores: "
-                     f"{', '.join(IMPORTANCES)}")
+    return _deeplift_all(tapped, layers, axes, data, batch_size, device, progress, own=target == "own")

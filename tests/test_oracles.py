@@ -562,6 +562,8 @@ def test_node_scores_rejects_an_unknown_importance():
     gm = fxfuse.trace(nn.Sequential(nn.Linear(4, 3)), torch.randn(2, 4))
     with pytest.raises(ValueError, match="unknown importance 'shap'.*conductance"):
         node_scores(gm, [("_0", 1)], (torch.randn(4, 4), torch.zeros(4, dtype=torch.long)), "shap")
+    with pytest.raises(ValueError, match="unknown target 'pred'"):  # uniform scores need no target, but a typo fails
+        node_scores(gm, [("_0", 1)], torch.randn(4, 4), "uniform", target="pred")
 
 
 @pytest.mark.parametrize("importance", ["conductance", "deeplift"])
