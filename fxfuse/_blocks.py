@@ -63,7 +63,7 @@ Each unit costs one pass over the fusion data; nothing but d×d statistics is he
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -78,6 +78,16 @@ __all__ = ["BlockResult", "fuse_block"]
 _DESIGN_CHUNK = 8 << 20
 
 
+class OpTarget(NamedTuple):
+    """What one op of a block level was fitted to, for its held-out error (:func:`held_out_errors`)."""
+
+    value: str  # the captured value fitted (a node, ``"<node>:pre"``, or ``"__output__"``: the level output)
+    axis: int | tuple[int, ...]  # its neuron axis (axes)
+    matrix: Tensor  # the grouping matrix A of its targets Z A
+    # a unit whose rows are fused neurons (unit_is_shared): (op, op input), the base models' op on the fused input
+    shared: tuple[str, str] | None = None
+
+
 @dataclass(frozen=True)
 class BlockResult:
     grouping: Any
@@ -86,8 +96,7 @@ class BlockResult:
     rows: int
     columns: int
     ops: list[dict[str, Any]]
-    # per op: the value fitted, its neuron axis, the grouping of its targets[, (op, op input) of a shared unit]
-    targets: list[tuple]
+    targets: list[OpTarget]  # per op, what it was fitted to
 
 
 def _env(level: GraphModule, x: Tensor, names: set[str], output: bool = True) -> dict[str, Tensor]:
@@ -500,7 +509,7 @@ def _values_through_attention(i: int, prep, col, unit, att, g_v, ops, targets, r
     rewrite_params(prep.fused_plan.gm, affine_params(fused, unit.spec, W0), in_place=True)
     ops.append({"op": f"{unit.spec.op} (v rows)", "role": "inner", "grouping": g_v.how, "error": rss / max(t2, 1e-300),
                 "ridge": ridge, "rows": stats.rows, "columns": stats.d, "how": "per head, through the attention"})
-    targets.append((att.node, (1, 3), g_v.matrix))  # the attention output, (batch, heads, tokens, head dim)
+    targets.append(OpTarget(att.node, (1, 3), g_v.matrix))  # the attention output, (batch, heads, tokens, head dim)
 
 
 def _head_maps(att) -> tuple[Tensor, Tensor, Tensor]:
@@ -623,7 +632,7 @@ def _solve_diagonal(i, prep, col, bspec, u, g, ops, targets, *, last: bool, axis
     ops.append({"op": u.spec.op, "role": "sum" if last else "inner", "grouping": g.how, "error": err,
                 "ridge": ridge, "rows": rows, "columns": stats.d,
                 "how": "per group" if u.spec.groups != 1 else "per channel"})
-    targets.append((bspec.pre if last else u.value, axis, g.matrix))
+    targets.append(OpTarget(bspec.pre if last else u.value, axis, g.matrix))
     return K, err, ridge, rows, stats.d
 
 
@@ -645,7 +654,7 @@ def fuse_block(i: int, prep, scores: list[Tensor], col, cfg, bspec) -> BlockResu
     if bspec.constants:  # values in the input's neurons (a class token, a position embedding): grouped means
         rewrite_params(prep.fused_plan.gm, grouped_constants(i, prep, col, bspec), in_place=True)
     ops: list[dict[str, Any]] = []
-    targets: list[tuple[str, int, Tensor]] = []
+    targets: list[OpTarget] = []
     # neurons tied to the level input use its grouping; a space grouped once keeps its grouping
     by_space: dict[int, Any] = {}
     group_match: dict[str, list[Tensor]] = {}  # grouped conv (output node) -> its groups' match, from its input
@@ -741,7 +750,7 @@ def fuse_block(i: int, prep, scores: list[Tensor], col, cfg, bspec) -> BlockResu
         ops.append({"op": u.spec.op, "role": "inner", "grouping": g.how, "error": rd.rss / max(t2, 1e-300),
                     "ridge": rd.relative, "rows": rows, "columns": stats.d})
         shared = (u.spec.op, _op_input_name(fused, u)) if unit_is_shared(i, prep, bspec, u) else None
-        targets.append((u.value, u.axis, g.matrix, shared))
+        targets.append(OpTarget(u.value, u.axis, g.matrix, shared))
         if att is not None:  # v again, through the fused model's own attention pattern
             _values_through_attention(i, prep, col, u, att, g_v, ops, targets, cfg.regularisation)
     if bspec.tied:
@@ -796,7 +805,7 @@ def fuse_block(i: int, prep, scores: list[Tensor], col, cfg, bspec) -> BlockResu
     err = rd.rss / max(t2, 1e-300)
     ops.append({"op": "+".join(u.spec.op for u in bspec.terms), "role": "sum", "grouping": g.how, "error": err,
                 "ridge": rd.relative, "rows": rows, "columns": stats.d})
-    targets.append((bspec.pre, bspec.terms[0].axis, g.matrix))
+    targets.append(OpTarget(bspec.pre, bspec.terms[0].axis, g.matrix))
     return BlockResult(g, err, rd.relative, rows, stats.d, ops, targets)
 
 
@@ -877,25 +886,22 @@ def _fit_moved_term(i, prep, col, cfg, bspec, by_space, s, widths, ops, targets)
     err = rd.rss / max(t2, 1e-300)  # relative to the level's whole target, skip included
     ops.append({"op": u.spec.op, "role": "sum", "grouping": g.how, "error": err, "ridge": rd.relative, "rows": rows,
                 "columns": stats.d, "how": "through axis moves"})
-    targets.append((bspec.pre, axis, g.matrix))
+    targets.append(OpTarget(bspec.pre, axis, g.matrix))
     if tied:
         g = dataclasses.replace(g, cost=kernel_inertia(K, s.to(K), g.labels.to(K.device), lv.width))
     return BlockResult(g, err, rd.relative, rows, stats.d, ops, targets)
 
 
 @torch.no_grad()
-def held_out_errors(i: int, prep, hcol, targets) -> list[float | None]:
+def held_out_errors(i: int, prep, hcol, targets: list[OpTarget]) -> list[float | None]:
     """Relative errors ‖f − Z A‖² / ‖Z A‖² of the solved level ``i`` on the held-out samples (``held_out``): for each
-    ``(value, neuron axis, A)`` in ``targets``, the fused model's value against the base models' values grouped by A
+    :class:`OpTarget` in ``targets``, the fused model's value against the base models' values grouped by A
     (``"__output__"``: the level output). None where a base model lacks the value (an inserted identity level).
     Also stores the held-out level outputs for the next level."""
     from ._dist import all_reduce_
 
     bases = [chain[i] for chain in hcol.chains[:-1]]
     fused = hcol.chains[-1][i]
-    # a target (value, neuron axis, A[, shared]): with shared = (op, op input), the base models' op on the fused
-    # model's own input (a unit whose rows are fused neurons, unit_is_shared)
-    targets = [(t[0], t[1], t[2], t[3] if len(t) > 3 else None) for t in targets]
     names = {v for v, _, _, sh in targets if v != "__output__"} | {sh[1] for *_, sh in targets if sh is not None}
     sums = torch.zeros(len(targets), 2, dtype=torch.float64)
     missing = torch.zeros(len(targets), dtype=torch.float64)

@@ -872,9 +872,9 @@ def fuse_level(i: int, prep: Prepared, scores: list[list[Tensor]], col: Collecto
     err = sol.error if sol.error is not None else sq_err / max(sq_t, 1e-300)
     held_err = None
     if held is not None:
-        from ._blocks import held_out_errors
+        from ._blocks import OpTarget, held_out_errors
 
-        errs = held_out_errors(i, prep, held, [("__output__", lv.neuron_axis, grouping.matrix), *op_targets])
+        errs = held_out_errors(i, prep, held, [OpTarget("__output__", lv.neuron_axis, grouping.matrix), *op_targets])
         held_err = errs[0]
         for op, e in zip(ops or [], errs[1:]):
             op["held_out_error"] = e
