@@ -555,6 +555,30 @@ def test_scores_of_a_model_that_cannot_run_channels_last_are_computed_in_the_sta
         torch.testing.assert_close(score, ref, rtol=1e-5, atol=1e-6 * float(ref.abs().max()))
 
 
+@pytest.mark.parametrize("importance", ["conductance", "deeplift"])
+def test_node_scores_leave_the_scored_graph_module_as_it_was(importance):
+    """The scoring passes run on a tapped module that shares the GraphModule's parameters: the module keeps its
+    graph, values and (training) mode, and a module in training mode is scored in eval mode, as one in eval mode."""
+    import fxfuse
+    from fxfuse._importance import node_scores
+    from fxfuse.passes import partition_levels
+
+    torch.manual_seed(0)
+    x = torch.randn(20, 1, 16, 16, generator=_gen(4))
+    model = nn.Sequential(*_small_vgg()[:-1], nn.Dropout(0.5), _small_vgg()[-1])  # scored in train mode: random
+    plan = partition_levels(fxfuse.trace(model, x[:2]))
+    gm, taps = plan.gm, [(lv.output, lv.neuron_axis) for lv in plan]
+    code, values = gm.code, {k: v.clone() for k, v in gm.state_dict().items()}
+    in_eval = node_scores(gm, taps, x, importance, batch_size=8, target="own")
+    gm.train()
+    in_train = node_scores(gm, taps, x, importance, batch_size=8, target="own")
+    assert all(m.training for m in gm.modules())
+    assert gm.code == code and not any(str(n.target).startswith("fxfuse_tap") for n in gm.graph.nodes)
+    assert gm.state_dict().keys() == values.keys() and all(torch.equal(v, values[k]) for k, v in gm.state_dict().items())
+    for a, b in zip(in_eval, in_train):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=0.0)
+
+
 def test_node_scores_rejects_an_unknown_importance():
     import fxfuse
     from fxfuse._importance import node_scores
