@@ -217,6 +217,36 @@ def test_user_models_their_modes_and_flags_are_unchanged(method, tmp_path):
     assert all(p.is_contiguous() for p in fused.parameters())
 
 
+class Rank5Mask(nn.Module):
+    """A conv net with a 5-d constant, as a traced Swin holds its attention mask: torch.fx keeps the tensor made in
+    forward as a buffer of the GraphModule (``_tensor_constant0``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3, padding=1)
+        self.head = nn.Linear(6 * 8 * 8, 4)
+
+    def forward(self, x):
+        mask = torch.ones(1, 2, 3, 1, 1)  # (1, groups, channels per group, 1, 1)
+        h = self.conv(x).relu()
+        h = (h.reshape(h.shape[0], 2, 3, 8, 8) * mask).reshape(h.shape[0], 6, 8, 8)
+        return self.head(h.flatten(1))
+
+
+@pytest.mark.parametrize("importance", ["uniform", "deeplift"])
+def test_models_with_a_5d_constant_fuse(importance):
+    """The engine's channels-last copies convert only 4-d tensors: Module.to(memory_format=channels_last) refuses a
+    5-d one, which made every fusion of a Swin fail in prepare (RuntimeError: required rank 4 tensor)."""
+    a, b = seeded(Rank5Mask, 0).eval(), seeded(Rank5Mask, 1).eval()
+    gm = fxfuse.trace(a, _x((3, 8, 8))[:2])
+    assert any(t.dim() == 5 for t in gm.buffers())  # the case: a traced 5-d constant
+    x = _x((3, 8, 8))
+    fused = fxfuse.fuse([a, a], (x, torch.arange(64) % 4), method="hf-linear", importance=importance, progress=False)
+    with torch.no_grad():
+        assert torch.allclose(fused(x), a(x), rtol=1e-4, atol=1e-4 * float(a(x).abs().max()))
+    fxfuse.fuse([a, b], x, method="kf-linear", importance=importance, progress=False)
+
+
 # --- command line ------------------------------------------------------------------------------
 
 
