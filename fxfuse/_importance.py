@@ -158,8 +158,8 @@ def _four_d_in(model: nn.Module, memory_format: torch.memory_format) -> None:
         for p in mod.parameters(recurse=False):
             if p.dim() == 4:
                 p.data = p.data.contiguous(memory_format=memory_format)
-        for name, b in mod.named_buffers(recurse=False):
-            if b is not None and b.dim() == 4:
+        for name, b in mod.named_buffers(recurse=False):  # (yields no None buffers)
+            if b.dim() == 4:
                 mod._buffers[name] = b.contiguous(memory_format=memory_format)
 
 

@@ -565,7 +565,8 @@ def test_node_scores_leave_the_scored_graph_module_as_it_was(importance):
 
     torch.manual_seed(0)
     x = torch.randn(20, 1, 16, 16, generator=_gen(4))
-    model = nn.Sequential(*_small_vgg()[:-1], nn.Dropout(0.5), _small_vgg()[-1])  # scored in train mode: random
+    vgg = _small_vgg()
+    model = nn.Sequential(*vgg[:-1], nn.Dropout(0.5), vgg[-1])  # scored in train mode: random
     plan = partition_levels(fxfuse.trace(model, x[:2]))
     gm, taps = plan.gm, [(lv.output, lv.neuron_axis) for lv in plan]
     code, values = gm.code, {k: v.clone() for k, v in gm.state_dict().items()}
