@@ -845,13 +845,18 @@ def test_resmlp_token_mixing_keeps_its_positions(method):
 ZOO_CLOSED_FORM = {"efficientnet_b0": (39, 39), "mobilenetv3_small_100": (28, 28), "convnext_atto": (17, 17),
                    "ghostnet_100": (16, 20), "mobilevit_xxs": (18, 21), "regnetx_002": (15, 15),
                    "seresnext26d_32x4d": (12, 12), "poolformer_s12": (17, 17), "mixer_s16_224": (18, 18),
-                   "resmlp_12_224": (26, 26), "gmixer_12_224": (26, 26)}
+                   "resmlp_12_224": (26, 26), "gmixer_12_224": (26, 26),
+                   # attention (softmax mixes q and k) and DenseNet's concatenations keep gradient levels; Swin's
+                   # traced 5-d mask constant once broke every fusion in prepare (channels-last copies)
+                   "swin_tiny_patch4_window7_224": (2, 17), "levit_128s": (4, 27), "densenet121": (1, 9),
+                   "vit_tiny_patch16_224": (26, 26), "resnet18": (10, 10)}
 
 
 @pytest.mark.parametrize("name", list(ZOO_CLOSED_FORM))
 def test_the_zoo_fuses_with_its_blocks_in_closed_form(name):
     size = 64 if name == "mobilevit_xxs" else 32
-    kw = {"img_size": size} if name.startswith(("mixer", "resmlp", "gmixer")) else {}  # built for the size fed
+    kw = {"img_size": size} if name.startswith(("mixer", "resmlp", "gmixer", "swin", "vit", "levit")) else {}  # built
+    # for the size fed
     torch.manual_seed(0)
     a = timm.create_model(name, pretrained=False, num_classes=5, **kw).eval()
     torch.manual_seed(1)
