@@ -107,24 +107,42 @@ def _kernel_lloyd(gram: Tensor, weights: Tensor, labels: Tensor, k: int, max_ite
 
     Keeps R[c, j] = Σ_{i∈c} s_i g_ij (so ⟨p_j, μ_c⟩ = R[c, j] / S_c) and updates it
     only for the points that moved: the first step costs O(n²), later ones
-    O(n k + n · moved).
+    O(n k + n · moved). The scores ‖μ_c‖² − 2⟨p_j, μ_c⟩ are kept between steps and
+    recomputed only for the clusters that changed (their values are those of a full
+    recomputation), so a later step reads them once (min and max per point) and
+    searches the best cluster only for the points that leave theirs.
     """
     rng = torch.arange(gram.shape[0], device=gram.device)
     R, wsum = _cluster_sums(gram, weights, labels, k)
+    score: Tensor | None = None
+    changed: Tensor | None = None
     for _ in range(max_iter):
         inv = torch.where(wsum > 0, 1.0 / wsum.clamp_min(1e-300), torch.zeros_like(wsum))
         sq = torch.zeros(k, dtype=gram.dtype, device=gram.device).index_add_(0, labels, weights * R[labels, rng])
-        # ‖p_j − μ_c‖² − g_jj = ‖μ_c‖² − 2⟨p_j, μ_c⟩, in (k, n) layout
-        score = R * (-2.0 * inv[:, None])
-        score += (sq * inv * inv)[:, None]
-        # the tolerance's scale: an empty cluster's row is ±0 here, so it does not count
-        scale = score.abs().amax(0, keepdim=True)
         empty = wsum <= 0
-        if bool(empty.any()):
+        has_empty = bool(empty.any())
+        # ‖p_j − μ_c‖² − g_jj = ‖μ_c‖² − 2⟨p_j, μ_c⟩, in (k, n) layout
+        if score is None or has_empty:
+            score = R * (-2.0 * inv[:, None])
+            score += (sq * inv * inv)[:, None]
+        elif changed.numel():
+            part = R.index_select(0, changed) * (-2.0 * inv.index_select(0, changed)[:, None])
+            part += (sq * inv * inv).index_select(0, changed)[:, None]
+            score.index_copy_(0, changed, part)
+        if has_empty:
+            # the tolerance's scale: an empty cluster's row is ±0 here, so it does not count
+            scale = score.abs().amax(0, keepdim=True)
             score[empty] = float("inf")  # an empty cluster has no centre
-        near = _near_min(score, 0, scale)
-        # a point within the tolerance of its best centre stays where it is (no moves on rounding alone)
-        new = torch.where(near[labels, rng], labels, near.to(torch.int8).argmax(0))
+            near = _near_min(score, 0, scale)
+            # a point within the tolerance of its best centre stays where it is (no moves on rounding alone)
+            new = torch.where(near[labels, rng], labels, near.to(torch.int8).argmax(0))
+        else:
+            lo, hi = torch.aminmax(score, dim=0)
+            limit = lo + TIE_RTOL * torch.maximum(hi, -lo)  # _near_min's bound: the scale is max |score|
+            new = labels.clone()
+            leave = torch.nonzero(~(score[labels, rng] <= limit)).flatten()
+            if leave.numel():
+                new[leave] = (score[:, leave] <= limit[leave]).to(torch.int8).argmax(0)
         # empty clusters take the point that currently costs most, never the last point of a cluster (that would
         # only empty another one: with many coincident points, e.g. dead neurons, every cost is zero and such
         # moves went round until max_iter)
@@ -146,8 +164,28 @@ def _kernel_lloyd(gram: Tensor, weights: Tensor, labels: Tensor, k: int, max_ite
         rows = gram[moved] * weights[moved, None]
         R.index_add_(0, labels[moved], -rows).index_add_(0, new[moved], rows)
         wsum.index_add_(0, labels[moved], -weights[moved]).index_add_(0, new[moved], weights[moved])
+        changed = torch.unique(torch.cat([labels[moved], new[moved]]))
         labels = new
     return labels, _inertia(gram, weights, labels, R, wsum)  # R and wsum follow the final labels
+
+
+def _nearest_centres(gram: Tensor, idx: Tensor) -> Tensor:
+    """Each point's nearest chosen centre, per run: Tensor of shape (runs, n), the first centre of ``idx[r]`` within
+    TIE_RTOL of the nearest (:func:`_argmin_tol` of ``gram_sq_dists(gram, :, idx[r])`` along the centres).
+
+    Computed in (centres, points) layout: the centres' Gram rows are gathered as whole rows (gathering columns
+    costs several times more) and the reductions run down the columns; the distances, their tolerance and the
+    first-index rule are those of the points-by-centres form, so the labels are the same.
+    """
+    rows = gram if torch.equal(gram, gram.mT) else gram.mT.contiguous()  # rows[c, j] = gram[j, c]
+    diag = gram.diagonal()
+    out = []
+    for centres in idx:
+        d = rows.index_select(0, centres).mul_(-2.0).add_(diag).add_(diag.index_select(0, centres)[:, None])
+        d.clamp_min_(0.0)
+        scale = d.amax(0, keepdim=True)  # ≥ 0: the largest magnitude, when finite (else _near_min's own)
+        out.append(_near_min(d, 0, scale if bool(torch.isfinite(scale).all()) else None).to(torch.int8).argmax(0))
+    return torch.stack(out)
 
 
 def _kernel_kmeans_pp(gram: Tensor, weights: Tensor, k: int, gen: torch.Generator, runs: int = 1) -> Tensor:
@@ -188,7 +226,7 @@ def _kernel_kmeans_pp(gram: Tensor, weights: Tensor, k: int, gen: torch.Generato
         idx[:, step] = pick
         chosen.view(-1).index_fill_(0, at * n + pick, True)
         closest = new_closest.view(runs * trials, n).index_select(0, flat)
-    return torch.stack([_argmin_tol(gram_sq_dists(gram, slice(None), idx[r]), 1) for r in range(runs)])
+    return _nearest_centres(gram, idx)
 
 
 def kernel_kmeans(

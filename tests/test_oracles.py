@@ -230,6 +230,46 @@ def test_kernel_kmeans_equals_lloyd_on_the_explicit_points(seed):
     assert inertia == pytest.approx(ref.inertia_, rel=1e-9)
 
 
+@pytest.mark.parametrize("seed", range(2))
+def test_kernel_lloyd_with_many_clusters_equals_sklearn(seed):
+    """30 clusters, a few of them changed per step: the scores kept between steps (recomputed only for the
+    clusters that changed) give sklearn's Lloyd labels and objective."""
+    from fxfuse._grouping import kernel_kmeans
+
+    rng = np.random.default_rng(10 + seed)
+    pts = np.concatenate([c + rng.normal(size=(8, 10)) for c in rng.normal(scale=1.0, size=(30, 10))])
+    w = rng.uniform(0.05, 3.0, size=len(pts))
+    init = np.repeat(np.arange(30), 8)
+    wrong = rng.random(len(pts)) < 0.2
+    init[wrong] = rng.integers(0, 30, size=int(wrong.sum()))
+    assert len(set(init.tolist())) == 30
+    centers = np.stack([np.average(pts[init == c], axis=0, weights=w[init == c]) for c in range(30)])
+    ref = KMeans(n_clusters=30, init=centers, n_init=1, tol=0.0, max_iter=300, algorithm="lloyd").fit(pts, sample_weight=w)
+    assert ref.n_iter_ >= 6  # several steps after the first
+    P = torch.tensor(pts)
+    labels, inertia = kernel_kmeans(P @ P.T, torch.tensor(w), 30, init=torch.tensor(init))
+    assert torch.equal(labels, torch.tensor(ref.labels_, dtype=torch.long))
+    assert inertia == pytest.approx(ref.inertia_, rel=1e-9)
+
+
+def test_seeding_labels_points_by_their_nearest_centre():
+    """The seeding's last step (nearest chosen centre per point, computed centres-by-points from Gram rows)
+    equals the first index within the tie tolerance of the points-by-centres distances, also when the Gram
+    matrix is not bitwise symmetric and when points coincide."""
+    from fxfuse._grouping import _argmin_tol, _nearest_centres, gram_sq_dists
+
+    g = _gen(4)
+    P = torch.randn(60, 5, generator=g, dtype=torch.float64)
+    P[10:20] = P[0]  # coincident points: ties decided by the first centre
+    gram = P @ P.T
+    skewed = gram + 1e-3 * torch.randn(60, 60, generator=g, dtype=torch.float64)  # not symmetric
+    idx = torch.stack([torch.randperm(60, generator=g)[:15] for _ in range(3)])
+    idx[0, 3], idx[0, 9] = 0, 12  # two centres at the same point
+    for gm in (gram, skewed):
+        want = torch.stack([_argmin_tol(gram_sq_dists(gm, slice(None), c), 1) for c in idx])
+        assert torch.equal(_nearest_centres(gm, idx), want)
+
+
 @pytest.mark.parametrize("n", [2, 3, 4, 5, 6])
 def test_hungarian_matches_brute_force(n):
     g = _gen(n)
