@@ -203,28 +203,28 @@ def _kernel_kmeans_pp(gram: Tensor, weights: Tensor, k: int, gen: torch.Generato
     first = torch.multinomial(weights / weights.sum(), runs, replacement=True, generator=gen)
     idx = torch.empty(runs, k, dtype=torch.long, device=dev)
     idx[:, 0] = first
-    chosen = torch.zeros(runs, n, dtype=torch.bool, device=dev)
-    chosen[at, first] = True
     # distances below this are rounding: a chosen centre (or its duplicate) must have exactly zero weight
     floor = TIE_RTOL * float(diag.abs().max().clamp_min(1e-300))
     closest = (diag[first, None] + diag[None, :] - 2.0 * gram[first]).clamp_min_(0.0)  # (runs, n)
     for step in range(1, k):
-        # one pass per step over n points per run plus one over the candidates' rows: this loop runs k times
+        # one pass per step over n points per run plus a few over the candidates' rows: this loop runs k times,
+        # so it is written in as few operations as the arithmetic allows
         closest.masked_fill_(closest <= floor, 0.0)
         p = weights * closest
         spent = p.sum(1) <= 0.0
         if bool(spent.any()):  # every point of a run coincides with a centre: that run picks unused points
+            chosen = torch.zeros(runs, n, dtype=torch.bool, device=dev)
+            chosen.scatter_(1, idx[:, :step], True)
             p[spent] = (~chosen[spent]).to(p.dtype)
         cand = torch.multinomial(p, trials, replacement=True, generator=gen).flatten()  # runs × trials
-        # index_select, not gram[cand]: advanced indexing costs several times more per call here
-        new_closest = gram.index_select(0, cand).mul_(-2.0).add_(diag).add_(diag.index_select(0, cand)[:, None])
+        # (g_jj − 2 g_cj) + g_cc: index_select, not gram[cand] (advanced indexing costs several times more per
+        # call here); −2 g is exact, so adding it with alpha rounds as (g · −2) + g_jj does
+        new_closest = torch.add(diag, gram.index_select(0, cand), alpha=-2.0).add_(diag.index_select(0, cand)[:, None])
         new_closest = new_closest.view(runs, trials, n)
         torch.minimum(new_closest, closest[:, None, :], out=new_closest).clamp_min_(0.0)
         pot = new_closest.view(runs * trials, n).mv(weights).view(runs, trials)  # ≥ 0 and finite: its own scale
         flat = at * trials + _near_min(pot, 1, pot.amax(1, keepdim=True)).to(torch.int8).argmax(1)
-        pick = cand.index_select(0, flat)
-        idx[:, step] = pick
-        chosen.view(-1).index_fill_(0, at * n + pick, True)
+        idx[:, step] = cand.index_select(0, flat)
         closest = new_closest.view(runs * trials, n).index_select(0, flat)
     return _nearest_centres(gram, idx)
 
