@@ -169,23 +169,29 @@ def _kernel_lloyd(gram: Tensor, weights: Tensor, labels: Tensor, k: int, max_ite
     return labels, _inertia(gram, weights, labels, R, wsum)  # R and wsum follow the final labels
 
 
-def _nearest_centres(gram: Tensor, idx: Tensor) -> Tensor:
+def _nearest_centres(gram: Tensor, idx: Tensor, block: int | None = None) -> Tensor:
     """Each point's nearest chosen centre, per run: Tensor of shape (runs, n), the first centre of ``idx[r]`` within
     TIE_RTOL of the nearest (:func:`_argmin_tol` of ``gram_sq_dists(gram, :, idx[r])`` along the centres).
 
-    Computed in (centres, points) layout: the centres' Gram rows are gathered as whole rows (gathering columns
-    costs several times more) and the reductions run down the columns; the distances, their tolerance and the
-    first-index rule are those of the points-by-centres form, so the labels are the same.
+    Computed in (centres, points) layout, a block of points at a time: the centres' Gram rows are gathered as
+    row segments (gathering columns costs several times more) and each block's distances and reductions stay in
+    the cache; the distances, their tolerance and the first-index rule are those of the points-by-centres form,
+    so the labels are the same. ``block``: points per block (default: about 1 MB of distances).
     """
     rows = gram if torch.equal(gram, gram.mT) else gram.mT.contiguous()  # rows[c, j] = gram[j, c]
-    diag = gram.diagonal()
-    out = []
-    for centres in idx:
-        d = rows.index_select(0, centres).mul_(-2.0).add_(diag).add_(diag.index_select(0, centres)[:, None])
-        d.clamp_min_(0.0)
-        scale = d.amax(0, keepdim=True)  # ≥ 0: the largest magnitude, when finite (else _near_min's own)
-        out.append(_near_min(d, 0, scale if bool(torch.isfinite(scale).all()) else None).to(torch.int8).argmax(0))
-    return torch.stack(out)
+    diag = gram.diagonal().contiguous()
+    n, k = gram.shape[0], idx.shape[1]
+    block = block or max(16, (1 << 17) // max(k, 1))  # about 1 MB of float64 distances per block
+    out = torch.empty(idx.shape[0], n, dtype=torch.long, device=gram.device)
+    for r, centres in enumerate(idx):
+        dc = diag.index_select(0, centres)[:, None]
+        for s in range(0, n, block):
+            d = rows[:, s : s + block].index_select(0, centres).mul_(-2.0).add_(diag[s : s + block]).add_(dc)
+            d.clamp_min_(0.0)
+            scale = d.amax(0, keepdim=True)  # ≥ 0: the largest magnitude, when finite (else _near_min's own)
+            near = _near_min(d, 0, scale if bool(torch.isfinite(scale).all()) else None)
+            out[r, s : s + block] = near.to(torch.int8).argmax(0)
+    return out
 
 
 def _kernel_kmeans_pp(gram: Tensor, weights: Tensor, k: int, gen: torch.Generator, runs: int = 1) -> Tensor:

@@ -267,7 +267,8 @@ def test_seeding_labels_points_by_their_nearest_centre():
     idx[0, 3], idx[0, 9] = 0, 12  # two centres at the same point
     for gm in (gram, skewed):
         want = torch.stack([_argmin_tol(gram_sq_dists(gm, slice(None), c), 1) for c in idx])
-        assert torch.equal(_nearest_centres(gm, idx), want)
+        for block in (None, 7, 16):  # one block, and blocks of points (the last one shorter)
+            assert torch.equal(_nearest_centres(gm, idx, block), want)
 
 
 @pytest.mark.parametrize("n", [2, 3, 4, 5, 6])
