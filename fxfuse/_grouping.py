@@ -101,11 +101,6 @@ def _near_min(x: Tensor, dim: int, scale: Tensor | None = None) -> Tensor:
     return x <= torch.amin(x, dim, keepdim=True) + TIE_RTOL * scale
 
 
-def _argmin_tol(x: Tensor, dim: int) -> Tensor:
-    """The first index along ``dim`` within TIE_RTOL of the minimum (:func:`_near_min`)."""
-    return _near_min(x, dim).to(torch.int8).argmax(dim)
-
-
 def _kernel_lloyd(gram: Tensor, weights: Tensor, labels: Tensor, k: int, max_iter: int) -> tuple[Tensor, float]:
     """Weighted Lloyd iterations on a Gram matrix, from initial labels.
 
@@ -175,7 +170,7 @@ def _kernel_lloyd(gram: Tensor, weights: Tensor, labels: Tensor, k: int, max_ite
 
 def _nearest_centres(gram: Tensor, idx: Tensor, block: int | None = None) -> Tensor:
     """Each point's nearest chosen centre, per run: Tensor of shape (runs, n), the first centre of ``idx[r]`` within
-    TIE_RTOL of the nearest (:func:`_argmin_tol` of ``gram_sq_dists(gram, :, idx[r])`` along the centres).
+    TIE_RTOL of the nearest (:func:`_near_min` of ``gram_sq_dists(gram, :, idx[r])`` along the centres).
 
     Computed in (centres, points) layout, a block of points at a time: the centres' Gram rows are gathered as
     row segments (gathering columns costs several times more) and each block's distances and reductions stay in

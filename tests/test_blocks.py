@@ -855,8 +855,8 @@ ZOO_CLOSED_FORM = {"efficientnet_b0": (39, 39), "mobilenetv3_small_100": (28, 28
 @pytest.mark.parametrize("name", list(ZOO_CLOSED_FORM))
 def test_the_zoo_fuses_with_its_blocks_in_closed_form(name):
     size = 64 if name == "mobilevit_xxs" else 32
-    kw = {"img_size": size} if name.startswith(("mixer", "resmlp", "gmixer", "swin", "vit", "levit")) else {}  # built
-    # for the size fed
+    # models with a fixed input size are built for the size fed
+    kw = {"img_size": size} if name.startswith(("mixer", "resmlp", "gmixer", "swin", "vit", "levit")) else {}
     torch.manual_seed(0)
     a = timm.create_model(name, pretrained=False, num_classes=5, **kw).eval()
     torch.manual_seed(1)

@@ -256,7 +256,7 @@ def test_seeding_labels_points_by_their_nearest_centre():
     """The seeding's last step (nearest chosen centre per point, computed centres-by-points from Gram rows)
     equals the first index within the tie tolerance of the points-by-centres distances, also when the Gram
     matrix is not bitwise symmetric and when points coincide."""
-    from fxfuse._grouping import _argmin_tol, _nearest_centres, gram_sq_dists
+    from fxfuse._grouping import _near_min, _nearest_centres, gram_sq_dists
 
     g = _gen(4)
     P = torch.randn(60, 5, generator=g, dtype=torch.float64)
@@ -266,7 +266,9 @@ def test_seeding_labels_points_by_their_nearest_centre():
     idx = torch.stack([torch.randperm(60, generator=g)[:15] for _ in range(3)])
     idx[0, 3], idx[0, 9] = 0, 12  # two centres at the same point
     for gm in (gram, skewed):
-        want = torch.stack([_argmin_tol(gram_sq_dists(gm, slice(None), c), 1) for c in idx])
+        # the first centre within the tolerance of the nearest, points by centres
+        want = torch.stack([_near_min(gram_sq_dists(gm, slice(None), c), 1).to(torch.int8).argmax(1)
+                            for c in idx])
         for block in (None, 7, 16):  # one block, and blocks of points (the last one shorter)
             assert torch.equal(_nearest_centres(gm, idx, block), want)
 
